@@ -1,0 +1,24 @@
+# The two commands of the README. Both set up a fresh machine first
+# (launch/install.sh: Debian's Open MPI, torch 2.13.0 CPU, Horovod built for it);
+# on a ready machine that step only verifies, in seconds.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+NP ?= 4
+
+.PHONY: install test test-fast demo lint
+
+install:
+	bash launch/install.sh
+
+# Everything: unit, property and multi-rank tests (each multi-rank launch has a timeout).
+test: install
+	$(PYTHON) -m pytest -q -ra tests
+
+# Only the single-process tests (seconds).
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not mpi" tests
+
+# The main job: DBS on $(NP) local ranks, one emulated 3x slower, bundled digits data.
+demo: install
+	bash launch/run_local.sh $(NP) --model cnn --slowdown 1,1,1,3 --epochs 12 \
+		--global-batch 64 --lr 0.05 --log runs/demo.jsonl

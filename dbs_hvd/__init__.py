@@ -1,0 +1,22 @@
+"""dbs_hvd: Dynamic Batch Size for synchronous data-parallel training on Horovod.
+
+The public API, for a Horovod script:
+
+* ``DynamicBatchSampler``: which samples each rank reads at each step.
+* ``DistributedOptimizer``: Horovod's optimizer with gradients weighted by local
+  batch size, step timing and automatic rebalancing.
+* ``Plan``, ``Bounds`` and the policies (``make_policy``) for custom setups.
+"""
+from .comm import DbsError
+from .optim import DistributedOptimizer
+from .plan import Bounds, Plan, PlanError, Policy, ProportionalPolicy, StaticPolicy, WindowStats
+from .policies import POLICIES, CostModelPolicy, make_policy
+from .sampler import DynamicBatchSampler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Bounds", "CostModelPolicy", "DbsError", "DistributedOptimizer", "DynamicBatchSampler",
+    "POLICIES", "Plan", "PlanError", "Policy", "ProportionalPolicy", "StaticPolicy",
+    "WindowStats", "make_policy",
+]

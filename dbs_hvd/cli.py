@@ -1,0 +1,74 @@
+"""Command-line entry points: dbs-train."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from typing import Optional, Sequence
+
+from .comm import DbsError
+from .plan import PlanError
+from .policies import POLICIES
+from .trainer import TrainConfig, train
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def train_parser() -> argparse.ArgumentParser:
+    defaults = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="dbs-train",
+        description="Dynamic Batch Size training on Horovod. Launch with "
+                    "`horovodrun -np N dbs-train ...` or `mpirun -np N dbs-train ...`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", choices=["mlp", "cnn"], default=defaults.model)
+    p.add_argument("--dataset", choices=["digits", "synthetic", "cifar10"], default=defaults.dataset,
+                   help="digits ships with scikit-learn (no download)")
+    p.add_argument("--data-dir", help="CIFAR-10 python folder (cifar-10-batches-py)")
+    p.add_argument("--samples", type=_positive_int, default=defaults.samples,
+                   help="size of the synthetic data set")
+    p.add_argument("--hidden", type=_positive_int, default=defaults.hidden, help="MLP width")
+    p.add_argument("--global-batch", type=int, default=defaults.global_batch,
+                   help="samples per step over all ranks; fixed for the run")
+    p.add_argument("--epochs", type=_positive_int, default=defaults.epochs)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--momentum", type=float, default=defaults.momentum)
+    p.add_argument("--policy", choices=sorted(POLICIES), default=defaults.policy,
+                   help="static = plain Horovod equal split; paper = share proportional to speed")
+    p.add_argument("--rebalance-every", type=_positive_int, default=None, metavar="K",
+                   help="also rebalance every K steps inside an epoch")
+    p.add_argument("--min-batch", type=int, default=defaults.min_batch)
+    p.add_argument("--max-batch", type=int, default=None)
+    p.add_argument("--slowdown", help="emulated per-rank slowdown factors, e.g. 1,1,1,4")
+    p.add_argument("--virtual-device", metavar="A:C,...",
+                   help="emulated per-rank step cost A + C*batch, in ms, e.g. 0:1,0:3")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--threads", type=_positive_int, default=defaults.threads,
+                   help="torch threads per rank")
+    p.add_argument("--workers", type=int, default=defaults.workers, help="DataLoader workers")
+    p.add_argument("--log", help="write one JSON line per epoch here (rank 0)")
+    p.add_argument("--progress", action="store_true", help="progress bar on rank 0")
+    return p
+
+
+def train_main(argv: Optional[Sequence[str]] = None) -> int:
+    args = train_parser().parse_args(argv)
+    names = {f.name for f in fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    try:
+        train(config)
+    except (DbsError, PlanError, ValueError, FileNotFoundError) as error:
+        # Raised alike on every rank: each exits non-zero with the same message.
+        print(f"dbs-train: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

@@ -1,0 +1,88 @@
+"""Data sets for dbs-train: bundled digits (default), synthetic images, a CIFAR-10 folder.
+
+All are returned as in-memory ``TensorDataset`` pairs (train, test). The digits
+ship inside scikit-learn, so the default run needs no download; the synthetic
+set is for throughput work; CIFAR-10 is read from the python-pickle batches of
+a folder the user already has (``data_batch_1`` ... ``test_batch``).
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+
+def digits(flatten: bool, seed: int = 0, test_fraction: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
+    """scikit-learn's 1797 8x8 digits, scaled to [0, 1], split with a fixed seed."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    if not flatten:
+        x = x.view(-1, 1, 8, 8)
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(x)))
+    n_test = int(len(x) * test_fraction)
+    test, train = order[:n_test], order[n_test:]
+    return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])
+
+
+def synthetic(samples: int, shape: tuple[int, ...], classes: int = 10,
+              seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    """Gaussian images labelled by a fixed random linear teacher: learnable, any size."""
+    gen = torch.Generator().manual_seed(seed)
+    n_test = max(samples // 8, classes)
+    x = torch.randn(samples + n_test, *shape, generator=gen)
+    teacher = torch.randn(int(np.prod(shape)), classes, generator=gen)
+    y = (x.flatten(1) @ teacher).argmax(1)
+    return (TensorDataset(x[:samples], y[:samples]), TensorDataset(x[samples:], y[samples:]))
+
+
+def cifar10(folder: str | Path) -> tuple[TensorDataset, TensorDataset]:
+    """CIFAR-10 from its python-pickle batches, normalised per channel."""
+    folder = Path(folder)
+    names = [f"data_batch_{i}" for i in range(1, 6)]
+    missing = [n for n in names + ["test_batch"] if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} is not a CIFAR-10 python folder: missing {', '.join(missing)} "
+            "(expected the extracted cifar-10-batches-py directory)"
+        )
+
+    def load(files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for name in files:
+            with open(folder / name, "rb") as fh:
+                batch = pickle.load(fh, encoding="bytes")
+            xs.append(np.asarray(batch[b"data"], dtype=np.float32).reshape(-1, 3, 32, 32) / 255.0)
+            ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
+        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+    x_train, y_train = load(names)
+    x_test, y_test = load(["test_batch"])
+    mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
+    std = x_train.std(dim=(0, 2, 3), keepdim=True)
+    return (TensorDataset((x_train - mean) / std, y_train),
+            TensorDataset((x_test - mean) / std, y_test))
+
+
+def load(name: str, flatten: bool, seed: int = 0, samples: int = 4096,
+         data_dir: str | None = None) -> tuple[TensorDataset, TensorDataset]:
+    """Dispatch on the --dataset name."""
+    if name == "digits":
+        return digits(flatten, seed)
+    if name == "synthetic":
+        shape = (3 * 32 * 32,) if flatten else (3, 32, 32)
+        return synthetic(samples, shape, seed=seed)
+    if name == "cifar10":
+        if not data_dir:
+            raise ValueError("--dataset cifar10 needs --data-dir pointing at cifar-10-batches-py")
+        train, test = cifar10(data_dir)
+        if flatten:
+            train = TensorDataset(train.tensors[0].flatten(1), train.tensors[1])
+            test = TensorDataset(test.tensors[0].flatten(1), test.tensors[1])
+        return train, test
+    raise ValueError(f"unknown data set {name!r}: choose digits, synthetic or cifar10")

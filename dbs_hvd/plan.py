@@ -1,0 +1,307 @@
+"""Batch plans and the policies that produce them: pure numpy, no torch, no MPI.
+
+A *plan* says how many samples of each global batch every rank processes. Its
+batch sizes always sum to the global batch ``B``, so the learning rate and the
+optimisation trajectory do not depend on the plan (see optim.py); only the
+time each step takes does.
+
+A *policy* turns what the ranks measured over the last window of steps
+(samples processed and compute seconds, time blocked in allreduce excluded)
+into the next plan. Keeping this module free of torch and MPI lets the policies
+be unit-tested, property-tested and simulated at thousands of workers
+(benchmarks/scale_sim.py) without launching anything.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+
+class PlanError(ValueError):
+    """A plan cannot be made from the given configuration or measurements."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Per-rank limits on the local batch size.
+
+    ``min_batch`` keeps a slow rank from falling to an empty batch (the paper's
+    rule has no floor); ``max_batch`` caps memory on a fast rank.
+    ``max_batch=None`` means no cap beyond the global batch itself.
+    """
+
+    min_batch: int = 1
+    max_batch: int | None = None
+
+    def upper(self, global_batch: int) -> int:
+        return global_batch if self.max_batch is None else self.max_batch
+
+    def check(self, global_batch: int, world_size: int) -> None:
+        """Raise PlanError unless some plan for ``world_size`` ranks meets the bounds."""
+        if not isinstance(global_batch, (int, np.integer)) or global_batch <= 0:
+            raise PlanError(
+                f"the global batch must be a positive integer, got {global_batch!r}"
+            )
+        if world_size <= 0:
+            raise PlanError(f"the world size must be positive, got {world_size}")
+        if self.min_batch < 1:
+            raise PlanError(
+                f"min_batch must be at least 1, got {self.min_batch}: every rank must "
+                "take part in every step (an empty batch would still have to join the allreduce)"
+            )
+        if global_batch < world_size:
+            raise PlanError(
+                f"global batch {global_batch} is smaller than the world size {world_size}: "
+                "every rank needs at least one sample per step; raise --global-batch "
+                f"to at least {world_size} or launch fewer ranks"
+            )
+        upper = self.upper(global_batch)
+        if upper < self.min_batch:
+            raise PlanError(f"max_batch {upper} is below min_batch {self.min_batch}")
+        if self.min_batch * world_size > global_batch:
+            raise PlanError(
+                f"min_batch {self.min_batch} x {world_size} ranks = "
+                f"{self.min_batch * world_size} exceeds the global batch {global_batch}: "
+                f"lower min_batch to at most {global_batch // world_size}"
+            )
+        if upper * world_size < global_batch:
+            raise PlanError(
+                f"max_batch {upper} x {world_size} ranks = {upper * world_size} is below "
+                f"the global batch {global_batch}: raise max_batch to at least "
+                f"{math.ceil(global_batch / world_size)}"
+            )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Local batch sizes, one per rank, in rank order; they sum to the global batch."""
+
+    batch_sizes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        sizes = tuple(int(b) for b in self.batch_sizes)
+        if not sizes:
+            raise PlanError("a plan needs at least one rank")
+        if min(sizes) < 0:
+            raise PlanError(f"negative batch size in plan {sizes}")
+        object.__setattr__(self, "batch_sizes", sizes)
+
+    @classmethod
+    def equal(cls, global_batch: int, world_size: int, bounds: Bounds = Bounds()) -> "Plan":
+        """The static split plain Horovod uses (remainder to the lowest ranks)."""
+        bounds.check(global_batch, world_size)
+        return cls(tuple(apportion(np.ones(world_size), global_batch, bounds)))
+
+    @property
+    def global_batch(self) -> int:
+        return sum(self.batch_sizes)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.batch_sizes)
+
+    @property
+    def shares(self) -> np.ndarray:
+        return np.asarray(self.batch_sizes, dtype=float) / self.global_batch
+
+    def offset(self, rank: int) -> int:
+        """Where ``rank``'s piece starts inside each global batch."""
+        return sum(self.batch_sizes[:rank])
+
+    def weight(self, rank: int) -> float:
+        """The gradient weight b_rank / B that makes a Sum-allreduce the global mean."""
+        return self.batch_sizes[rank] / self.global_batch
+
+    def check(self, global_batch: int, bounds: Bounds) -> None:
+        """Raise PlanError unless this plan sums to ``global_batch`` within ``bounds``."""
+        if self.global_batch != global_batch:
+            raise PlanError(
+                f"plan {self.batch_sizes} sums to {self.global_batch}, not the global batch {global_batch}"
+            )
+        upper = bounds.upper(global_batch)
+        bad = [b for b in self.batch_sizes if not bounds.min_batch <= b <= upper]
+        if bad:
+            raise PlanError(
+                f"plan {self.batch_sizes} has batch sizes {bad} outside [{bounds.min_batch}, {upper}]"
+            )
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    """What every rank measured over one window of steps, gathered in rank order.
+
+    ``compute_seconds`` excludes time blocked waiting for the gradient allreduce
+    (timing.py): that time is an effect of imbalance, not a property of the rank.
+    """
+
+    samples: np.ndarray
+    compute_seconds: np.ndarray
+    steps: np.ndarray
+
+    @classmethod
+    def from_records(cls, records: Sequence[dict]) -> "WindowStats":
+        """Build from one dict per rank with keys samples, compute_seconds, steps."""
+        return cls(
+            samples=np.array([r["samples"] for r in records], dtype=float),
+            compute_seconds=np.array([r["compute_seconds"] for r in records], dtype=float),
+            steps=np.array([r["steps"] for r in records], dtype=float),
+        )
+
+    @property
+    def world_size(self) -> int:
+        return len(self.samples)
+
+    def validate(self) -> None:
+        """Raise PlanError, naming the rank, for timings no plan can be made from."""
+        for name, values in (("compute time", self.compute_seconds), ("sample count", self.samples)):
+            for rank, value in enumerate(values):
+                if not np.isfinite(value) or value <= 0:
+                    raise PlanError(
+                        f"rank {rank} reported {name} {value!r} for the last window; "
+                        "it must be finite and positive. Check the rank's timer (steps "
+                        "must run between rebalances) or any custom stats you pass in."
+                    )
+
+    def speeds(self) -> np.ndarray:
+        """Samples per compute second, per rank."""
+        return self.samples / self.compute_seconds
+
+
+def apportion(weights: np.ndarray, global_batch: int, bounds: Bounds) -> np.ndarray:
+    """Integer batch sizes proportional to ``weights``, summing to ``global_batch``, within bounds.
+
+    Ranks whose proportional share falls outside the bounds are clamped and the
+    rest is shared among the others in proportion (water-filling); then the
+    real-valued sizes are rounded by largest remainder, so the sum is exact and
+    a larger weight never gets a smaller batch.
+    """
+    weights = np.asarray(weights, dtype=float)
+    if weights.ndim != 1 or len(weights) == 0:
+        raise PlanError("weights must be a non-empty 1-d array")
+    if not np.all(np.isfinite(weights)) or np.any(weights <= 0):
+        raise PlanError(f"weights must be finite and positive, got {weights.tolist()}")
+    bounds.check(global_batch, len(weights))
+    lower, upper = float(bounds.min_batch), float(bounds.upper(global_batch))
+    scaled = weights / weights.max()
+    targets = solve_monotone(lambda level: np.clip(level * scaled, lower, upper), global_batch)
+    return round_to_total(targets, global_batch, bounds)
+
+
+def solve_monotone(sizes_at: Callable[[float], np.ndarray], total: int) -> np.ndarray:
+    """Find a level whose real-valued sizes sum to ``total``, by bisection.
+
+    ``sizes_at(level)`` must be non-decreasing in ``level`` (as every water-filling
+    family is: proportional shares, equal predicted step times). 200 halvings take
+    the bracket to float resolution, and cost well under a millisecond even at
+    4096 ranks.
+    """
+    low, high = 0.0, 1.0
+    while sizes_at(high).sum() < total:
+        high *= 2.0
+        if high > 1e300:
+            raise PlanError("cannot reach the global batch within the bounds")
+    for _ in range(200):
+        mid = 0.5 * (low + high)
+        if mid in (low, high):
+            break
+        if sizes_at(mid).sum() < total:
+            low = mid
+        else:
+            high = mid
+    return sizes_at(high)
+
+
+def round_to_total(targets: np.ndarray, global_batch: int, bounds: Bounds) -> np.ndarray:
+    """Largest-remainder rounding of real sizes to integers summing to ``global_batch``."""
+    lower, upper = bounds.min_batch, bounds.upper(global_batch)
+    sizes = np.clip(np.floor(targets), lower, upper).astype(np.int64)
+    remainders = targets - sizes
+    deficit = int(global_batch - sizes.sum())
+    # Stable sort: among equal remainders, lower ranks go first (deterministic).
+    if deficit > 0:
+        for rank in np.argsort(-remainders, kind="stable"):
+            if deficit == 0:
+                break
+            if sizes[rank] < upper:
+                sizes[rank] += 1
+                deficit -= 1
+    elif deficit < 0:
+        for rank in np.argsort(remainders, kind="stable"):
+            if deficit == 0:
+                break
+            if sizes[rank] > lower:
+                sizes[rank] -= 1
+                deficit += 1
+    if deficit != 0:  # only reachable with bounds check() would have rejected
+        raise PlanError(f"cannot round {targets.tolist()} to {global_batch} within bounds")
+    return sizes
+
+
+class Policy(ABC):
+    """Turns the last window's measurements into the next plan.
+
+    Policies may keep state across windows (smoothing, fitted cost models); that
+    state travels in checkpoints through ``state_dict``/``load_state_dict``.
+    Implementations must be deterministic: given the same stats and state,
+    every rank would compute the same plan (rank 0 computes it and broadcasts
+    it anyway, see comm.py).
+    """
+
+    name: str = "policy"
+
+    def __init__(self, global_batch: int, bounds: Bounds = Bounds()):
+        self.global_batch = global_batch
+        self.bounds = bounds
+
+    def initial_plan(self, world_size: int) -> Plan:
+        """The plan before anything is measured: the equal split."""
+        return Plan.equal(self.global_batch, world_size, self.bounds)
+
+    def next_plan(self, stats: WindowStats, current: Plan) -> Plan:
+        """Validate the inputs, ask the policy, and check what it returns."""
+        if stats.world_size != current.world_size:
+            raise PlanError(
+                f"stats from {stats.world_size} ranks for a plan of {current.world_size}"
+            )
+        stats.validate()
+        plan = self.propose(stats, current)
+        plan.check(self.global_batch, self.bounds)
+        return plan
+
+    @abstractmethod
+    def propose(self, stats: WindowStats, current: Plan) -> Plan:
+        """The next plan; ``stats`` are valid and match ``current``'s world size."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+
+class StaticPolicy(Policy):
+    """Plain Horovod: the equal split, whatever the measurements say."""
+
+    name = "static"
+
+    def propose(self, stats: WindowStats, current: Plan) -> Plan:
+        return self.initial_plan(current.world_size)
+
+
+class ProportionalPolicy(Policy):
+    """The DBS paper's rule: each rank's share proportional to its speed in the last window.
+
+    Speed is samples per compute second. With no smoothing the plan follows
+    every fluctuation, and with the default window of one epoch it reacts one
+    epoch late; the bounds are ours (the paper can drive a batch to 0).
+    """
+
+    name = "paper"
+
+    def propose(self, stats: WindowStats, current: Plan) -> Plan:
+        return Plan(tuple(apportion(stats.speeds(), self.global_batch, self.bounds)))
+

@@ -1,0 +1,193 @@
+"""Launch a command on several local ranks and report each rank's output.
+
+Used by the multi-rank tests and the benchmarks. Why it exists:
+
+* a multi-rank failure must never become a hang: every launch runs under a
+  wall-clock timeout, and on timeout the whole process group (launcher and
+  ranks) is killed;
+* when one rank fails, the person reading the failure needs *that rank's*
+  output, not 4 interleaved streams: output is tagged per rank by the launcher
+  (Open MPI's ``--tag-output``, horovodrun's ``[rank]<stdout>:`` prefix) and
+  split back here.
+
+Horovod's own convention is followed: a multi-rank test file runs whole under
+``mpirun -np N python -m pytest FILE``, so one launch runs many cases.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+_RANK_TAG = re.compile(r"^\[(?:\d+,)?(\d+)\]<(?:stdout|stderr)>:?(.*)$")
+
+
+@dataclass
+class JobResult:
+    """What a multi-rank job did: exit status, wall time and per-rank output."""
+
+    argv: list[str]
+    returncode: int | None
+    timed_out: bool
+    seconds: float
+    output: str
+    rank_output: dict[int, list[str]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.timed_out and self.returncode == 0
+
+    def describe(self, tail_lines: int = 60) -> str:
+        """A failure report: the command, how it ended, then each rank's output tail."""
+        status = (
+            f"TIMED OUT after {self.seconds:.0f} s (killed)"
+            if self.timed_out
+            else f"exit code {self.returncode} after {self.seconds:.1f} s"
+        )
+        parts = [f"command: {' '.join(self.argv)}", f"status: {status}"]
+        for rank in sorted(self.rank_output):
+            lines = self.rank_output[rank][-tail_lines:]
+            parts.append(f"----- rank {rank} (last {len(lines)} lines) -----")
+            parts.extend(lines)
+        untagged = [
+            line for line in self.output.splitlines() if not _RANK_TAG.match(line)
+        ]
+        if untagged:
+            parts.append("----- launcher (untagged output) -----")
+            parts.extend(untagged[-tail_lines:])
+        return "\n".join(parts)
+
+
+def split_by_rank(output: str) -> dict[int, list[str]]:
+    """Group launcher-tagged lines by rank; untagged lines are left out."""
+    by_rank: dict[int, list[str]] = defaultdict(list)
+    for line in output.splitlines():
+        match = _RANK_TAG.match(line)
+        if match:
+            by_rank[int(match.group(1))].append(match.group(2))
+    return dict(by_rank)
+
+
+def rank_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for local ranks: one torch thread each, root allowed, quiet MPI."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    # Running as root inside containers is the norm here; Open MPI refuses it otherwise.
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    # Containers often forbid the cross-memory-attach syscalls vader uses.
+    env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if extra:
+        env.update(extra)
+    return env
+
+
+def _tool(name: str) -> str:
+    """Prefer the tool next to the running interpreter (the project's venv)."""
+    beside = os.path.join(os.path.dirname(sys.executable), name)
+    return beside if os.path.exists(beside) else (shutil.which(name) or name)
+
+
+def launcher_argv(np: int, launcher: str = "mpirun") -> list[str]:
+    """The launcher prefix for ``np`` local ranks, oversubscribed, output tagged by rank."""
+    if launcher == "mpirun":
+        return [
+            _tool("mpirun"), "--oversubscribe", "--bind-to", "none",
+            "--tag-output", "-np", str(np),
+        ]
+    if launcher in ("horovodrun", "horovodrun-gloo"):
+        argv = [_tool("horovodrun"), "-np", str(np), "-H", f"localhost:{np}"]
+        if launcher == "horovodrun-gloo":
+            argv.append("--gloo")
+        return argv
+    raise ValueError(f"unknown launcher {launcher!r}: use mpirun, horovodrun or horovodrun-gloo")
+
+
+def run_job(
+    command: Sequence[str],
+    np: int,
+    launcher: str = "mpirun",
+    timeout: float = 120.0,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+) -> JobResult:
+    """Run ``command`` on ``np`` local ranks; kill everything after ``timeout`` seconds."""
+    return run_argv(launcher_argv(np, launcher) + list(command), timeout, env, cwd)
+
+
+def mpmd_argv(*commands: Sequence[str]) -> list[str]:
+    """One mpirun launching one rank per command (``mpirun ... A : -np 1 B``)."""
+    argv = launcher_argv(1, "mpirun") + list(commands[0])
+    for command in commands[1:]:
+        argv += [":", "-np", "1", *command]
+    return argv
+
+
+def run_argv(
+    argv: Sequence[str],
+    timeout: float = 120.0,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+) -> JobResult:
+    """Run a full launcher command line under a timeout, output split by rank."""
+    argv = list(argv)
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=rank_environment(env),
+        cwd=cwd,
+        start_new_session=True,  # so a timeout can kill launcher and ranks together
+    )
+    timed_out = False
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _kill_group(proc)
+        output, _ = proc.communicate()
+    return JobResult(
+        argv=argv,
+        returncode=proc.returncode,
+        timed_out=timed_out,
+        seconds=time.monotonic() - start,
+        output=output,
+        rank_output=split_by_rank(output),
+    )
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=5)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def rank_pytest_command(test_file: str, *pytest_args: str) -> list[str]:
+    """``python -m pytest`` for one multi-rank test file, stopping at the first failure.
+
+    ``-x`` matters: after a failed assertion a rank must leave rather than walk
+    into the next test's collective while its peers are still in the old one;
+    its exit makes the launcher abort the job.
+    """
+    return [
+        sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+        "-p", "no:randomly", test_file, *pytest_args,
+    ]

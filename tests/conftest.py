@@ -1,0 +1,25 @@
+"""Shared fixtures for the single-process tests (the multi-rank files live in tests/mpi)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dbs_hvd.testing import JobResult, rank_pytest_command, run_job
+
+MPI_TESTS = Path(__file__).parent / "mpi"
+
+
+@pytest.fixture
+def run_mpi_file():
+    """Run one file of tests/mpi under a launcher and fail with per-rank output if it fails."""
+
+    def run(name: str, np: int, launcher: str = "mpirun", timeout: float = 180.0,
+            env: dict | None = None, expect_ok: bool = True) -> JobResult:
+        result = run_job(rank_pytest_command(str(MPI_TESTS / name)), np=np, launcher=launcher,
+                         timeout=timeout, env=env)
+        if expect_ok and not result.ok:
+            pytest.fail(result.describe(), pytrace=False)
+        return result
+
+    return run

@@ -1,0 +1,88 @@
+"""dbs-train end to end under mpirun: plans converge, accuracy, bad input fails alike on all ranks."""
+import sys
+
+import numpy as np
+import pytest
+
+from dbs_hvd.metrics import read_jsonl
+from dbs_hvd.testing import mpmd_argv, run_argv, run_job
+
+pytestmark = pytest.mark.mpi
+DBS_TRAIN = [sys.executable, "-m", "dbs_hvd.cli"]
+
+
+def train(np_, *args, timeout=240):
+    result = run_job(DBS_TRAIN + list(args), np=np_, timeout=timeout)
+    if not result.ok:
+        pytest.fail(result.describe(), pytrace=False)
+    return result
+
+
+def test_shares_converge_on_virtual_devices_by_the_second_epoch(tmp_path):
+    # Per-sample costs 2 ms and 6 ms (ratio 1:3): the balanced shares are 0.75 / 0.25.
+    log = tmp_path / "run.jsonl"
+    train(2, "--virtual-device", "0:2,0:6", "--epochs", "2", "--global-batch", "64",
+          "--log", str(log))
+    records = read_jsonl(log)
+    assert [r["epoch"] for r in records] == [0, 1]
+    shares = np.array(records[1]["next_batch_sizes"]) / 64
+    np.testing.assert_allclose(shares, [0.75, 0.25], atol=0.05)
+
+
+def test_slow_rank_share_falls_below_nominal_bound_with_real_compute(tmp_path):
+    log = tmp_path / "run.jsonl"
+    train(2, "--model", "cnn", "--slowdown", "1,3", "--epochs", "4", "--global-batch", "64",
+          "--log", str(log))
+    records = read_jsonl(log)
+    slow_shares = [r["next_batch_sizes"][1] / 64 for r in records]
+    assert all(share < 0.35 for share in slow_shares), slow_shares
+
+
+def test_static_policy_keeps_the_equal_split(tmp_path):
+    log = tmp_path / "run.jsonl"
+    train(2, "--policy", "static", "--slowdown", "1,3", "--epochs", "2", "--log", str(log))
+    assert all(r["next_batch_sizes"] == [32, 32] for r in read_jsonl(log))
+
+
+def test_main_job_reaches_97_percent_with_heterogeneous_ranks(tmp_path):
+    log = tmp_path / "run.jsonl"
+    result = train(4, "--model", "cnn", "--slowdown", "1,1,1,3", "--epochs", "12",
+                   "--global-batch", "64", "--lr", "0.05", "--log", str(log), timeout=300)
+    records = read_jsonl(log)
+    assert records[-1]["accuracy"] >= 0.97, result.describe()
+    first, last = records[0]["batch_sizes"], records[-1]["next_batch_sizes"]
+    assert first == [16, 16, 16, 16]
+    assert last[3] < min(last[:3]), last  # the slow rank got the smallest batch
+
+
+def _assert_fails_alike(result, message, ranks):
+    assert not result.timed_out, result.describe()
+    assert result.returncode != 0, result.describe()
+    for rank in range(ranks):
+        text = "\n".join(result.rank_output.get(rank, []))
+        assert "dbs-train: error:" in text and message in text, result.describe()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--global-batch", "1"], "smaller than the world size"),
+    (["--global-batch", "0"], "positive integer"),
+    (["--global-batch", "-8"], "positive integer"),
+    (["--global-batch", "2000"], "fewer than the global batch"),
+    (["--min-batch", "40"], "exceeds the global batch"),
+    (["--max-batch", "10"], "is below the global batch"),
+    (["--slowdown", "1,2,3"], "3 factors for 2 ranks"),
+    (["--slowdown", "0.5,1"], "factors must be >= 1"),
+    (["--virtual-device", "fast,slow"], "OVERHEAD_MS:PER_SAMPLE_MS"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "missing data_batch_1"),
+])
+def test_bad_input_fails_on_every_rank_without_hanging(args, message):
+    result = run_job(DBS_TRAIN + ["--epochs", "1"] + args, np=2, timeout=120)
+    _assert_fails_alike(result, message, ranks=2)
+
+
+@pytest.mark.parametrize("setting, a, b", [("--global-batch", "64", "32"), ("--seed", "1", "2")])
+def test_ranks_started_with_different_settings_fail_together(setting, a, b):
+    argv = mpmd_argv(DBS_TRAIN + ["--epochs", "1", setting, a],
+                     DBS_TRAIN + ["--epochs", "1", setting, b])
+    result = run_argv(argv, timeout=120)
+    _assert_fails_alike(result, "different settings", ranks=2)
