@@ -19,6 +19,6 @@ test-fast: install
 	$(PYTHON) -m pytest -q -m "not mpi" tests
 
 # The main job: DBS on $(NP) local ranks, one emulated 3x slower, bundled digits data.
+DEMO_FLAGS = --model cnn --slowdown 1,1,1,3 --epochs 15 --global-batch 64 --lr 0.1 --log runs/demo.jsonl
 demo: install
-	bash launch/run_local.sh $(NP) --model cnn --slowdown 1,1,1,3 --epochs 12 \
-		--global-batch 64 --lr 0.05 --log runs/demo.jsonl
+	LAUNCHER=mpirun bash launch/run_local.sh $(NP) $(DEMO_FLAGS)

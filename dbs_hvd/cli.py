@@ -33,6 +33,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="CIFAR-10 python folder (cifar-10-batches-py)")
     p.add_argument("--samples", type=_positive_int, default=defaults.samples,
                    help="size of the synthetic data set")
+    p.add_argument("--image-size", type=_positive_int, default=defaults.image_size,
+                   help="digits only: upsample the 8x8 images to this size (more work per sample)")
     p.add_argument("--hidden", type=_positive_int, default=defaults.hidden, help="MLP width")
     p.add_argument("--global-batch", type=int, default=defaults.global_batch,
                    help="samples per step over all ranks; fixed for the run")
@@ -65,7 +67,9 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         train(config)
     except (DbsError, PlanError, ValueError, FileNotFoundError) as error:
         # Raised alike on every rank: each exits non-zero with the same message.
-        print(f"dbs-train: error: {error}", file=sys.stderr, flush=True)
+        # One write, so launchers that tag output per chunk keep the line whole.
+        sys.stderr.write(f"dbs-train: error: {error}\n")
+        sys.stderr.flush()
         return 2
     return 0
 

@@ -49,40 +49,53 @@ class LocalBatchWeighting:
         return self.inner.decompress(tensor, ctx)
 
 
-class _DynamicBatchMixin:
-    """Mixed in front of Horovod's optimizer class: timing, weighting, rebalancing."""
+class DynamicBatchState:
+    """What the wrapper adds to Horovod's optimizer: step timing, weights, rebalancing.
 
-    def _dbs_setup(self, sampler: DynamicBatchSampler, rebalancer: Rebalancer,
-                   timer: StepTimer, rebalance_every: Optional[int]) -> None:
-        self.dbs_sampler = sampler
+    It is attached to the optimizer instance (``optimizer.dbs``) and its
+    ``synchronize``/``step`` wrap the instance's own methods. Horovod's optimizer
+    class calls ``super(self.__class__, self)``, so its class must not be
+    subclassed or swapped; instance attributes leave it untouched.
+    """
+
+    def __init__(self, sampler: DynamicBatchSampler, rebalancer: Rebalancer,
+                 timer: StepTimer, rebalance_every: Optional[int]) -> None:
+        self.sampler = sampler
         self.rebalancer = rebalancer
-        self._dbs_timer = timer
-        self._dbs_every = rebalance_every
-        self._dbs_batch: StepBatch | None = None
+        self.timer = timer
+        self.rebalance_every = rebalance_every
+        self._batch: StepBatch | None = None
 
-    def _dbs_current_batch(self) -> StepBatch:
-        if self._dbs_batch is None:
-            self._dbs_batch = self.dbs_sampler.pop_consumed()
-        return self._dbs_batch
+    def current_batch(self) -> StepBatch:
+        """The batch this step trains on (taken from the sampler at first need)."""
+        if self._batch is None:
+            self._batch = self.sampler.pop_consumed()
+        return self._batch
 
-    def _dbs_weight(self) -> float:
-        return self._dbs_current_batch().batch_size / self.dbs_sampler.global_batch
+    def weight(self) -> float:
+        return self.current_batch().batch_size / self.sampler.global_batch
 
-    def synchronize(self) -> None:
-        started = self._dbs_timer.wait_started()
-        super().synchronize()
-        self._dbs_timer.add_wait(started)
+    def wrap_synchronize(self, synchronize: Callable[[], None]) -> Callable[[], None]:
+        def timed_synchronize() -> None:
+            started = self.timer.wait_started()
+            synchronize()
+            self.timer.add_wait(started)
 
-    def step(self, closure: Optional[Callable[[], float]] = None):
-        batch = self._dbs_current_batch()
-        result = super().step(closure)
-        self._dbs_batch = None
-        self._dbs_timer.end_step(batch.batch_size, start_hint=self.dbs_sampler.iteration_started_at)
-        last_of_epoch = batch.step == self.dbs_sampler.steps_per_epoch - 1
-        every_k = self._dbs_every is not None and (batch.step + 1) % self._dbs_every == 0
-        if last_of_epoch or every_k:
-            self.rebalancer.rebalance(batch.step)
-        return result
+        return timed_synchronize
+
+    def wrap_step(self, step: Callable[..., Any]) -> Callable[..., Any]:
+        def dynamic_batch_step(closure: Optional[Callable[[], float]] = None):
+            batch = self.current_batch()
+            result = step(closure)
+            self._batch = None
+            self.timer.end_step(batch.batch_size, start_hint=self.sampler.iteration_started_at)
+            last_of_epoch = batch.step == self.sampler.steps_per_epoch - 1
+            every_k = self.rebalance_every is not None and (batch.step + 1) % self.rebalance_every == 0
+            if last_of_epoch or every_k:
+                self.rebalancer.rebalance(batch.step)
+            return result
+
+        return dynamic_batch_step
 
     @property
     def last_rebalance(self) -> RebalanceRecord | None:
@@ -141,16 +154,15 @@ def DistributedOptimizer(
         "shuffle": sampler.shuffle,
     })
     timer = StepTimer(device_sync=device_sync)
-    rebalancer = Rebalancer(sampler, policy, exchange, timer)
-    # The weighting reads the batch through the wrapped optimizer, set up below.
-    holder: dict[str, _DynamicBatchMixin] = {}
-    weighting = LocalBatchWeighting(lambda: holder["opt"]._dbs_weight(), compression)
+    state = DynamicBatchState(sampler, Rebalancer(sampler, policy, exchange, timer), timer,
+                              rebalance_every)
     wrapped = hvd.DistributedOptimizer(
-        optimizer, named_parameters=named_parameters, compression=weighting, op=hvd.Sum,
+        optimizer, named_parameters=named_parameters,
+        compression=LocalBatchWeighting(state.weight, compression), op=hvd.Sum,
         **horovod_kwargs,
     )
-    base = type(wrapped)
-    wrapped.__class__ = type(base.__name__, (_DynamicBatchMixin, base), {})
-    wrapped._dbs_setup(sampler, rebalancer, timer, rebalance_every)
-    holder["opt"] = wrapped
+    wrapped.dbs = state
+    wrapped.rebalancer = state.rebalancer
+    wrapped.synchronize = state.wrap_synchronize(wrapped.synchronize)
+    wrapped.step = state.wrap_step(wrapped.step)
     return wrapped

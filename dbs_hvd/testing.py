@@ -26,7 +26,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-_RANK_TAG = re.compile(r"^\[(?:\d+,)?(\d+)\]<(?:stdout|stderr)>:?(.*)$")
+_RANK_TAG = re.compile(r"\[(?:\d+,)?(\d+)\]<(?:stdout|stderr)>:?")
 
 
 @dataclass
@@ -57,7 +57,7 @@ class JobResult:
             parts.append(f"----- rank {rank} (last {len(lines)} lines) -----")
             parts.extend(lines)
         untagged = [
-            line for line in self.output.splitlines() if not _RANK_TAG.match(line)
+            line for line in self.output.splitlines() if not _RANK_TAG.search(line)
         ]
         if untagged:
             parts.append("----- launcher (untagged output) -----")
@@ -66,12 +66,26 @@ class JobResult:
 
 
 def split_by_rank(output: str) -> dict[int, list[str]]:
-    """Group launcher-tagged lines by rank; untagged lines are left out."""
+    """Group launcher-tagged lines by rank; untagged lines are left out.
+
+    Launchers tag each chunk a rank writes, and a chunk need not end a line:
+    a tag can appear in the middle of a line, after another rank's unfinished
+    text. Text before the first tag of a line continues the previous chunk.
+    """
     by_rank: dict[int, list[str]] = defaultdict(list)
+    last_rank: int | None = None
     for line in output.splitlines():
-        match = _RANK_TAG.match(line)
-        if match:
-            by_rank[int(match.group(1))].append(match.group(2))
+        tags = list(_RANK_TAG.finditer(line))
+        if not tags:
+            continue
+        head = line[:tags[0].start()]
+        if head and last_rank is not None and by_rank[last_rank]:
+            by_rank[last_rank][-1] += head
+        for tag, following in zip(tags, tags[1:] + [None]):
+            rank = int(tag.group(1))
+            end = following.start() if following else len(line)
+            by_rank[rank].append(line[tag.end():end])
+            last_rank = rank
     return dict(by_rank)
 
 
@@ -85,6 +99,9 @@ def rank_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     # Containers often forbid the cross-memory-attach syscalls vader uses.
     env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+    # Ranks waiting in MPI must yield the CPU: on a machine with fewer cores than
+    # ranks (and threads), spinning waiters slow the ranks that still compute.
+    env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     env.setdefault("PYTHONUNBUFFERED", "1")
     if extra:
         env.update(extra)
@@ -189,5 +206,5 @@ def rank_pytest_command(test_file: str, *pytest_args: str) -> list[str]:
     """
     return [
         sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-        "-p", "no:randomly", test_file, *pytest_args,
+        "-p", "no:randomly", "--color=no", test_file, *pytest_args,
     ]

@@ -31,6 +31,7 @@ class TrainConfig:
     dataset: str = "digits"
     data_dir: Optional[str] = None
     samples: int = 4096  # synthetic data set size
+    image_size: int = 8  # digits only: upsample to this size
     hidden: int = 128
     global_batch: int = 64
     epochs: int = 20
@@ -105,7 +106,7 @@ def train(config: TrainConfig) -> list[EpochRecord]:
     emulator: DeviceEmulator = make_emulator(rank, world, config.slowdown, config.virtual_device)
     train_set, test_set = data.load(config.dataset, flatten=config.model == "mlp",
                                     seed=config.seed, samples=config.samples,
-                                    data_dir=config.data_dir)
+                                    data_dir=config.data_dir, image_size=config.image_size)
     model = models.build(config.model, train_set.tensors[0].shape[1:], hidden=config.hidden)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 

@@ -9,10 +9,13 @@ venv=${DBS_HVD_VENV:-$repo/.venv}
 np=${1:?usage: run_local.sh NP [dbs-train flags...]}
 shift
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Waiting ranks yield the CPU instead of spinning (matters when ranks share cores).
+export OMPI_MCA_mpi_yield_when_idle=${OMPI_MCA_mpi_yield_when_idle:-1}
 export PATH="$venv/bin:$PATH"
 case "${LAUNCHER:-horovodrun}" in
     horovodrun)
-        exec horovodrun -np "$np" -H "localhost:$np" dbs-train "$@" ;;
+        # "--" keeps horovodrun from reading dbs-train flags as its own (--log).
+        exec horovodrun -np "$np" -H "localhost:$np" -- dbs-train "$@" ;;
     mpirun)
         export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
         export OMPI_MCA_btl_vader_single_copy_mechanism=none

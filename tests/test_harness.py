@@ -32,7 +32,11 @@ def test_split_by_rank_reads_both_launchers_tags():
         "[1,2]<stderr>:oops on 2",
         "[1]<stdout>:horovodrun rank 1",
         "launcher line",
+        "[1,0]<stderr>:unfinished[1,1]<stderr>:whole line",
+        "[1,0]<stderr>: finished",
     ])
     assert split_by_rank(output) == {
-        0: ["hello from 0"], 2: ["oops on 2"], 1: ["horovodrun rank 1"],
+        0: ["hello from 0", "unfinished", " finished"],
+        2: ["oops on 2"],
+        1: ["horovodrun rank 1", "whole line"],
     }

@@ -45,10 +45,12 @@ def test_static_policy_keeps_the_equal_split(tmp_path):
 
 
 def test_main_job_reaches_97_percent_with_heterogeneous_ranks(tmp_path):
+    """The README's main job (Makefile DEMO_FLAGS), checked end to end."""
     log = tmp_path / "run.jsonl"
-    result = train(4, "--model", "cnn", "--slowdown", "1,1,1,3", "--epochs", "12",
-                   "--global-batch", "64", "--lr", "0.05", "--log", str(log), timeout=300)
+    result = train(4, "--model", "cnn", "--slowdown", "1,1,1,3", "--epochs", "15",
+                   "--global-batch", "64", "--lr", "0.1", "--log", str(log), timeout=300)
     records = read_jsonl(log)
+    assert len(records) == 15
     assert records[-1]["accuracy"] >= 0.97, result.describe()
     first, last = records[0]["batch_sizes"], records[-1]["next_batch_sizes"]
     assert first == [16, 16, 16, 16]
