@@ -8,10 +8,22 @@ The public API, for a Horovod script:
 * ``Plan``, ``Bounds`` and the policies (``make_policy``) for custom setups.
 """
 from .comm import DbsError
-from .optim import DistributedOptimizer
 from .plan import Bounds, Plan, PlanError, Policy, ProportionalPolicy, StaticPolicy, WindowStats
 from .policies import POLICIES, CostModelPolicy, make_policy
-from .sampler import DynamicBatchSampler
+
+
+def __getattr__(name: str):
+    # The torch-dependent parts load on first use, so the pure policy code
+    # (plan, policies, the scale simulator) imports without torch.
+    if name == "DistributedOptimizer":
+        from .optim import DistributedOptimizer
+
+        return DistributedOptimizer
+    if name == "DynamicBatchSampler":
+        from .sampler import DynamicBatchSampler
+
+        return DynamicBatchSampler
+    raise AttributeError(f"module 'dbs_hvd' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 

@@ -41,15 +41,23 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=defaults.epochs)
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--momentum", type=float, default=defaults.momentum)
-    p.add_argument("--policy", choices=sorted(POLICIES), default=defaults.policy,
-                   help="static = plain Horovod equal split; paper = share proportional to speed")
+    p.add_argument("--policy", choices=sorted(POLICIES) + ["horovod"], default=defaults.policy,
+                   help="dbs = fitted cost model, smoothing, deadband (ours); paper = share "
+                        "proportional to last window's speed; static = DBS machinery, equal "
+                        "split; horovod = plain hvd.DistributedOptimizer baseline")
     p.add_argument("--rebalance-every", type=_positive_int, default=None, metavar="K",
-                   help="also rebalance every K steps inside an epoch")
+                   help="also rebalance every K steps inside an epoch (default: 5 for dbs, "
+                        "epoch ends only for the others)")
     p.add_argument("--min-batch", type=int, default=defaults.min_batch)
     p.add_argument("--max-batch", type=int, default=None)
     p.add_argument("--slowdown", help="emulated per-rank slowdown factors, e.g. 1,1,1,4")
     p.add_argument("--virtual-device", metavar="A:C,...",
                    help="emulated per-rank step cost A + C*batch, in ms, e.g. 0:1,0:3")
+    p.add_argument("--disturb", metavar="p=P,factor=F,epochs=E",
+                   help="the DBS paper's disturbances: each epoch each undisturbed rank is slowed "
+                        "F-fold with probability P for 1..E epochs (seeded by --seed)")
+    p.add_argument("--step-change", metavar="RANK:STEP:FACTOR",
+                   help="rank RANK becomes FACTOR times slower from global step STEP on")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--threads", type=_positive_int, default=defaults.threads,
                    help="torch threads per rank")

@@ -19,13 +19,85 @@ import time
 from abc import ABC, abstractmethod
 from typing import Callable
 
+import numpy as np
+
+
+class SpeedChanges(ABC):
+    """Extra slowdown over time, on top of a rank's base factor (1.0 = no change)."""
+
+    @abstractmethod
+    def factor(self, rank: int, epoch: int, global_step: int) -> float:
+        """Multiplier of ``rank``'s step cost at this point of training."""
+
+
+class NoChanges(SpeedChanges):
+    def factor(self, rank: int, epoch: int, global_step: int) -> float:
+        return 1.0
+
+
+class Disturbances(SpeedChanges):
+    """The DBS paper's protocol: each epoch, each undisturbed rank is slowed with
+    probability ``probability`` by ``factor`` for 1..``max_epochs`` epochs.
+
+    The schedule depends only on the seed, so every rank (and every policy in a
+    benchmark) sees the same disturbances.
+    """
+
+    def __init__(self, world_size: int, probability: float, factor: float = 3.0,
+                 max_epochs: int = 3, seed: int = 0) -> None:
+        if not 0 <= probability <= 1 or factor < 1 or max_epochs < 1:
+            raise ValueError("disturbances need 0 <= p <= 1, factor >= 1 and max_epochs >= 1")
+        self.world_size, self.probability = world_size, probability
+        self.slow_factor, self.max_epochs = factor, max_epochs
+        self._rng = np.random.default_rng(seed)
+        self._remaining = np.zeros(world_size, dtype=int)
+        self._table: list[np.ndarray] = []  # per epoch: factor per rank
+
+    def _extend_to(self, epoch: int) -> None:
+        while len(self._table) <= epoch:
+            draws = self._rng.random(self.world_size)
+            lengths = self._rng.integers(1, self.max_epochs + 1, self.world_size)
+            start = (self._remaining == 0) & (draws < self.probability)
+            self._remaining = np.where(start, lengths, self._remaining)
+            self._table.append(np.where(self._remaining > 0, self.slow_factor, 1.0))
+            self._remaining = np.maximum(self._remaining - 1, 0)
+
+    def factor(self, rank: int, epoch: int, global_step: int) -> float:
+        self._extend_to(epoch)
+        return float(self._table[epoch][rank])
+
+
+class StepChange(SpeedChanges):
+    """Rank ``rank`` becomes ``factor`` times slower from global step ``at_step`` on."""
+
+    def __init__(self, rank: int, at_step: int, factor: float) -> None:
+        if factor <= 0 or at_step < 0:
+            raise ValueError("a step change needs factor > 0 and at_step >= 0")
+        self.rank, self.at_step, self.slow_factor = rank, at_step, factor
+
+    def factor(self, rank: int, epoch: int, global_step: int) -> float:
+        return self.slow_factor if rank == self.rank and global_step >= self.at_step else 1.0
+
 
 class DeviceEmulator(ABC):
     """Decides how long this rank sleeps before each backward pass."""
 
-    def __init__(self, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, rank: int = 0, changes: SpeedChanges | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.rank = rank
+        self.changes = changes or NoChanges()
         self._sleep = sleep
         self.total_delay = 0.0
+        self.epoch = 0
+        self.global_step = 0
+
+    def at(self, epoch: int, global_step: int) -> None:
+        """Tell the emulator where training is (for speed changes over time)."""
+        self.epoch, self.global_step = epoch, global_step
+
+    @property
+    def change_factor(self) -> float:
+        return self.changes.factor(self.rank, self.epoch, self.global_step)
 
     @abstractmethod
     def delay(self, batch_size: int, forward_seconds: float) -> float:
@@ -41,20 +113,17 @@ class DeviceEmulator(ABC):
         """Learn from the real backward time (used by emulators that scale real compute)."""
 
 
-class NoEmulation(DeviceEmulator):
-    def delay(self, batch_size: int, forward_seconds: float) -> float:
-        return 0.0
-
-
 class Slowdown(DeviceEmulator):
     """A device ``factor`` times slower than this one: sleep (factor - 1) x real compute.
 
     Real compute of a step is forward + backward; backward is predicted as the
-    running backward/forward ratio times this step's forward time.
+    running backward/forward ratio times this step's forward time. Speed
+    changes multiply the factor.
     """
 
-    def __init__(self, factor: float, sleep: Callable[[float], None] = time.sleep) -> None:
-        super().__init__(sleep)
+    def __init__(self, factor: float = 1.0, rank: int = 0, changes: SpeedChanges | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        super().__init__(rank, changes, sleep)
         if not math.isfinite(factor) or factor < 1:
             raise ValueError(f"a slowdown factor must be a finite number >= 1, got {factor}")
         self.factor = factor
@@ -63,7 +132,7 @@ class Slowdown(DeviceEmulator):
 
     def delay(self, batch_size: int, forward_seconds: float) -> float:
         real = forward_seconds * (1.0 + self.backward_ratio)
-        return (self.factor - 1.0) * real
+        return max(self.factor * self.change_factor - 1.0, 0.0) * real
 
     def after_backward(self, forward_seconds: float, backward_seconds: float) -> None:
         if forward_seconds > 0:
@@ -72,18 +141,20 @@ class Slowdown(DeviceEmulator):
 
 
 class VirtualDevice(DeviceEmulator):
-    """A device whose step costs exactly ``overhead + per_sample * batch_size`` seconds."""
+    """A device whose step costs exactly ``overhead + per_sample * batch_size`` seconds
+    (times any speed change)."""
 
-    def __init__(self, overhead: float, per_sample: float,
+    def __init__(self, overhead: float, per_sample: float, rank: int = 0,
+                 changes: SpeedChanges | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> None:
-        super().__init__(sleep)
+        super().__init__(rank, changes, sleep)
         if overhead < 0 or per_sample < 0:
             raise ValueError("virtual device costs must be non-negative")
         self.overhead = overhead
         self.per_sample = per_sample
 
     def delay(self, batch_size: int, forward_seconds: float) -> float:
-        return self.overhead + self.per_sample * batch_size
+        return (self.overhead + self.per_sample * batch_size) * self.change_factor
 
 
 def parse_factors(text: str, world_size: int) -> list[float]:
@@ -123,16 +194,44 @@ def parse_virtual_devices(text: str, world_size: int) -> list[tuple[float, float
     return pairs
 
 
+def parse_disturbances(text: str, world_size: int, seed: int) -> Disturbances:
+    """``"p=0.2,factor=3,epochs=3"`` -> the paper's disturbance protocol, seeded by --seed."""
+    options = {"p": 0.2, "factor": 3.0, "epochs": 3}
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        if key not in options or not value:
+            raise ValueError(f"--disturb takes p=P,factor=F,epochs=E; got {part!r}")
+        options[key] = float(value)
+    return Disturbances(world_size, options["p"], options["factor"], int(options["epochs"]), seed)
+
+
+def parse_step_change(text: str, world_size: int) -> StepChange:
+    """``"RANK:STEP:FACTOR"`` -> rank RANK becomes FACTOR times slower at global step STEP."""
+    try:
+        rank, step, factor = text.split(":")
+        change = StepChange(int(rank), int(step), float(factor))
+    except ValueError:
+        raise ValueError(f"--step-change takes RANK:STEP:FACTOR, got {text!r}") from None
+    if not 0 <= change.rank < world_size:
+        raise ValueError(f"--step-change rank {change.rank} is outside a world of {world_size}")
+    return change
+
+
 def make_emulator(rank: int, world_size: int, slowdown: str | None = None,
-                  virtual_device: str | None = None) -> DeviceEmulator:
+                  virtual_device: str | None = None, disturb: str | None = None,
+                  step_change: str | None = None, seed: int = 0) -> DeviceEmulator:
+    """The emulator for ``rank`` from the dbs-train flags."""
     if slowdown and virtual_device:
         raise ValueError("use either --slowdown or --virtual-device, not both")
+    if disturb and step_change:
+        raise ValueError("use either --disturb or --step-change, not both")
+    changes: SpeedChanges | None = None
+    if disturb:
+        changes = parse_disturbances(disturb, world_size, seed)
+    elif step_change:
+        changes = parse_step_change(step_change, world_size)
     if virtual_device:
         overhead, per_sample = parse_virtual_devices(virtual_device, world_size)[rank]
-        return VirtualDevice(overhead, per_sample)
-    if slowdown:
-        factor = parse_factors(slowdown, world_size)[rank]
-        return Slowdown(factor) if factor > 1 else NoEmulation()
-    return NoEmulation()
-
-
+        return VirtualDevice(overhead, per_sample, rank, changes)
+    factor = parse_factors(slowdown, world_size)[rank] if slowdown else 1.0
+    return Slowdown(factor, rank, changes)

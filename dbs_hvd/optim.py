@@ -97,6 +97,27 @@ class DynamicBatchState:
 
         return dynamic_batch_step
 
+    def weight_model_output(self, model: torch.nn.Module) -> None:
+        """Apply the weight to the gradient at ``model``'s output instead of to parameter grads.
+
+        Needed for exactness with ``hvd.SyncBatchNorm``: its backward sums
+        per-rank gradient statistics across ranks, and those sums are only the
+        global-batch ones if every rank's output gradient already carries its
+        ``b_i / B`` weight (the loss is then effectively the global mean).
+        """
+
+        def scale(grad: torch.Tensor) -> torch.Tensor:
+            return grad * self.weight()
+
+        def register(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+            tensors = output.values() if isinstance(output, dict) else (
+                output if isinstance(output, (tuple, list)) else (output,))
+            for tensor in tensors:
+                if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                    tensor.register_hook(scale)
+
+        self._output_hook = model.register_forward_hook(register)
+
     @property
     def last_rebalance(self) -> RebalanceRecord | None:
         history = self.rebalancer.history
@@ -112,6 +133,7 @@ def DistributedOptimizer(
     compression: Any = None,
     exchange: Optional[Exchange] = None,
     device_sync: Optional[Callable[[], None]] = None,
+    model: Optional[torch.nn.Module] = None,
     **horovod_kwargs: Any,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` for dynamic batch sizes; a drop-in for ``hvd.DistributedOptimizer``.
@@ -128,6 +150,8 @@ def DistributedOptimizer(
             Horovod's object collectives under Gloo).
         device_sync: called before timing the allreduce wait (use
             ``torch.cuda.synchronize`` on GPUs, see timing.py).
+        model: give the model when it uses ``hvd.SyncBatchNorm``: the weight is
+            then applied at the model's output (see ``weight_model_output``).
         horovod_kwargs: passed to ``hvd.DistributedOptimizer`` (``op`` is fixed to Sum).
 
     Every rank checks, collectively, that all ranks use the same global batch,
@@ -156,9 +180,14 @@ def DistributedOptimizer(
     timer = StepTimer(device_sync=device_sync)
     state = DynamicBatchState(sampler, Rebalancer(sampler, policy, exchange, timer), timer,
                               rebalance_every)
+    if model is not None:
+        state.weight_model_output(model)
+        gradient_weight = lambda: 1.0  # noqa: E731  (already applied at the output)
+    else:
+        gradient_weight = state.weight
     wrapped = hvd.DistributedOptimizer(
         optimizer, named_parameters=named_parameters,
-        compression=LocalBatchWeighting(state.weight, compression), op=hvd.Sum,
+        compression=LocalBatchWeighting(gradient_weight, compression), op=hvd.Sum,
         **horovod_kwargs,
     )
     wrapped.dbs = state

