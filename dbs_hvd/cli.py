@@ -64,6 +64,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=defaults.workers, help="DataLoader workers")
     p.add_argument("--log", help="write one JSON line per epoch here (rank 0)")
     p.add_argument("--progress", action="store_true", help="progress bar on rank 0")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=defaults.device,
+                   help="cuda: one GPU per local rank (model, batches, NCCL allreduce "
+                        "when Horovod was built with it)")
     return p
 
 

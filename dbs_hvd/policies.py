@@ -8,7 +8,7 @@
   the step by more than ``deadband``: measurement noise does not make batch
   sizes oscillate.
 * **A trust region.** No rank's batch changes by more than a factor
-  ``max_change`` per rebalance. A wrong estimate (one noisy window, a fit from
+  ``max_change`` (3) per rebalance. A wrong estimate (one noisy window, a fit from
   too little data) can cost a little speed, never a swing from 1 sample to
   the whole batch and back.
 * **Fixed per-step costs, when they can be measured.** A step of ``b``
@@ -69,7 +69,7 @@ class CostModelPolicy(Policy):
 
     def __init__(self, global_batch: int, bounds: Bounds = Bounds(), decay: float = 0.5,
                  deadband: float = 0.03, surprise: float = 0.25, history: int = 6,
-                 max_change: float = 2.0, min_spread: float = 0.25) -> None:
+                 max_change: float = 3.0, min_spread: float = 0.25) -> None:
         super().__init__(global_batch, bounds)
         if not 0 < decay <= 1:
             raise PlanError(f"decay must be in (0, 1], got {decay}")

@@ -50,17 +50,36 @@ class TrainConfig:
     workers: int = 0
     log: Optional[str] = None
     progress: bool = False
+    device: str = "cpu"  # "cuda": one GPU per local rank, NCCL when Horovod has it
 
 
-def evaluate(model: nn.Module, dataset: TensorDataset, batch: int = 1024) -> float:
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    """One GPU per local rank for "cuda"; a clear error where there is none."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "cuda":
+        raise ValueError(f"--device must be cpu or cuda, got {name!r}")
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device here "
+                         "(CPU build of torch, or no GPU visible): use --device cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ValueError(f"local rank {local_rank} has no GPU of its own: {count} visible; "
+                         "launch at most one rank per GPU on each host")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def evaluate(model: nn.Module, dataset: TensorDataset, batch: int = 1024,
+             device: torch.device = torch.device("cpu")) -> float:
     """Accuracy on the whole test set (every rank evaluates alike: no collective)."""
     model.eval()
     correct = 0
     with torch.no_grad():
         x_all, y_all = dataset.tensors
         for start in range(0, len(y_all), batch):
-            out = model(x_all[start:start + batch])
-            correct += int((out.argmax(1) == y_all[start:start + batch]).sum())
+            out = model(x_all[start:start + batch].to(device))
+            correct += int((out.argmax(1).cpu() == y_all[start:start + batch]).sum())
     model.train()
     return correct / len(y_all)
 
@@ -102,15 +121,20 @@ class _Run:
     dropped_per_epoch: int
 
 
-def _dbs_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset, exchange) -> _Run:
+def _dbs_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset, exchange,
+             device: torch.device) -> _Run:
     sampler = DynamicBatchSampler(len(train_set), config.global_batch, seed=config.seed,
                                   bounds=Bounds(config.min_batch, config.max_batch))
     # The sampler yields index lists; a TensorDataset indexes them in one go.
-    loader = DataLoader(train_set, sampler=sampler, batch_size=None, num_workers=config.workers)
+    loader = DataLoader(train_set, sampler=sampler, batch_size=None, num_workers=config.workers,
+                        pin_memory=device.type == "cuda")
     optimizer = DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum),
         sampler, named_parameters=model.named_parameters(), policy=config.policy,
         rebalance_every=effective_rebalance_every(config), exchange=exchange,
+        # CUDA kernels run asynchronously: finish this rank's own work before
+        # the allreduce wait is timed, or compute would be counted as waiting.
+        device_sync=torch.cuda.synchronize if device.type == "cuda" else None,
     )
     return _Run(loader, optimizer, sampler, sampler.steps_per_epoch, sampler.dropped_per_epoch)
 
@@ -178,11 +202,13 @@ def train(config: TrainConfig) -> list[EpochRecord]:
     train_set, test_set = data.load(config.dataset, flatten=config.model == "mlp",
                                     seed=config.seed, samples=config.samples,
                                     data_dir=config.data_dir, image_size=config.image_size)
+    device = resolve_device(config.device, hvd.local_rank())
     model = models.build(config.model, train_set.tensors[0].shape[1:], hidden=config.hidden)
+    model.to(device)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     plain = config.policy == "horovod"
     run = (_plain_horovod_run(config, model, train_set, world, rank) if plain
-           else _dbs_run(config, model, train_set, exchange))
+           else _dbs_run(config, model, train_set, exchange, device))
     hvd.broadcast_optimizer_state(run.optimizer, root_rank=0)
     criterion = nn.CrossEntropyLoss()
     log = JsonLinesLog(config.log) if (config.log and rank == 0) else None
@@ -207,10 +233,13 @@ def train(config: TrainConfig) -> list[EpochRecord]:
             batches = tqdm(run.loader, disable=not (config.progress and rank == 0),
                            desc=f"epoch {epoch}", leave=False)
             for x, y in batches:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 emulator.at(epoch, global_step)
                 run.optimizer.zero_grad()
                 forward_start = time.perf_counter()
                 loss = criterion(model(x), y)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()  # the emulator scales real compute time
                 forward = time.perf_counter() - forward_start
                 emulator.before_backward(len(y), forward)
                 backward_start = time.perf_counter()
@@ -223,7 +252,8 @@ def train(config: TrainConfig) -> list[EpochRecord]:
                     batches.set_postfix(batch=list(run.sampler.plan.batch_sizes), refresh=False)
             seconds = time.perf_counter() - started
             totals = hvd.allreduce(loss_sum, op=hvd.Sum, name="dbs_hvd.epoch_loss")
-            loss, accuracy = float(totals[0] / totals[1]), evaluate(model, test_set)
+            loss = float(totals[0] / totals[1])
+            accuracy = evaluate(model, test_set, device=device)
             record = (_plain_summary(epoch, world, config.global_batch, loss, accuracy, seconds)
                       if plain else
                       _epoch_summary(epoch, run.optimizer, run.sampler, start_plan, loss,

@@ -1,4 +1,5 @@
 """dbs-train end to end under mpirun: plans converge, accuracy, bad input fails alike on all ranks."""
+import subprocess
 import sys
 
 import numpy as np
@@ -18,15 +19,22 @@ def train(np_, *args, timeout=240):
     return result
 
 
-def test_shares_converge_on_virtual_devices_by_the_second_epoch(tmp_path):
+@pytest.mark.parametrize("policy", ["paper", "dbs"])
+def test_shares_converge_on_virtual_devices_by_the_second_epoch(tmp_path, policy):
     # Per-sample costs 2 ms and 6 ms (ratio 1:3): the balanced shares are 0.75 / 0.25.
     log = tmp_path / "run.jsonl"
     train(2, "--virtual-device", "0:2,0:6", "--epochs", "2", "--global-batch", "64",
-          "--log", str(log))
+          "--policy", policy, "--log", str(log))
     records = read_jsonl(log)
     assert [r["epoch"] for r in records] == [0, 1]
     shares = np.array(records[1]["next_batch_sizes"]) / 64
     np.testing.assert_allclose(shares, [0.75, 0.25], atol=0.05)
+    # dbs-plot draws this real log.
+    png = tmp_path / "run.png"
+    done = subprocess.run([sys.executable, "-m", "dbs_hvd.plot", str(log), "-o", str(png)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
 def test_slow_rank_share_falls_below_nominal_bound_with_real_compute(tmp_path):
@@ -36,6 +44,19 @@ def test_slow_rank_share_falls_below_nominal_bound_with_real_compute(tmp_path):
     records = read_jsonl(log)
     slow_shares = [r["next_batch_sizes"][1] / 64 for r in records]
     assert all(share < 0.35 for share in slow_shares), slow_shares
+
+
+def test_dbs_answers_a_step_change_within_the_same_epoch(tmp_path):
+    # Equal virtual devices; rank 1 becomes 3x slower at step 10 of the 22-step
+    # first epoch. Rebalancing every 5 steps must move the plan inside epoch 0.
+    log = tmp_path / "run.jsonl"
+    train(2, "--virtual-device", "0:2,0:2", "--step-change", "1:10:3", "--epochs", "1",
+          "--global-batch", "64", "--policy", "dbs", "--rebalance-every", "5", "--log", str(log))
+    (record,) = read_jsonl(log)
+    plans = record["plans"]
+    assert plans[0] == [32, 32]
+    assert len(plans) > 1, plans
+    np.testing.assert_allclose(np.array(plans[-1]) / 64, [0.75, 0.25], atol=0.06)
 
 
 def test_static_policy_keeps_the_equal_split(tmp_path):
@@ -76,6 +97,10 @@ def _assert_fails_alike(result, message, ranks):
     (["--slowdown", "0.5,1"], "factors must be >= 1"),
     (["--virtual-device", "fast,slow"], "OVERHEAD_MS:PER_SAMPLE_MS"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "missing data_batch_1"),
+    (["--device", "cuda"], "no CUDA device"),
+    (["--policy", "horovod", "--global-batch", "63"], "divisible by the 2 ranks"),
+    (["--disturb", "q=0.2"], "--disturb takes"),
+    (["--step-change", "5:10:2"], "outside a world of 2"),
 ])
 def test_bad_input_fails_on_every_rank_without_hanging(args, message):
     result = run_job(DBS_TRAIN + ["--epochs", "1"] + args, np=2, timeout=120)
