@@ -6,7 +6,7 @@ emulated devices, so machine noise hits all policies alike. Only ratios are
 reported: time relative to plain Horovod in the same scenario, and balance
 efficiency (ideal / actual epoch time, dbs_hvd.metrics.balance_efficiency).
 
-    python -m benchmarks.hetero            # full run (about 15 minutes on 2 cores)
+    python -m benchmarks.hetero            # full run, 3 repeats (about 45 minutes on 2 cores)
     python -m benchmarks.hetero --quick    # under 3 minutes, for checks
 
 Writes results.json, results.md and hetero.png to --out (default runs/hetero).
@@ -166,17 +166,19 @@ def plot(results: list[RunResult], scenario_list: list[Scenario], path: Path) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small scenarios, under 3 minutes")
-    parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats per policy")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="interleaved repeats per policy (default 3, 1 with --quick)")
     parser.add_argument("--only", help="run only scenarios whose name contains this text")
     parser.add_argument("--out", default="runs/hetero", help="output folder")
     args = parser.parse_args(argv)
+    repeats = args.repeats or (1 if args.quick else 3)
     scenario_list = [s for s in scenarios(args.quick) if not args.only or args.only in s.name]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: list[RunResult] = []
     with tempfile.TemporaryDirectory() as tmp:
         for scenario in scenario_list:
-            for repeat in range(args.repeats):
+            for repeat in range(repeats):
                 for policy in scenario.policies:
                     result = run_once(scenario, policy, repeat, Path(tmp))
                     status = "FAILED" if result.error else f"{result.total_seconds:.1f}s"

@@ -6,6 +6,7 @@ import sys
 from dataclasses import fields
 from typing import Optional, Sequence
 
+from .checkpoint import CheckpointError
 from .comm import DbsError
 from .plan import PlanError
 from .policies import POLICIES
@@ -45,6 +46,11 @@ def train_parser() -> argparse.ArgumentParser:
                    help="dbs = fitted cost model, smoothing, deadband (ours); paper = share "
                         "proportional to last window's speed; static = DBS machinery, equal "
                         "split; horovod = plain hvd.DistributedOptimizer baseline")
+    p.add_argument("--mode", choices=["gradient", "average"], default=defaults.mode,
+                   help="gradient: weighted gradient allreduce every step; average: local SGD "
+                        "with parameters averaged (weighted by samples) every --average-every steps")
+    p.add_argument("--average-every", type=_positive_int, default=defaults.average_every,
+                   metavar="H")
     p.add_argument("--rebalance-every", type=_positive_int, default=None, metavar="K",
                    help="also rebalance every K steps inside an epoch (default: 5 for dbs, "
                         "epoch ends only for the others)")
@@ -64,6 +70,15 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=defaults.workers, help="DataLoader workers")
     p.add_argument("--log", help="write one JSON line per epoch here (rank 0)")
     p.add_argument("--progress", action="store_true", help="progress bar on rank 0")
+    p.add_argument("--timeline", help="write Horovod's timeline (chrome://tracing JSON) here")
+    p.add_argument("--stall-timeout", type=float, default=defaults.stall_timeout,
+                   help="seconds a rank may lag behind in a collective before Horovod stops "
+                        "the job (a hung rank ends the run with an error instead of hanging it)")
+    p.add_argument("--checkpoint-dir", help="rank 0 saves a checkpoint here after every epoch "
+                   "(atomic write, the last --keep-checkpoints kept)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --checkpoint-dir")
+    p.add_argument("--keep-checkpoints", type=_positive_int, default=defaults.keep_checkpoints)
     p.add_argument("--device", choices=["cpu", "cuda"], default=defaults.device,
                    help="cuda: one GPU per local rank (model, batches, NCCL allreduce "
                         "when Horovod was built with it)")
@@ -76,7 +91,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     try:
         train(config)
-    except (DbsError, PlanError, ValueError, FileNotFoundError) as error:
+    except (DbsError, PlanError, CheckpointError, ValueError, FileNotFoundError) as error:
         # Raised alike on every rank: each exits non-zero with the same message.
         # One write, so launchers that tag output per chunk keep the line whole.
         sys.stderr.write(f"dbs-train: error: {error}\n")

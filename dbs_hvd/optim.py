@@ -83,16 +83,22 @@ class DynamicBatchState:
 
         return timed_synchronize
 
+    def is_last_of_epoch(self, batch: StepBatch) -> bool:
+        return batch.step == self.sampler.steps_per_epoch - 1
+
+    def finish_step(self, batch: StepBatch) -> None:
+        """Close the step's timing; rebalance at epoch ends and every K steps."""
+        self._batch = None
+        self.timer.end_step(batch.batch_size, start_hint=self.sampler.iteration_started_at)
+        every_k = self.rebalance_every is not None and (batch.step + 1) % self.rebalance_every == 0
+        if self.is_last_of_epoch(batch) or every_k:
+            self.rebalancer.rebalance(batch.step)
+
     def wrap_step(self, step: Callable[..., Any]) -> Callable[..., Any]:
         def dynamic_batch_step(closure: Optional[Callable[[], float]] = None):
             batch = self.current_batch()
             result = step(closure)
-            self._batch = None
-            self.timer.end_step(batch.batch_size, start_hint=self.sampler.iteration_started_at)
-            last_of_epoch = batch.step == self.sampler.steps_per_epoch - 1
-            every_k = self.rebalance_every is not None and (batch.step + 1) % self.rebalance_every == 0
-            if last_of_epoch or every_k:
-                self.rebalancer.rebalance(batch.step)
+            self.finish_step(batch)
             return result
 
         return dynamic_batch_step
@@ -161,6 +167,32 @@ def DistributedOptimizer(
 
     if "op" in horovod_kwargs:
         raise TypeError("op is fixed to hvd.Sum: gradients are pre-weighted by b_i / B")
+    state = dynamic_batch_state(sampler, policy, rebalance_every, exchange, device_sync)
+    if model is not None:
+        state.weight_model_output(model)
+        gradient_weight = lambda: 1.0  # noqa: E731  (already applied at the output)
+    else:
+        gradient_weight = state.weight
+    wrapped = hvd.DistributedOptimizer(
+        optimizer, named_parameters=named_parameters,
+        compression=LocalBatchWeighting(gradient_weight, compression), op=hvd.Sum,
+        **horovod_kwargs,
+    )
+    wrapped.dbs = state
+    wrapped.rebalancer = state.rebalancer
+    wrapped.synchronize = state.wrap_synchronize(wrapped.synchronize)
+    wrapped.step = state.wrap_step(wrapped.step)
+    return wrapped
+
+
+def dynamic_batch_state(sampler: DynamicBatchSampler, policy: Union[str, Policy],
+                        rebalance_every: Optional[int], exchange: Optional[Exchange],
+                        device_sync: Optional[Callable[[], None]]) -> DynamicBatchState:
+    """The timing, policy and rebalancing shared by the gradient and averaging modes.
+
+    Collective: every rank checks that all ranks use the same global batch,
+    seed, data set size, bounds and policy; a mismatch is a DbsError on all ranks.
+    """
     if rebalance_every is not None and rebalance_every < 1:
         raise ValueError(f"rebalance_every must be a positive number of steps, got {rebalance_every}")
     if isinstance(policy, str):
@@ -178,20 +210,5 @@ def DistributedOptimizer(
         "shuffle": sampler.shuffle,
     })
     timer = StepTimer(device_sync=device_sync)
-    state = DynamicBatchState(sampler, Rebalancer(sampler, policy, exchange, timer), timer,
-                              rebalance_every)
-    if model is not None:
-        state.weight_model_output(model)
-        gradient_weight = lambda: 1.0  # noqa: E731  (already applied at the output)
-    else:
-        gradient_weight = state.weight
-    wrapped = hvd.DistributedOptimizer(
-        optimizer, named_parameters=named_parameters,
-        compression=LocalBatchWeighting(gradient_weight, compression), op=hvd.Sum,
-        **horovod_kwargs,
-    )
-    wrapped.dbs = state
-    wrapped.rebalancer = state.rebalancer
-    wrapped.synchronize = state.wrap_synchronize(wrapped.synchronize)
-    wrapped.step = state.wrap_step(wrapped.step)
-    return wrapped
+    return DynamicBatchState(sampler, Rebalancer(sampler, policy, exchange, timer), timer,
+                             rebalance_every)

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from . import data, models
-from .comm import check_same_on_all_ranks, default_exchange
+from . import checkpoint, data, models
+from .comm import check_same_on_all_ranks, decide_on_root, default_exchange
 from .emulate import DeviceEmulator, make_emulator
 from .metrics import EpochRecord, JsonLinesLog, balance_efficiency
+from .averaging import ModelAveragingOptimizer
 from .optim import DistributedOptimizer
 from .plan import Bounds, PlanError
 from .sampler import DynamicBatchSampler
@@ -38,6 +39,8 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.9
     policy: str = "dbs"
+    mode: str = "gradient"  # or "average": local SGD, parameters averaged every average_every steps
+    average_every: int = 8
     rebalance_every: Optional[int] = None  # None: every 5 steps for dbs, epoch ends otherwise
     min_batch: int = 1
     max_batch: Optional[int] = None
@@ -51,6 +54,11 @@ class TrainConfig:
     log: Optional[str] = None
     progress: bool = False
     device: str = "cpu"  # "cuda": one GPU per local rank, NCCL when Horovod has it
+    timeline: Optional[str] = None  # Horovod timeline (chrome://tracing JSON), rank 0 writes it
+    stall_timeout: float = 300.0  # seconds a rank may lag in a collective before the job stops
+    checkpoint_dir: Optional[str] = None
+    resume: bool = False
+    keep_checkpoints: int = 3
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -128,14 +136,24 @@ def _dbs_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset, ex
     # The sampler yields index lists; a TensorDataset indexes them in one go.
     loader = DataLoader(train_set, sampler=sampler, batch_size=None, num_workers=config.workers,
                         pin_memory=device.type == "cuda")
-    optimizer = DistributedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum),
-        sampler, named_parameters=model.named_parameters(), policy=config.policy,
-        rebalance_every=effective_rebalance_every(config), exchange=exchange,
-        # CUDA kernels run asynchronously: finish this rank's own work before
-        # the allreduce wait is timed, or compute would be counted as waiting.
-        device_sync=torch.cuda.synchronize if device.type == "cuda" else None,
-    )
+    local = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    # CUDA kernels run asynchronously: finish this rank's own work before
+    # the allreduce wait is timed, or compute would be counted as waiting.
+    device_sync = torch.cuda.synchronize if device.type == "cuda" else None
+    if config.mode == "average":
+        optimizer = ModelAveragingOptimizer(
+            local, sampler, model.named_parameters(), average_every=config.average_every,
+            policy=config.policy, rebalance_every=effective_rebalance_every(config),
+            exchange=exchange, device_sync=device_sync,
+        )
+    elif config.mode == "gradient":
+        optimizer = DistributedOptimizer(
+            local, sampler, named_parameters=model.named_parameters(), policy=config.policy,
+            rebalance_every=effective_rebalance_every(config), exchange=exchange,
+            device_sync=device_sync,
+        )
+    else:
+        raise ValueError(f"--mode must be gradient or average, got {config.mode!r}")
     return _Run(loader, optimizer, sampler, sampler.steps_per_epoch, sampler.dropped_per_epoch)
 
 
@@ -181,11 +199,66 @@ def _plain_summary(epoch: int, world: int, global_batch: int, loss: float, accur
                        policy="horovod", plans=[sizes])
 
 
+def _checkpoint_payload(config: TrainConfig, epoch: int, model: nn.Module, run: _Run,
+                        plain: bool) -> dict:
+    payload = {
+        "epoch": epoch,
+        "config": asdict(config),
+        "model": model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    if not plain:
+        payload["sampler"] = run.sampler.state_dict()
+        payload["policy"] = run.optimizer.rebalancer.policy.state_dict()
+    return payload
+
+
+def _resume(config: TrainConfig, model: nn.Module, run: _Run, exchange, plain: bool) -> int:
+    """Load the newest checkpoint (read on rank 0, sent to all); return the next epoch."""
+
+    def read() -> dict:
+        payload = checkpoint.load_latest(config.checkpoint_dir)
+        checkpoint.check_config(payload["config"], asdict(config))
+        return payload
+
+    payload = decide_on_root(exchange, read)
+    model.load_state_dict(payload["model"])
+    run.optimizer.load_state_dict(payload["optimizer"])
+    torch.set_rng_state(payload["torch_rng"])
+    if not plain:
+        run.sampler.load_state_dict(payload["sampler"])
+        run.optimizer.rebalancer.policy.load_state_dict(payload["policy"])
+    return int(payload["epoch"]) + 1
+
+
+def configure_stall_shutdown(seconds: float) -> None:
+    """Make a hung rank end the job instead of hanging it (unless the user set Horovod's own).
+
+    Horovod's stall inspector notices a tensor that some ranks submitted and
+    others did not; by default it only warns. With a shutdown time it stops
+    Horovod, the waiting ranks fail with an error, and the launcher ends the job.
+    """
+    import os
+
+    if seconds <= 0:
+        raise ValueError(f"--stall-timeout must be positive, got {seconds}")
+    os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(1, int(min(60, seconds / 2)))))
+    os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(int(seconds)))
+
+
 def train(config: TrainConfig) -> list[EpochRecord]:
     """Run DBS (or the plain-Horovod baseline) on all ranks; returns the epoch records."""
     import horovod.torch as hvd
     from tqdm import tqdm
 
+    configure_stall_shutdown(config.stall_timeout)
+    if config.timeline:
+        # Read by Horovod at init; it records every collective (negotiation,
+        # allreduce, fusion) for chrome://tracing or Perfetto.
+        import os
+
+        os.environ["HOROVOD_TIMELINE"] = str(config.timeline)
     hvd.init()
     rank, world = hvd.rank(), hvd.size()
     exchange = default_exchange()
@@ -210,6 +283,9 @@ def train(config: TrainConfig) -> list[EpochRecord]:
     run = (_plain_horovod_run(config, model, train_set, world, rank) if plain
            else _dbs_run(config, model, train_set, exchange, device))
     hvd.broadcast_optimizer_state(run.optimizer, root_rank=0)
+    if config.resume and not config.checkpoint_dir:
+        raise ValueError("--resume needs --checkpoint-dir (the folder of the run to continue)")
+    first_epoch = _resume(config, model, run, exchange, plain) if config.resume else 0
     criterion = nn.CrossEntropyLoss()
     log = JsonLinesLog(config.log) if (config.log and rank == 0) else None
     if rank == 0:
@@ -223,9 +299,12 @@ def train(config: TrainConfig) -> list[EpochRecord]:
               f"dropped/epoch, emulation: {emulation or 'none'}", flush=True)
 
     records = []
-    global_step = 0
+    global_step = first_epoch * run.steps_per_epoch
     try:
-        for epoch in range(config.epochs):
+        if rank == 0 and first_epoch:
+            print(f"dbs-train: resumed from {config.checkpoint_dir} at epoch {first_epoch}",
+                  flush=True)
+        for epoch in range(first_epoch, config.epochs):
             run.sampler.set_epoch(epoch)
             start_plan = None if plain else run.sampler.plan
             loss_sum = torch.zeros(2, dtype=torch.float64)
@@ -263,6 +342,10 @@ def train(config: TrainConfig) -> list[EpochRecord]:
                 print(record.line(), flush=True)
                 if log:
                     log.write(record)
+                if config.checkpoint_dir:
+                    checkpoint.save(config.checkpoint_dir, epoch,
+                                    _checkpoint_payload(config, epoch, model, run, plain),
+                                    keep=config.keep_checkpoints)
     finally:
         if log:
             log.close()

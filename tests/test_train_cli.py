@@ -113,3 +113,46 @@ def test_ranks_started_with_different_settings_fail_together(setting, a, b):
                      DBS_TRAIN + ["--epochs", "1", setting, b])
     result = run_argv(argv, timeout=120)
     _assert_fails_alike(result, "different settings", ranks=2)
+
+
+def _params(path):
+    import torch
+
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("policy, tolerance", [("static", 0.0), ("dbs", 1e-4)])
+def test_resume_continues_as_if_never_interrupted(tmp_path, policy, tolerance):
+    """Epoch 2 after a resume equals epoch 2 of an uninterrupted run.
+
+    With a fixed plan the arithmetic is identical (exact equality); with a
+    moving plan only the float summation order differs.
+    """
+    import torch
+
+    common = ["--virtual-device", "0:0.5,0:1", "--global-batch", "64", "--policy", policy]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(2, *common, "--epochs", "2", "--checkpoint-dir", str(whole))
+    train(2, *common, "--epochs", "1", "--checkpoint-dir", str(split))
+    result = train(2, *common, "--epochs", "2", "--checkpoint-dir", str(split), "--resume")
+    assert "resumed from" in "\n".join(result.rank_output.get(0, []))
+    a, b = _params(whole / "ckpt-000001.pt"), _params(split / "ckpt-000001.pt")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=tolerance, atol=tolerance,
+                                   msg=f"parameter {name}")
+
+
+def test_resume_refuses_a_different_configuration_and_a_damaged_file(tmp_path):
+    folder = tmp_path / "ckpt"
+    train(2, "--epochs", "1", "--policy", "static", "--checkpoint-dir", str(folder))
+    changed = run_job(DBS_TRAIN + ["--epochs", "2", "--policy", "static", "--seed", "9",
+                                   "--checkpoint-dir", str(folder), "--resume"], np=2, timeout=120)
+    _assert_fails_alike(changed, "different configuration (seed: checkpoint 0, now 9)", ranks=2)
+    (newest,) = folder.glob("ckpt-*.pt")
+    newest.write_bytes(newest.read_bytes()[:100])
+    damaged = run_job(DBS_TRAIN + ["--epochs", "2", "--policy", "static",
+                                   "--checkpoint-dir", str(folder), "--resume"], np=2, timeout=120)
+    _assert_fails_alike(damaged, "cannot be read as a dbs_hvd checkpoint", ranks=2)
+    missing = run_job(DBS_TRAIN + ["--epochs", "2", "--checkpoint-dir", str(tmp_path / "none"),
+                                   "--resume"], np=2, timeout=120)
+    _assert_fails_alike(missing, "found no checkpoint", ranks=2)

@@ -1,0 +1,96 @@
+"""Model averaging (local SGD) with dynamic batch sizes: the DBS paper's other family.
+
+Each rank takes optimizer steps on its own batches without any per-step
+communication; every ``average_every`` steps (and at the end of each epoch)
+the parameters are averaged over ranks, each rank weighted by the samples it
+processed since the last average. With uneven batches a plain mean would give
+a rank that saw 5 samples the same say as one that saw 42; the weighted mean
+counts every sample once.
+
+With ``average_every=1`` and plain SGD the result is exactly the gradient
+method's update (the average of ``theta - lr * g_i`` weighted by ``b_i / B`` is
+``theta - lr * sum_i (b_i / B) g_i``); larger intervals trade that exactness for
+fewer allreduces. Momentum and other optimizer state stay local.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+
+from .comm import Exchange
+from .optim import dynamic_batch_state
+from .plan import Policy
+from .sampler import DynamicBatchSampler
+
+
+class _Averager:
+    """Weighted parameter averaging, timed as allreduce wait."""
+
+    def __init__(self, parameters: list[tuple[str, torch.nn.Parameter]], global_batch: int,
+                 every: int) -> None:
+        self.parameters = parameters
+        self.global_batch = global_batch
+        self.every = every
+        self.samples = 0
+        self.steps = 0
+
+    def add(self, batch_size: int) -> None:
+        self.samples += batch_size
+        self.steps += 1
+
+    def due(self, last_of_epoch: bool) -> bool:
+        return self.steps > 0 and (self.steps >= self.every or last_of_epoch)
+
+    def average(self) -> None:
+        import horovod.torch as hvd
+
+        weight = self.samples / (self.global_batch * self.steps)
+        handles = []
+        with torch.no_grad():
+            for name, parameter in self.parameters:
+                parameter.mul_(weight)
+                handles.append(hvd.allreduce_async_(parameter.data, op=hvd.Sum,
+                                                    name=f"dbs_hvd.average.{name}"))
+            for handle in handles:
+                hvd.synchronize(handle)
+        self.samples = 0
+        self.steps = 0
+
+
+def ModelAveragingOptimizer(
+    optimizer: torch.optim.Optimizer,
+    sampler: DynamicBatchSampler,
+    named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
+    average_every: int = 8,
+    policy: Union[str, Policy] = "dbs",
+    rebalance_every: Optional[int] = None,
+    exchange: Optional[Exchange] = None,
+    device_sync: Optional[Callable[[], None]] = None,
+) -> torch.optim.Optimizer:
+    """Wrap a local optimizer for local SGD with sample-weighted model averaging.
+
+    The same sampler, timing and rebalancing as ``dbs_hvd.DistributedOptimizer``;
+    the time spent in the averaging allreduce counts as wait, not compute.
+    """
+    if average_every < 1:
+        raise ValueError(f"average_every must be a positive number of steps, got {average_every}")
+    state = dynamic_batch_state(sampler, policy, rebalance_every, exchange, device_sync)
+    averager = _Averager(list(named_parameters), sampler.global_batch, average_every)
+    local_step = optimizer.step
+
+    def averaging_step(closure: Optional[Callable[[], float]] = None) -> Any:
+        batch = state.current_batch()
+        result = local_step(closure)
+        averager.add(batch.batch_size)
+        if averager.due(state.is_last_of_epoch(batch)):
+            started = state.timer.wait_started()
+            averager.average()
+            state.timer.add_wait(started)
+        state.finish_step(batch)
+        return result
+
+    optimizer.step = averaging_step
+    optimizer.dbs = state
+    optimizer.rebalancer = state.rebalancer
+    return optimizer
