@@ -63,7 +63,14 @@ def scenarios(quick: bool) -> list[Scenario]:
         Scenario("equal [1,1] 2 ranks", 2, CNN, ["horovod", "dbs"], epochs=6),
         Scenario("allreduce-bound MLP [1,1] 2 ranks", 2, MLP, ["horovod", "dbs"], epochs=6,
                  samples=6400, note="400k parameters, little compute per step"),
+        Scenario("model averaging H=8 vs gradients, [1,4] 2 ranks", 2,
+                 CNN + ["--slowdown", "1,4"], ["horovod", "dbs", "dbs-average"], epochs=10),
     ]
+
+
+# A benchmark "policy" is a dbs-train --policy, or dbs-average: our policy in
+# model-averaging mode (local SGD, parameters averaged every 8 steps).
+POLICY_FLAGS = {"dbs-average": ["--policy", "dbs", "--mode", "average", "--average-every", "8"]}
 
 
 @dataclass
@@ -88,7 +95,8 @@ class RunResult:
 
 def run_once(scenario: Scenario, policy: str, repeat: int, workdir: Path) -> RunResult:
     log = workdir / f"{abs(hash((scenario.name, policy, repeat)))}.jsonl"
-    command = [sys.executable, "-m", "dbs_hvd.cli", *scenario.args, "--policy", policy,
+    flags = POLICY_FLAGS.get(policy, ["--policy", policy])
+    command = [sys.executable, "-m", "dbs_hvd.cli", *scenario.args, *flags,
                "--epochs", str(scenario.epochs), "--global-batch", str(scenario.global_batch),
                "--samples", str(scenario.samples), "--log", str(log)]
     job = run_job(command, np=scenario.ranks, timeout=900)

@@ -80,6 +80,11 @@ def ModelAveragingOptimizer(
     local_step = optimizer.step
 
     def averaging_step(closure: Optional[Callable[[], float]] = None) -> Any:
+        if sampler.iteration_started_at is None:
+            # No batch drawn yet: this is set-up, such as Horovod's
+            # broadcast_optimizer_state creating the optimizer's state with a
+            # zero-gradient step. Nothing to weigh, time or average.
+            return local_step(closure)
         batch = state.current_batch()
         result = local_step(closure)
         averager.add(batch.batch_size)

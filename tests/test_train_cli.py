@@ -156,3 +156,12 @@ def test_resume_refuses_a_different_configuration_and_a_damaged_file(tmp_path):
     missing = run_job(DBS_TRAIN + ["--epochs", "2", "--checkpoint-dir", str(tmp_path / "none"),
                                    "--resume"], np=2, timeout=120)
     _assert_fails_alike(missing, "found no checkpoint", ranks=2)
+
+
+def test_model_averaging_mode_trains(tmp_path):
+    log = tmp_path / "run.jsonl"
+    train(2, "--mode", "average", "--average-every", "4", "--slowdown", "1,3", "--epochs", "6",
+          "--lr", "0.1", "--log", str(log))
+    records = read_jsonl(log)
+    assert records[-1]["accuracy"] >= 0.9
+    assert all(sum(r["next_batch_sizes"]) == 64 for r in records)

@@ -46,6 +46,8 @@ def test_ranks_agree_after_each_averaging_and_the_loss_falls(hvd):
         torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), sampler,
         model.named_parameters(), average_every=4, policy="dbs", rebalance_every=5,
     )
+    # As dbs-train does: Horovod initialises the optimizer state with a step.
+    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
     loss_fn = nn.CrossEntropyLoss()
     x_all, y_all = dataset.tensors
     before = loss_fn(start(x_all), y_all).item()
