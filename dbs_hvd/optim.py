@@ -134,7 +134,7 @@ def DistributedOptimizer(
     optimizer: torch.optim.Optimizer,
     sampler: DynamicBatchSampler,
     named_parameters: Optional[Iterable[tuple[str, torch.nn.Parameter]]] = None,
-    policy: Union[str, Policy] = "paper",
+    policy: Union[str, Policy] = "dbs",
     rebalance_every: Optional[int] = None,
     compression: Any = None,
     exchange: Optional[Exchange] = None,
@@ -148,7 +148,7 @@ def DistributedOptimizer(
         optimizer: the local optimizer, as for Horovod.
         sampler: the DynamicBatchSampler that feeds the training loop.
         named_parameters: as for Horovod (names make allreduce matching robust).
-        policy: a Policy, or a registered name ("paper", "static", ...).
+        policy: a Policy, or a registered name ("dbs", our default; "paper"; "static").
         rebalance_every: also rebalance every K steps inside an epoch (default:
             only at the end of each epoch).
         compression: a Horovod compressor applied after the weighting.
