@@ -141,15 +141,25 @@ class WindowStats:
     samples: np.ndarray
     compute_seconds: np.ndarray
     steps: np.ndarray
+    wait_seconds: np.ndarray | None = None  # time blocked in the allreduce, when known
 
     @classmethod
     def from_records(cls, records: Sequence[dict]) -> "WindowStats":
-        """Build from one dict per rank with keys samples, compute_seconds, steps."""
+        """Build from one dict per rank with keys samples, compute_seconds, steps
+        (and optionally wait_seconds)."""
+        wait = [r.get("wait_seconds") for r in records]
         return cls(
             samples=np.array([r["samples"] for r in records], dtype=float),
             compute_seconds=np.array([r["compute_seconds"] for r in records], dtype=float),
             steps=np.array([r["steps"] for r in records], dtype=float),
+            wait_seconds=None if None in wait else np.array(wait, dtype=float),
         )
+
+    def step_wall_seconds(self) -> float | None:
+        """The measured synchronous step time: the slowest rank's compute + wait per step."""
+        if self.wait_seconds is None:
+            return None
+        return float(np.max((self.compute_seconds + self.wait_seconds) / self.steps))
 
     @property
     def world_size(self) -> int:

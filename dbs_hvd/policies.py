@@ -19,6 +19,13 @@
   overshoots when small batches are slower per sample; equalising predicted
   step times does not.
 
+* **Checked changes.** The model assumes a rank's speed does not depend on
+  the others' load; where ranks share cores that is false. So each change is
+  judged by the *measured* step time (slowest rank's compute + wait) of the
+  next window: a change that made the step slower by more than the deadband
+  is reverted, and the plan is then held for a few windows unless a rank's
+  speed really changes.
+
 And it reacts fast: a window whose step time departs from the prediction by
 more than ``surprise`` replaces that rank's history at once (the old windows
 describe a device that is gone),
@@ -82,6 +89,11 @@ class CostModelPolicy(Policy):
         self._batch = np.empty((0, 0))
         self._seconds = np.empty((0, 0))
         self.last_model: tuple[np.ndarray, np.ndarray] | None = None
+        # The plan and measured step time before the last change, until judged.
+        self._trial: tuple[Plan, float] | None = None
+        self._surprised = False
+        self._hold = 0
+        self.hold_after_revert = 4  # windows without changes after a reverted one
 
     def _fit(self) -> tuple[np.ndarray, np.ndarray]:
         ages = np.arange(len(self._batch))[::-1]
@@ -91,6 +103,7 @@ class CostModelPolicy(Policy):
         """Add the window to the history and return the fitted (overhead, per-sample) per rank."""
         batch = stats.samples / stats.steps
         seconds = stats.compute_seconds / stats.steps
+        self._surprised = False
         if self._batch.shape[1:] != (stats.world_size,):
             self._batch = np.empty((0, stats.world_size))
             self._seconds = np.empty((0, stats.world_size))
@@ -102,6 +115,7 @@ class CostModelPolicy(Policy):
             # gives it, rebuild the fit (rescaling the old ones instead would
             # keep an outdated curve shape and hide the overhead for good).
             changed = np.abs(seconds - predicted) > self.surprise * predicted
+            self._surprised = bool(changed.any())
             self._batch[:, changed] = batch[changed]
             self._seconds[:, changed] = seconds[changed]
         self._batch = np.vstack([self._batch, batch])[-self.history:]
@@ -109,8 +123,33 @@ class CostModelPolicy(Policy):
         self.last_model = self._fit()
         return self.last_model
 
+    def _change_did_not_pay(self, stats: WindowStats, current: Plan) -> Plan | None:
+        """The plan before the last change, if that change made the measured step slower.
+
+        The cost model assumes a rank's speed does not depend on the others'
+        load. Where ranks share cores that is false, and a change the model
+        predicts to help can make the real step slower; measuring the step
+        before and after the change catches that.
+        """
+        wall = stats.step_wall_seconds()
+        trial, self._trial = self._trial, None
+        if wall is None or trial is None:
+            return None
+        before_plan, before_wall = trial
+        if current != before_plan and wall > before_wall * (1 + self.deadband):
+            return before_plan
+        return None
+
     def propose(self, stats: WindowStats, current: Plan) -> Plan:
         overhead, per_sample = self.observe(stats)
+        revert = self._change_did_not_pay(stats, current)
+        if revert is not None:
+            self._hold = self.hold_after_revert
+            return revert
+        surprised = self._surprised
+        if self._hold > 0 and not surprised:
+            self._hold -= 1
+            return current
         sizes = np.asarray(current.batch_sizes, dtype=float)
         lower = np.maximum(np.floor(sizes / self.max_change), self.bounds.min_batch)
         upper = np.minimum(np.ceil(sizes * self.max_change), self.bounds.upper(self.global_batch))
@@ -126,6 +165,9 @@ class CostModelPolicy(Policy):
 
         if predicted_step(proposal) * (1 + self.deadband) >= predicted_step(current):
             return current
+        wall = stats.step_wall_seconds()
+        if wall is not None:
+            self._trial = (current, wall)
         return proposal
 
     def state_dict(self) -> dict[str, Any]:

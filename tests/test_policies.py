@@ -126,3 +126,20 @@ def test_bad_options_are_rejected():
         CostModelPolicy(64, decay=0)
     with pytest.raises(PlanError):
         CostModelPolicy(64, max_change=1.0)
+
+
+def test_a_change_that_made_the_measured_step_slower_is_reverted():
+    def stats(samples, compute, wait):
+        return WindowStats(np.array(samples, float), np.array(compute, float), np.ones(2),
+                           np.array(wait, float))
+
+    policy = CostModelPolicy(128)
+    start = Plan((64, 64))
+    # Rank 1 looks slower: the policy moves work to rank 0 ...
+    moved = policy.next_plan(stats([64, 64], [1.0, 1.2], [0.2, 0.0]), start)
+    assert moved.batch_sizes[0] > 64
+    # ... but the measured step got slower (ranks share cores): back to the old plan.
+    reverted = policy.next_plan(stats(moved.batch_sizes, [1.4, 1.0], [0.0, 0.4]), moved)
+    assert reverted == start
+    # And it is held instead of being tried again at once.
+    assert policy.next_plan(stats([64, 64], [1.05, 1.2], [0.15, 0.0]), start) == start
