@@ -89,9 +89,8 @@ def ModelAveragingOptimizer(
         result = local_step(closure)
         averager.add(batch.batch_size)
         if averager.due(state.is_last_of_epoch(batch)):
-            started = state.timer.wait_started()
-            averager.average()
-            state.timer.add_wait(started)
+            with state.timer.waiting():
+                averager.average()
         state.finish_step(batch)
         return result
 

@@ -87,7 +87,6 @@ class DeviceEmulator(ABC):
         self.rank = rank
         self.changes = changes or NoChanges()
         self._sleep = sleep
-        self.total_delay = 0.0
         self.epoch = 0
         self.global_step = 0
 
@@ -106,7 +105,6 @@ class DeviceEmulator(ABC):
     def before_backward(self, batch_size: int, forward_seconds: float) -> None:
         seconds = self.delay(batch_size, forward_seconds)
         if seconds > 0:
-            self.total_delay += seconds
             self._sleep(seconds)
 
     def after_backward(self, forward_seconds: float, backward_seconds: float) -> None:

@@ -77,9 +77,8 @@ class DynamicBatchState:
 
     def wrap_synchronize(self, synchronize: Callable[[], None]) -> Callable[[], None]:
         def timed_synchronize() -> None:
-            started = self.timer.wait_started()
-            synchronize()
-            self.timer.add_wait(started)
+            with self.timer.waiting():
+                synchronize()
 
         return timed_synchronize
 

@@ -146,8 +146,7 @@ class CostModelPolicy(Policy):
         if revert is not None:
             self._hold = self.hold_after_revert
             return revert
-        surprised = self._surprised
-        if self._hold > 0 and not surprised:
+        if self._hold > 0 and not self._surprised:
             self._hold -= 1
             return current
         sizes = np.asarray(current.batch_sizes, dtype=float)

@@ -14,9 +14,10 @@ only starts once the rank's own kernels are done.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 
 @dataclass
@@ -60,14 +61,20 @@ class StepTimer:
         self._step_start = self._clock()
         self._wait_in_step = 0.0
 
-    def wait_started(self) -> float:
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Count the time inside the block as allreduce wait, not compute.
+
+        The device is synchronised first, so this rank's own queued kernels
+        finish before the wait clock starts.
+        """
         if self._device_sync is not None:
             self._device_sync()
-        return self._clock()
-
-    def add_wait(self, started: float) -> None:
-        """Record the time from ``started`` (see ``wait_started``) to now as allreduce wait."""
-        self._wait_in_step += self._clock() - started
+        started = self._clock()
+        try:
+            yield
+        finally:
+            self._wait_in_step += self._clock() - started
 
     def end_step(self, batch_size: int, start_hint: float | None = None) -> None:
         now = self._clock()

@@ -5,6 +5,7 @@ below is a plain Horovod loop except for the sampler and the optimizer wrapper.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -239,8 +240,6 @@ def configure_stall_shutdown(seconds: float) -> None:
     others did not; by default it only warns. With a shutdown time it stops
     Horovod, the waiting ranks fail with an error, and the launcher ends the job.
     """
-    import os
-
     if seconds <= 0:
         raise ValueError(f"--stall-timeout must be positive, got {seconds}")
     os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(1, int(min(60, seconds / 2)))))
@@ -256,8 +255,6 @@ def train(config: TrainConfig) -> list[EpochRecord]:
     if config.timeline:
         # Read by Horovod at init; it records every collective (negotiation,
         # allreduce, fusion) for chrome://tracing or Perfetto.
-        import os
-
         os.environ["HOROVOD_TIMELINE"] = str(config.timeline)
     hvd.init()
     rank, world = hvd.rank(), hvd.size()
