@@ -7,7 +7,7 @@ The public API, for a Horovod script:
   batch size, step timing and automatic rebalancing.
 * ``Plan``, ``Bounds`` and the policies (``make_policy``) for custom setups.
 """
-from .comm import DbsError
+from .comm import DbsError, claim_mpi
 from .plan import Bounds, Plan, PlanError, Policy, ProportionalPolicy, StaticPolicy, WindowStats
 from .policies import POLICIES, CostModelPolicy, make_policy
 
@@ -26,6 +26,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'dbs_hvd' has no attribute {name!r}")
 
 __version__ = "0.1.0"
+
+# Under mpirun, MPI must be initialised by mpi4py before hvd.init() so that it
+# outlives Horovod's background thread (see comm.py): a no-op elsewhere.
+claim_mpi()
 
 __all__ = [
     "Bounds", "CostModelPolicy", "DbsError", "DistributedOptimizer", "DynamicBatchSampler",

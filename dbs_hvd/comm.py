@@ -8,9 +8,21 @@ Decisions (plans, checks) are made on rank 0 and broadcast, so every rank
 holds the identical result (invariant 4). A decision that fails becomes the
 same exception on every rank, so no rank is left waiting in a collective that
 the failing rank will never join.
+
+MPI must outlive Horovod. When Horovod initialises MPI itself, the end of its
+background thread calls MPI_Finalize, and a shutdown on any rank ends that
+thread on every rank. A rank that finishes first (the root of a broadcast
+returns before the others have received) and exits would then finalize MPI
+under another rank that is still inside an mpi4py collective, which hangs it.
+So ``import dbs_hvd`` under an MPI launcher lets mpi4py initialise MPI before
+Horovod does (``claim_mpi``): Horovod then leaves MPI alone and mpi4py
+finalizes it at process exit. If Horovod got there first, the stats travel
+through Horovod's own collectives instead, which a shutdown cannot cut short.
 """
 from __future__ import annotations
 
+import os
+import sys
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Mapping, TypeVar
 
@@ -92,13 +104,51 @@ class LocalExchange(Exchange):
         return obj
 
 
+_MPI_LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+_mpi_owned_by_process = False
+
+
+def launched_by_mpi() -> bool:
+    """True under mpirun (or horovodrun's MPI mode); False under Gloo or a plain start."""
+    if os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR"):
+        return False
+    return any(name in os.environ for name in _MPI_LAUNCHER_VARIABLES)
+
+
+def claim_mpi() -> bool:
+    """Initialise MPI through mpi4py before Horovod does; True if MPI now outlives Horovod.
+
+    Called on ``import dbs_hvd``. It does nothing outside an MPI launcher, when
+    mpi4py is missing, or when Horovod is already initialised (MPI then
+    belongs to Horovod and ``default_exchange`` avoids mpi4py).
+    """
+    global _mpi_owned_by_process
+    if _mpi_owned_by_process:
+        return True
+    if not launched_by_mpi():
+        return False
+    horovod = sys.modules.get("horovod.torch")
+    if horovod is not None and horovod.is_initialized():
+        return False
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return False
+    _mpi_owned_by_process = bool(MPI.Is_initialized())
+    return _mpi_owned_by_process
+
+
 def default_exchange() -> Exchange:
-    """mpi4py under the MPI controller, Horovod's object collectives under Gloo."""
+    """mpi4py under the MPI controller, Horovod's object collectives under Gloo.
+
+    mpi4py is used only when MPI outlives Horovod (see the module notes):
+    import dbs_hvd before ``hvd.init()``, as any import at the top of a script is.
+    """
     import horovod.torch as hvd
 
     if hvd.size() == 1:
         return LocalExchange()
-    if hvd.mpi_enabled() and not hvd.gloo_enabled():
+    if hvd.mpi_enabled() and not hvd.gloo_enabled() and _mpi_owned_by_process:
         exchange = MpiExchange()
         if exchange.size == hvd.size() and exchange.rank == hvd.rank():
             return exchange

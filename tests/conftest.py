@@ -22,4 +22,5 @@ def run_mpi_file():
             pytest.fail(result.describe(), pytrace=False)
         return result
 
+    run.directory = MPI_TESTS
     return run

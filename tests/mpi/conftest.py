@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+import dbs_hvd  # noqa: F401  (under mpirun: MPI initialised by mpi4py, before Horovod)
+
 
 @pytest.fixture(scope="session")
 def hvd():

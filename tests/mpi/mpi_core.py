@@ -75,8 +75,8 @@ def test_every_sample_read_once_and_equal_step_counts_across_rebalances(hvd):
         everything = [i for g in gathered for i in g["read"]]
         assert len(everything) == len(set(everything)) == sampler.steps_per_epoch * 32
         assert {g["steps"] for g in gathered} == {sampler.steps_per_epoch}
-    plans = {r.plan_after for r in optimizer.rebalancer.history}
-    assert len(plans) > 1, "the plan never moved: the test would not exercise rebalancing"
+    moved = [r for r in optimizer.rebalancer.history if r.plan_after != r.plan_before]
+    assert moved, "the plan never moved: the test would not exercise rebalancing"
 
 
 def test_every_rank_holds_the_identical_plan(hvd):
