@@ -27,6 +27,10 @@ def train_parser() -> argparse.ArgumentParser:
         description="Dynamic Batch Size training on Horovod. Launch with "
                     "`horovodrun -np N dbs-train ...` or `mpirun -np N dbs-train ...`.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        # @FILE reads options from FILE, one per line: horovodrun's own parser
+        # sees through the command line in elastic mode (where "--" cannot be
+        # used) and would take e.g. --log for its --log-level.
+        fromfile_prefix_chars="@",
     )
     p.add_argument("--model", choices=["mlp", "cnn"], default=defaults.model)
     p.add_argument("--dataset", choices=["digits", "synthetic", "cifar10"], default=defaults.dataset,
@@ -79,6 +83,16 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --checkpoint-dir")
     p.add_argument("--keep-checkpoints", type=_positive_int, default=defaults.keep_checkpoints)
+    p.add_argument("--elastic", action="store_true",
+                   help="Horovod elastic mode: launch with horovodrun --host-discovery-script "
+                        "(Gloo); ranks may die or join, training resumes from the last commit "
+                        "with the plan recomputed for the new world")
+    p.add_argument("--commit-every", type=_positive_int, default=defaults.commit_every,
+                   metavar="K", help="elastic: commit the training state every K steps and at "
+                                     "every epoch end (a failure repeats at most K-1 steps)")
+    p.add_argument("--read-log", metavar="DIR",
+                   help="elastic debugging: each process appends the sample indices it trains "
+                        "on (epoch, step, rank, world size) to its own JSON-lines file in DIR")
     p.add_argument("--device", choices=["cpu", "cuda"], default=defaults.device,
                    help="cuda: one GPU per local rank (model, batches, NCCL allreduce "
                         "when Horovod was built with it)")

@@ -135,7 +135,30 @@ def claim_mpi() -> bool:
     except ImportError:
         return False
     _mpi_owned_by_process = bool(MPI.Is_initialized())
+    if _mpi_owned_by_process:
+        sys.excepthook = abort_job_after(sys.excepthook)
     return _mpi_owned_by_process
+
+
+def abort_job_after(print_exception: Callable[..., Any]) -> Callable[..., None]:
+    """An excepthook that prints the error, then aborts the whole MPI job.
+
+    With MPI owned by mpi4py, a rank leaving on an uncaught exception would
+    wait in MPI_Finalize for peers that wait for it in a collective: a hang.
+    Aborting ends every rank, and the launcher exits non-zero (what
+    ``python -m mpi4py`` does too). Errors raised alike on every rank are
+    still best caught by the script, as dbs-train does, for a clean exit.
+    """
+
+    def hook(kind: type, value: BaseException, traceback: Any) -> None:
+        print_exception(kind, value, traceback)
+        sys.stderr.flush()
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.Get_size() > 1 and not MPI.Is_finalized():
+            MPI.COMM_WORLD.Abort(1)
+
+    return hook
 
 
 def default_exchange() -> Exchange:

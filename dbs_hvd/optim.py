@@ -66,6 +66,20 @@ class DynamicBatchState:
         self.rebalance_every = rebalance_every
         self._batch: StepBatch | None = None
 
+    def restart(self, exchange: Exchange, policy: Policy) -> None:
+        """Continue in a new world after an elastic reset.
+
+        Rank numbers now name other workers, so the policy starts afresh (its
+        per-rank history described the old ranks), stats travel through the new
+        world's exchange, and the step in flight and the partial timing window
+        of the interrupted world are dropped. The sampler is resized separately.
+        """
+        self.rebalancer.exchange = exchange
+        self.rebalancer.policy = policy
+        self._batch = None
+        self.timer.take_window()
+        self.timer.mark_start()
+
     def current_batch(self) -> StepBatch:
         """The batch this step trains on (taken from the sampler at first need)."""
         if self._batch is None:

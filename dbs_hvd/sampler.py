@@ -201,6 +201,44 @@ class DynamicBatchSampler(Sampler[list]):
             )
         self._schedule = [(s, p) for s, p in self._schedule if s < start] + [(start, plan)]
 
+    # -- elastic worlds ---------------------------------------------------------------
+
+    def resize(self, rank: int, world_size: int, plan: Plan | None = None) -> None:
+        """Follow a new world after an elastic reset: this rank's new identity and a new plan.
+
+        The stream itself (epoch, permutation, position) is untouched: global
+        batch ``t`` depends only on ``(seed, epoch)``, so the new world reads the
+        rest of the epoch from where the old one stopped and only the split of
+        each global batch changes. ``plan`` defaults to the equal split. Batches
+        handed out to the old world but not trained on are forgotten.
+        """
+        if not 0 <= rank < world_size:
+            raise PlanError(f"rank {rank} is outside a world of {world_size}")
+        self.bounds.check(self.global_batch, world_size)
+        plan = plan or Plan.equal(self.global_batch, world_size, self.bounds)
+        if plan.world_size != world_size:
+            raise PlanError(f"plan for {plan.world_size} ranks in a world of {world_size}")
+        plan.check(self.global_batch, self.bounds)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self._schedule = [(0, plan)]
+        self._generated = self._start_step
+        self._yielded.clear()
+
+    def seek(self, epoch: int, position: int) -> None:
+        """Continue at step ``position`` of ``epoch`` with the newest plan (an elastic restart).
+
+        Unlike ``set_epoch``, the epoch may be resumed mid-way: the steps before
+        ``position`` were trained on by the world that committed them.
+        """
+        if not 0 <= position <= self.steps_per_epoch:
+            raise PlanError(f"position {position} is outside an epoch of "
+                            f"{self.steps_per_epoch} steps")
+        self.epoch = int(epoch)
+        self._start_step = int(position)
+        self._schedule = [(0, self.plan)]
+        self._generated = self._start_step
+        self._yielded.clear()
+
     def _check_plan(self, plan: Plan) -> None:
         if plan.world_size != self.world_size:
             raise PlanError(f"plan for {plan.world_size} ranks in a world of {self.world_size}")

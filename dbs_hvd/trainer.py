@@ -60,6 +60,9 @@ class TrainConfig:
     checkpoint_dir: Optional[str] = None
     resume: bool = False
     keep_checkpoints: int = 3
+    elastic: bool = False  # Horovod elastic mode (horovodrun --host-discovery-script), see elastic.py
+    commit_every: int = 10  # elastic: commit the state every K steps (and at every epoch end)
+    read_log: Optional[str] = None  # elastic debugging: each process logs the indices it trains on
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -246,10 +249,53 @@ def configure_stall_shutdown(seconds: float) -> None:
     os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(int(seconds)))
 
 
+def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+               emulator: DeviceEmulator, device: torch.device, x: torch.Tensor, y: torch.Tensor,
+               epoch: int, global_step: int) -> torch.Tensor:
+    """One training step (emulated device delays included); returns the local mean loss."""
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    emulator.at(epoch, global_step)
+    optimizer.zero_grad()
+    forward_start = time.perf_counter()
+    loss = criterion(model(x), y)
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # the emulator scales real compute time
+    forward = time.perf_counter() - forward_start
+    emulator.before_backward(len(y), forward)
+    backward_start = time.perf_counter()
+    loss.backward()
+    emulator.after_backward(forward, time.perf_counter() - backward_start)
+    optimizer.step()
+    return loss
+
+
+def epoch_record(config: TrainConfig, epoch: int, model: nn.Module, run: _Run,
+                 test_set: TensorDataset, device: torch.device, loss_sum: torch.Tensor,
+                 seconds: float, start_plan, world: int, plain: bool) -> EpochRecord:
+    """Close an epoch: the global mean loss (a collective), test accuracy, the summary."""
+    import horovod.torch as hvd
+
+    totals = hvd.allreduce(loss_sum, op=hvd.Sum, name="dbs_hvd.epoch_loss")
+    loss = float(totals[0] / totals[1])
+    accuracy = evaluate(model, test_set, device=device)
+    if plain:
+        return _plain_summary(epoch, world, config.global_batch, loss, accuracy, seconds)
+    return _epoch_summary(epoch, run.optimizer, run.sampler, start_plan, loss, accuracy,
+                          seconds, config.policy)
+
+
 def train(config: TrainConfig) -> list[EpochRecord]:
     """Run DBS (or the plain-Horovod baseline) on all ranks; returns the epoch records."""
     import horovod.torch as hvd
     from tqdm import tqdm
+
+    if config.elastic:
+        from .elastic import train_elastic
+
+        return train_elastic(config)
+    if config.read_log:
+        raise ValueError("--read-log records elastic runs: add --elastic (and launch with "
+                         "horovodrun --host-discovery-script)")
 
     configure_stall_shutdown(config.stall_timeout)
     if config.timeline:
@@ -309,31 +355,15 @@ def train(config: TrainConfig) -> list[EpochRecord]:
             batches = tqdm(run.loader, disable=not (config.progress and rank == 0),
                            desc=f"epoch {epoch}", leave=False)
             for x, y in batches:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                emulator.at(epoch, global_step)
-                run.optimizer.zero_grad()
-                forward_start = time.perf_counter()
-                loss = criterion(model(x), y)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()  # the emulator scales real compute time
-                forward = time.perf_counter() - forward_start
-                emulator.before_backward(len(y), forward)
-                backward_start = time.perf_counter()
-                loss.backward()
-                emulator.after_backward(forward, time.perf_counter() - backward_start)
-                run.optimizer.step()
+                loss = train_step(model, criterion, run.optimizer, emulator, device, x, y,
+                                  epoch, global_step)
                 global_step += 1
                 loss_sum += torch.tensor([loss.item() * len(y), len(y)], dtype=torch.float64)
                 if not plain:
                     batches.set_postfix(batch=list(run.sampler.plan.batch_sizes), refresh=False)
             seconds = time.perf_counter() - started
-            totals = hvd.allreduce(loss_sum, op=hvd.Sum, name="dbs_hvd.epoch_loss")
-            loss = float(totals[0] / totals[1])
-            accuracy = evaluate(model, test_set, device=device)
-            record = (_plain_summary(epoch, world, config.global_batch, loss, accuracy, seconds)
-                      if plain else
-                      _epoch_summary(epoch, run.optimizer, run.sampler, start_plan, loss,
-                                     accuracy, seconds, config.policy))
+            record = epoch_record(config, epoch, model, run, test_set, device, loss_sum,
+                                  seconds, start_plan, world, plain)
             records.append(record)
             if rank == 0:
                 print(record.line(), flush=True)

@@ -4,8 +4,13 @@
 #
 # usage: discover_hosts.sh          (no arguments; configured by environment)
 #
-#   horovodrun -np 2 --min-np 1 --max-np 3 \
-#       --host-discovery-script launch/discover_hosts.sh -- python my_elastic_train.py
+#   horovodrun -np 3 --min-np 2 --max-np 3 \
+#       --host-discovery-script launch/discover_hosts.sh \
+#       --start-timeout 60 --elastic-timeout 60 --blacklist-cooldown-range 60 300 \
+#       .venv/bin/dbs-train --elastic --commit-every 10 ...
+#
+# (No "--" before the command in elastic mode: Horovod passes it on to the shell.
+# Without the timeouts the driver waits 600 s for workers and ignores SIGTERM.)
 #
 # horovodrun runs this script every few seconds and adds or removes workers as
 # its output changes. Where the hosts come from (the first that is set):
@@ -25,9 +30,10 @@
 # when the first call fails and retries later ones). Messages go to stderr only:
 # every stdout line is read as a host.
 #
-# Note: dbs-train itself is not an elastic script (no hvd.elastic.run state), so
-# run it with fixed hosts (launch/multi_host.sh); this script is for training
-# loops written against horovod.torch.elastic.
+# Horovod's elastic mode refuses fewer than 2 hosts, hence the two local names
+# by default. A failed worker's host is blacklisted for the cooldown range; with
+# the default, killing the rank on 127.0.0.1 leaves the 2 ranks on localhost
+# (tests/test_elastic.py does exactly that).
 set -euo pipefail
 
 die() { echo "discover_hosts.sh: $*" >&2; exit 1; }

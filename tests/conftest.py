@@ -1,6 +1,7 @@
 """Shared fixtures for the single-process tests (the multi-rank files live in tests/mpi)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,9 @@ import pytest
 from dbs_hvd.testing import JobResult, rank_pytest_command, run_job
 
 MPI_TESTS = Path(__file__).parent / "mpi"
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
+    sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture

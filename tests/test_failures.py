@@ -4,11 +4,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
-from dbs_hvd.testing import launcher_argv, rank_environment
+from dbs_hvd.testing import launcher_argv, rank_environment, run_job
 
 pytestmark = pytest.mark.mpi
 DBS_TRAIN = [sys.executable, "-m", "dbs_hvd.cli"]
@@ -52,3 +53,12 @@ def test_a_killed_rank_ends_the_job_non_zero_and_the_last_checkpoint_stays(tmp_p
     from dbs_hvd import checkpoint
 
     assert checkpoint.load_latest(tmp_path)["epoch"] >= 0
+
+
+def test_an_uncaught_exception_on_one_rank_aborts_the_job_instead_of_hanging():
+    script = str(Path(__file__).parent / "mpi" / "uncaught_on_one_rank.py")
+    result = run_job([sys.executable, script], np=2, timeout=90)
+    assert not result.timed_out, result.describe()
+    assert result.returncode != 0
+    assert result.seconds < 60, result.describe()
+    assert "rank 1 fails on purpose" in "\n".join(result.rank_output.get(1, [])), result.describe()

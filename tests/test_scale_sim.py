@@ -10,21 +10,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.scale_sim import (  # noqa: E402
+from benchmarks.scale_sim import (
     Cluster, DeviceModel, PolicySpec, RunResult, Scenario, SimConfig, default_specs,
     disturbance_schedule, main, recovery, simulate, time_one_plan,
 )
-from dbs_hvd.plan import Bounds  # noqa: E402
+from dbs_hvd.plan import Bounds
 
 STEPS, K = 20, 5
 QUIET = DeviceModel(noise=0.01)
