@@ -7,6 +7,7 @@ ranks reach at the same step because they run the same number of steps.
 """
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 
 from .comm import Exchange, decide_on_root
@@ -29,15 +30,21 @@ class RebalanceRecord:
 
 
 class Rebalancer:
-    """Owns the policy and applies its plans to the sampler, identically on every rank."""
+    """Owns the policy and applies its plans to the sampler, identically on every rank.
+
+    ``history`` keeps the most recent ``history_limit`` rebalances (each holds
+    every rank's window figures): enough for epoch summaries, bounded so that a
+    run of millions of steps on many ranks does not grow without end.
+    """
 
     def __init__(self, sampler: DynamicBatchSampler, policy: Policy, exchange: Exchange,
-                 timer: StepTimer) -> None:
+                 timer: StepTimer, history_limit: int = 4096) -> None:
         self.sampler = sampler
         self.policy = policy
         self.exchange = exchange
         self.timer = timer
-        self.history: list[RebalanceRecord] = []
+        self.history: collections.deque[RebalanceRecord] = collections.deque(
+            maxlen=history_limit)
 
     def rebalance(self, step: int) -> RebalanceRecord:
         """Exchange the window's stats and install the next plan on every rank."""

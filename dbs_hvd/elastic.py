@@ -138,7 +138,8 @@ class ElasticTrainer:
                                   Bounds(config.min_batch, config.max_batch)))
         rebalancer = self.run.optimizer.rebalancer
         # Windows of the epoch being resumed were measured by the old world.
-        rebalancer.history = [r for r in rebalancer.history if r.epoch < state.epoch]
+        for _ in range(sum(r.epoch >= state.epoch for r in rebalancer.history)):
+            rebalancer.history.pop()  # the newest records are the resumed epoch's
         self.emulator = make_emulator(rank, world, config.slowdown, config.virtual_device,
                                       config.disturb, config.step_change, config.seed)
         previous, self.world, self.identities = self.world, world, identities

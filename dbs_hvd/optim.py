@@ -223,5 +223,8 @@ def dynamic_batch_state(sampler: DynamicBatchSampler, policy: Union[str, Policy]
         "shuffle": sampler.shuffle,
     })
     timer = StepTimer(device_sync=device_sync)
-    return DynamicBatchState(sampler, Rebalancer(sampler, policy, exchange, timer), timer,
-                             rebalance_every)
+    # Room for two epochs of rebalances (epoch summaries read the last one), at least 4096.
+    per_epoch = sampler.steps_per_epoch // (rebalance_every or sampler.steps_per_epoch) + 1
+    rebalancer = Rebalancer(sampler, policy, exchange, timer,
+                            history_limit=max(4096, 2 * per_epoch))
+    return DynamicBatchState(sampler, rebalancer, timer, rebalance_every)

@@ -70,3 +70,44 @@ def test_configuration_change_is_refused_but_epochs_may_grow():
     checkpoint.check_config(saved, saved | {"epochs": 5, "log": "b.jsonl"})
     with pytest.raises(CheckpointError, match="global_batch: checkpoint 64, now 32"):
         checkpoint.check_config(saved, saved | {"global_batch": 32})
+
+
+WRITER = """
+import sys, torch
+from dbs_hvd import checkpoint
+big = torch.randn(32 * 2**20 // 4)  # 32 MiB: each write takes a while
+for epoch in range(1000):
+    print(f"writing {epoch}", flush=True)
+    checkpoint.save(sys.argv[1], epoch, {"epoch": epoch, "config": {}, "model": {"w": big + epoch}})
+"""
+
+
+def test_a_process_killed_while_writing_leaves_a_loadable_previous_checkpoint(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        for line in writer.stdout:
+            if line.strip() == "writing 3":
+                break
+        # Inside the fourth write: its temporary file exists, the rename has not happened.
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ckpt-000003.pt.tmp").exists() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    assert writer.returncode == -signal.SIGKILL
+    killed_mid_write = (tmp_path / "ckpt-000003.pt.tmp").exists()
+    latest = checkpoint.load_latest(tmp_path)
+    if killed_mid_write:  # the usual case: the half-written file never got the final name
+        assert latest["epoch"] == 2
+    else:  # the rename won the race with the kill
+        assert latest["epoch"] == 3
+    assert latest["model"]["w"].numel() == 32 * 2**20 // 4
