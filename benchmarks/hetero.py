@@ -8,6 +8,7 @@ efficiency (ideal / actual epoch time, dbs_hvd.metrics.balance_efficiency).
 
     python -m benchmarks.hetero            # full run, 3 repeats (about 45 minutes on 2 cores)
     python -m benchmarks.hetero --quick    # under 3 minutes, for checks
+    python -m benchmarks.hetero --only accuracy   # final accuracy vs plain Horovod, 3 seeds
 
 Writes results.json, results.md and hetero.png to --out (default runs/hetero).
 """
@@ -40,6 +41,44 @@ class Scenario:
     global_batch: int = 128
     samples: int = 1280
     note: str = ""
+    repeats: int | None = None  # overrides --repeats (accuracy scenarios: seeds are the repeats)
+
+
+# Accuracy at equal epochs: a task that is learnable in seconds (the synthetic
+# CNN task stays near chance in a few epochs), one heterogeneous setup, 3 seeds.
+ACCURACY_SEEDS = (0, 1, 2)
+ACCURACY_PREFIX = "accuracy: digits MLP [1,3] 2 ranks, seed "
+
+
+def accuracy_scenarios() -> list[Scenario]:
+    return [
+        Scenario(f"{ACCURACY_PREFIX}{seed}", 2,
+                 ["--model", "mlp", "--dataset", "digits", "--lr", "0.05",
+                  "--slowdown", "1,3", "--seed", str(seed)],
+                 ["horovod", "static", "paper", "dbs"], epochs=15, global_batch=64, repeats=1)
+        for seed in ACCURACY_SEEDS
+    ]
+
+
+def accuracy_table(summary: dict) -> str:
+    """Final test accuracy per seed and policy, and each policy's mean gap to plain Horovod."""
+    rows = {name[len(ACCURACY_PREFIX):]: policies for name, policies in summary.items()
+            if name.startswith(ACCURACY_PREFIX)}
+    if not rows:
+        return ""
+    policies = list(next(iter(rows.values())))
+    lines = ["| seed | " + " | ".join(policies) + " |", "|---|" + "---|" * len(policies)]
+    for seed, row in rows.items():
+        lines.append(f"| {seed} | " + " | ".join(
+            f"{100 * row[p]['final_accuracy']:.2f}%" if p in row else "failed"
+            for p in policies) + " |")
+    gaps = []
+    for policy in policies:
+        diffs = [row[policy]["final_accuracy"] - row["horovod"]["final_accuracy"]
+                 for row in rows.values() if policy in row and "horovod" in row]
+        gaps.append(f"{100 * statistics.mean(diffs):+.2f}" if diffs else "n/a")
+    lines.append("| mean gap to horovod (points) | " + " | ".join(gaps) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def scenarios(quick: bool) -> list[Scenario]:
@@ -65,7 +104,7 @@ def scenarios(quick: bool) -> list[Scenario]:
                  samples=6400, note="400k parameters, little compute per step"),
         Scenario("model averaging H=8 vs gradients, [1,4] 2 ranks", 2,
                  CNN + ["--slowdown", "1,4"], ["horovod", "dbs", "dbs-average"], epochs=10),
-    ]
+    ] + accuracy_scenarios()
 
 
 # A benchmark "policy" is a dbs-train --policy, or dbs-average: our policy in
@@ -186,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[RunResult] = []
     with tempfile.TemporaryDirectory() as tmp:
         for scenario in scenario_list:
-            for repeat in range(repeats):
+            for repeat in range(scenario.repeats or repeats):
                 for policy in scenario.policies:
                     result = run_once(scenario, policy, repeat, Path(tmp))
                     status = "FAILED" if result.error else f"{result.total_seconds:.1f}s"
@@ -196,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(result)
     summary = {s.name: summarise(s, results) for s in scenario_list}
     table = markdown(summary, scenario_list)
+    accuracy = accuracy_table(summary)
+    if accuracy:
+        table += "\nFinal test accuracy at equal epochs:\n\n" + accuracy
     (out / "results.json").write_text(json.dumps({
         "summary": summary,
         "runs": [r.__dict__ for r in results],
