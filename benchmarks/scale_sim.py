@@ -481,6 +481,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", default="64,256,1024,4096",
                         help="comma-separated world sizes (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--noise", type=float, default=DeviceModel.noise,
+                        help="sigma of the per-step multiplicative step-time noise: it alone "
+                             "caps efficiency at many workers, since each step waits for the "
+                             "slowest draw (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("runs/scale_sim"))
     return parser.parse_args(argv)
 
@@ -488,12 +492,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    device = DeviceModel(noise=args.noise)
     if args.quick:
-        base = SimConfig(workers=0, epochs=5, steps_per_epoch=20, seed=args.seed)
+        base = SimConfig(workers=0, epochs=5, steps_per_epoch=20, seed=args.seed, device=device)
         every, scenarios = 5, [Scenario("steady"), Scenario("disturbance"),
                                Scenario("step", change_epoch=3)]
     else:
-        base = SimConfig(workers=0, seed=args.seed)
+        base = SimConfig(workers=0, seed=args.seed, device=device)
         every, scenarios = 10, [Scenario(name) for name in SCENARIOS]
     began = time.perf_counter()
     rows = run_benchmark(base, workers, scenarios, every)

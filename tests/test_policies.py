@@ -143,3 +143,36 @@ def test_a_change_that_made_the_measured_step_slower_is_reverted():
     assert reverted == start
     # And it is held instead of being tried again at once.
     assert policy.next_plan(stats([64, 64], [1.05, 1.2], [0.15, 0.0]), start) == start
+
+
+def test_the_adoption_deadband_follows_the_measured_noise():
+    overhead, per_sample = np.zeros(4), np.array([1e-3, 1e-3, 1e-3, 3e-3])
+
+    def band_after(noise):
+        policy = CostModelPolicy(512)
+        run(policy, Plan.equal(512, 4), overhead, per_sample, windows=12, noise=noise,
+            rng=np.random.default_rng(5))
+        return policy.adoption_deadband()
+
+    assert CostModelPolicy(512).adoption_deadband() == 0.03  # nothing measured yet: the full band
+    steady, noisy = band_after(0.002), band_after(0.05)
+    assert steady < 0.01, steady  # steady devices: near-miss plans are not held
+    assert noisy == 0.03, noisy  # noisy ones: the full band against oscillation
+
+
+def test_steady_devices_get_closer_to_balance_than_a_fixed_band_allows():
+    # 0.2% noise and fixed per-step costs: the first plans split by speed (the
+    # overhead is not yet measurable); the refinement the fitted overhead then
+    # asks for gains under 3%, which a fixed 3% band holds back.
+    overhead, per_sample = np.array([0.005, 0.005, 0.02]), np.array([1e-3, 2e-3, 4e-3])
+    optimum = balanced_step(overhead, per_sample, 600)
+
+    def final_step(policy):
+        plan = run(policy, Plan.equal(600, 3), overhead, per_sample, windows=12, noise=0.002,
+                   rng=np.random.default_rng(1))[-1]
+        return float(np.max(overhead + per_sample * np.array(plan.batch_sizes)))
+
+    adaptive = final_step(CostModelPolicy(600))
+    fixed = final_step(CostModelPolicy(600, min_deadband=0.03))
+    assert adaptive <= optimum * 1.01, (adaptive, optimum)
+    assert adaptive < fixed, (adaptive, fixed)
