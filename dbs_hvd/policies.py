@@ -5,12 +5,14 @@
 * **Smoothing.** Each rank's step times are kept over recent windows and
   weighted by age (exponential decay), so one noisy window does not move the plan.
 * **A deadband.** A new plan is adopted only when it is predicted to shorten
-  the step by more than ``deadband``: measurement noise does not make batch
-  sizes oscillate.
+  the step by more than twice the measured noise (between ``min_deadband`` and
+  ``deadband``): measurement noise does not make batch sizes oscillate, and
+  steady devices still get close to balance.
 * **A trust region.** No rank's batch changes by more than a factor
   ``max_change`` (3) per rebalance. A wrong estimate (one noisy window, a fit from
   too little data) can cost a little speed, never a swing from 1 sample to
-  the whole batch and back.
+  the whole batch and back. A rank whose window missed the model by more than
+  ``surprise`` (its speed really changed) may move up to ``max_change`` squared.
 * **Fixed per-step costs, when they can be measured.** A step of ``b``
   samples is modelled as ``a_i + c_i * b``. The overhead ``a_i`` can only be
   told apart from the per-sample cost ``c_i`` when the rank's recent batch
@@ -110,6 +112,7 @@ class CostModelPolicy(Policy):
         batch = stats.samples / stats.steps
         seconds = stats.compute_seconds / stats.steps
         self._surprised = False
+        self._changed = np.zeros(stats.world_size, dtype=bool)
         if self._batch.shape[1:] != (stats.world_size,):
             self._batch = np.empty((0, stats.world_size))
             self._seconds = np.empty((0, stats.world_size))
@@ -123,6 +126,7 @@ class CostModelPolicy(Policy):
             misfit = np.abs(seconds - predicted) / predicted
             changed = misfit > self.surprise
             self._surprised = bool(changed.any())
+            self._changed = changed
             if (~changed).any():
                 level = float(np.median(misfit[~changed]))
                 self._noise = level if self._noise is None else 0.5 * (self._noise + level)
@@ -160,8 +164,12 @@ class CostModelPolicy(Policy):
             self._hold -= 1
             return current
         sizes = np.asarray(current.batch_sizes, dtype=float)
-        lower = np.maximum(np.floor(sizes / self.max_change), self.bounds.min_batch)
-        upper = np.minimum(np.ceil(sizes * self.max_change), self.bounds.upper(self.global_batch))
+        # The trust region guards against a bad estimate; a rank whose speed
+        # visibly changed (its window missed the model by more than ``surprise``)
+        # is measured afresh, and may move further in one go.
+        reach = np.where(self._changed, self.max_change ** 2, self.max_change)
+        lower = np.maximum(np.floor(sizes / reach), self.bounds.min_batch)
+        upper = np.minimum(np.ceil(sizes * reach), self.bounds.upper(self.global_batch))
         targets = solve_monotone(
             lambda step_time: np.clip((step_time - overhead) / per_sample, lower, upper),
             self.global_batch,

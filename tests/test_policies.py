@@ -176,3 +176,15 @@ def test_steady_devices_get_closer_to_balance_than_a_fixed_band_allows():
     fixed = final_step(CostModelPolicy(600, min_deadband=0.03))
     assert adaptive <= optimum * 1.01, (adaptive, optimum)
     assert adaptive < fixed, (adaptive, fixed)
+
+
+def test_a_rank_that_visibly_changed_speed_may_move_past_the_trust_region_at_once():
+    overhead, per_sample = np.zeros(2), np.array([1e-3, 1e-3])
+    policy = CostModelPolicy(128)
+    plan = run(policy, Plan.equal(128, 2), overhead, per_sample, windows=4)[-1]
+    assert plan == Plan((64, 64))
+    # Rank 1 becomes 8x slower: far outside the model, so it is measured afresh
+    # and its batch may shrink by up to 9x (not 3x) in one rebalance.
+    slowed = policy.next_plan(window(plan, overhead, np.array([1e-3, 8e-3])), plan)
+    assert slowed.batch_sizes[1] < 64 // 3, slowed  # 21 is as far as a 3x region goes
+    assert slowed.batch_sizes[1] >= 64 / 9, slowed
