@@ -216,10 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None,
                         help="interleaved repeats per policy (default 3, 1 with --quick)")
     parser.add_argument("--only", help="run only scenarios whose name contains this text")
+    parser.add_argument("--skip", help="leave out scenarios whose name contains this text")
     parser.add_argument("--out", default="runs/hetero", help="output folder")
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
-    scenario_list = [s for s in scenarios(args.quick) if not args.only or args.only in s.name]
+    scenario_list = [s for s in scenarios(args.quick) if (not args.only or args.only in s.name)
+                     and not (args.skip and args.skip in s.name)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: list[RunResult] = []

@@ -116,6 +116,7 @@ def default_specs(steps_per_epoch: int, rebalance_every: int) -> list[PolicySpec
         PolicySpec("paper K=S", "paper", s),
         PolicySpec(f"paper K={k}", "paper", k),
         PolicySpec(f"dbs K={k}", "dbs", k),
+        PolicySpec(f"dbs-steady K={k}", "dbs-steady", k),
         PolicySpec("dbs K=S", "dbs", s),
         PolicySpec("oracle", "oracle", k),
     ]

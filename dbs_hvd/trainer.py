@@ -188,7 +188,7 @@ def effective_rebalance_every(config: TrainConfig) -> Optional[int]:
     """Our policy rebalances inside epochs by default; the paper's rule once per epoch."""
     if config.rebalance_every is not None:
         return config.rebalance_every
-    return DEFAULT_REBALANCE_EVERY if config.policy == "dbs" else None
+    return DEFAULT_REBALANCE_EVERY if config.policy.startswith("dbs") else None
 
 
 DEFAULT_REBALANCE_EVERY = 5

@@ -148,16 +148,18 @@ def test_a_change_that_made_the_measured_step_slower_is_reverted():
 def test_the_adoption_deadband_follows_the_measured_noise():
     overhead, per_sample = np.zeros(4), np.array([1e-3, 1e-3, 1e-3, 3e-3])
 
-    def band_after(noise):
-        policy = CostModelPolicy(512)
+    def band_after(noise, **options):
+        policy = CostModelPolicy(512, **options)
         run(policy, Plan.equal(512, 4), overhead, per_sample, windows=12, noise=noise,
             rng=np.random.default_rng(5))
         return policy.adoption_deadband()
 
-    assert CostModelPolicy(512).adoption_deadband() == 0.03  # nothing measured yet: the full band
-    steady, noisy = band_after(0.002), band_after(0.05)
+    follow = {"min_deadband": 0.005}
+    assert CostModelPolicy(512, **follow).adoption_deadband() == 0.03  # nothing measured yet
+    steady, noisy = band_after(0.002, **follow), band_after(0.05, **follow)
     assert steady < 0.01, steady  # steady devices: near-miss plans are not held
     assert noisy == 0.03, noisy  # noisy ones: the full band against oscillation
+    assert band_after(0.002) == 0.03  # the default dbs policy keeps a fixed band
 
 
 def test_steady_devices_get_closer_to_balance_than_a_fixed_band_allows():
@@ -172,19 +174,21 @@ def test_steady_devices_get_closer_to_balance_than_a_fixed_band_allows():
                    rng=np.random.default_rng(1))[-1]
         return float(np.max(overhead + per_sample * np.array(plan.batch_sizes)))
 
-    adaptive = final_step(CostModelPolicy(600))
-    fixed = final_step(CostModelPolicy(600, min_deadband=0.03))
+    adaptive = final_step(make_policy("dbs-steady", 600))
+    fixed = final_step(CostModelPolicy(600))
     assert adaptive <= optimum * 1.01, (adaptive, optimum)
     assert adaptive < fixed, (adaptive, fixed)
 
 
-def test_a_rank_that_visibly_changed_speed_may_move_past_the_trust_region_at_once():
+def test_dbs_steady_lets_a_rank_that_visibly_changed_speed_move_past_the_trust_region():
     overhead, per_sample = np.zeros(2), np.array([1e-3, 1e-3])
-    policy = CostModelPolicy(128)
-    plan = run(policy, Plan.equal(128, 2), overhead, per_sample, windows=4)[-1]
-    assert plan == Plan((64, 64))
-    # Rank 1 becomes 8x slower: far outside the model, so it is measured afresh
-    # and its batch may shrink by up to 9x (not 3x) in one rebalance.
-    slowed = policy.next_plan(window(plan, overhead, np.array([1e-3, 8e-3])), plan)
-    assert slowed.batch_sizes[1] < 64 // 3, slowed  # 21 is as far as a 3x region goes
-    assert slowed.batch_sizes[1] >= 64 / 9, slowed
+
+    def first_answer(policy):
+        plan = run(policy, Plan.equal(128, 2), overhead, per_sample, windows=4)[-1]
+        assert plan == Plan((64, 64))
+        # Rank 1 becomes 8x slower: far outside the model, so it is measured afresh.
+        return policy.next_plan(window(plan, overhead, np.array([1e-3, 8e-3])), plan)
+
+    steady = first_answer(make_policy("dbs-steady", 128)).batch_sizes[1]
+    assert 64 / 9 <= steady < 64 // 3, steady  # past the 3x region (21), within 9x
+    assert first_answer(CostModelPolicy(128)).batch_sizes[1] == 64 // 3  # dbs: 3x at most
