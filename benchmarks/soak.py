@@ -58,15 +58,16 @@ class SoakResult:
     distinct_plans: int = 0  # how much rebalancing the run exercised
     output_tail: str = ""
 
+    def rss_after_warmup(self, warmup: float) -> dict[int, list[float]]:
+        """Per rank process: the RSS samples (MB) from the end of the warm-up on."""
+        start_epoch = int(self.epochs_asked * warmup)
+        return {pid: [mb for epoch, mb in samples if epoch >= start_epoch]
+                for pid, samples in self.rss_mb.items()}
+
     def growth(self, warmup: float) -> dict[int, float]:
         """Per rank process: RSS at the end over RSS right after the warm-up, minus 1."""
-        start_epoch = int(self.epochs_asked * warmup)
-        growth = {}
-        for pid, samples in self.rss_mb.items():
-            after = [mb for epoch, mb in samples if epoch >= start_epoch]
-            if len(after) >= 2:
-                growth[pid] = max(after[-3:]) / after[0] - 1.0
-        return growth
+        return {pid: max(after[-3:]) / after[0] - 1.0
+                for pid, after in self.rss_after_warmup(warmup).items() if len(after) >= 2}
 
 
 def _rank_processes(launcher: psutil.Process) -> list[psutil.Process]:
@@ -157,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"soak: {result.epochs_logged}/{result.epochs_asked} epochs on {args.np} ranks in "
           f"{result.seconds:.0f} s, exit {result.returncode}"
           f"{' (TIMED OUT)' if result.timed_out else ''}")
+    after_warmup = result.rss_after_warmup(args.warmup)
     for pid, value in growth.items():
-        first = next(mb for epoch, mb in result.rss_mb[pid]
-                     if epoch >= int(args.epochs * args.warmup))
-        print(f"  rank process {pid}: RSS {first:.1f} MB after warm-up, growth {100 * value:+.2f}%")
+        print(f"  rank process {pid}: RSS {after_warmup[pid][0]:.1f} MB after warm-up, "
+              f"growth {100 * value:+.2f}%")
     print(f"  distinct plans used: {result.distinct_plans}; plans breaking an invariant: "
           f"{len(result.plan_violations)}")
     ok = (result.returncode == 0 and not result.timed_out and not result.plan_violations

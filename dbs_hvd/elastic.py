@@ -47,14 +47,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from . import data, models
 from .comm import LocalExchange, check_same_on_all_ranks, default_exchange
+from .emulate import make_emulator
 from .metrics import EpochRecord
 from .plan import Bounds, Plan
 from .policies import make_policy
-from .trainer import (TrainConfig, _dbs_run, configure_stall_shutdown, epoch_record,
-                      resolve_device, train_step)
-from .emulate import make_emulator
+from .trainer import (TrainConfig, _dbs_run, build_data_and_model, epoch_record, init_horovod,
+                      train_step)
 
 
 class ElasticState(hvd.elastic.TorchState):
@@ -95,19 +94,9 @@ class ElasticTrainer:
     def __init__(self, config: TrainConfig) -> None:
         _check_supported(config)
         self.config = config
-        configure_stall_shutdown(config.stall_timeout)
-        if config.timeline:
-            os.environ["HOROVOD_TIMELINE"] = str(config.timeline)
-        hvd.init()
-        torch.set_num_threads(config.threads)
-        torch.manual_seed(config.seed)
-        self.train_set, self.test_set = data.load(
-            config.dataset, flatten=config.model == "mlp", seed=config.seed,
-            samples=config.samples, data_dir=config.data_dir, image_size=config.image_size)
-        self.device = resolve_device(config.device, hvd.local_rank())
-        self.model = models.build(config.model, self.train_set.tensors[0].shape[1:],
-                                  hidden=config.hidden)
-        self.model.to(self.device)
+        init_horovod(config)
+        self.train_set, self.test_set, self.device, self.model = build_data_and_model(
+            config, hvd.local_rank())
         dataset = _IndexedDataset(self.train_set) if config.read_log else self.train_set
         # A local exchange for the set-up: no collective before the loop (see the module notes).
         self.run = _dbs_run(config, self.model, dataset, LocalExchange(), self.device)  # type: ignore[arg-type]

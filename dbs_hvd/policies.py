@@ -105,7 +105,8 @@ class CostModelPolicy(Policy):
         self.last_model: tuple[np.ndarray, np.ndarray] | None = None
         # The plan and measured step time before the last change, until judged.
         self._trial: tuple[Plan, float] | None = None
-        self._surprised = False
+        # Ranks whose last window missed the model by more than ``surprise``.
+        self._changed = np.zeros(0, dtype=bool)
         self._hold = 0
         self.hold_after_revert = 4  # windows without changes after a reverted one
 
@@ -117,7 +118,6 @@ class CostModelPolicy(Policy):
         """Add the window to the history and return the fitted (overhead, per-sample) per rank."""
         batch = stats.samples / stats.steps
         seconds = stats.compute_seconds / stats.steps
-        self._surprised = False
         self._changed = np.zeros(stats.world_size, dtype=bool)
         if self._batch.shape[1:] != (stats.world_size,):
             self._batch = np.empty((0, stats.world_size))
@@ -131,7 +131,6 @@ class CostModelPolicy(Policy):
             # keep an outdated curve shape and hide the overhead for good).
             misfit = np.abs(seconds - predicted) / predicted
             changed = misfit > self.surprise
-            self._surprised = bool(changed.any())
             self._changed = changed
             if (~changed).any():
                 level = float(np.median(misfit[~changed]))
@@ -166,7 +165,7 @@ class CostModelPolicy(Policy):
         if revert is not None:
             self._hold = self.hold_after_revert
             return revert
-        if self._hold > 0 and not self._surprised:
+        if self._hold > 0 and not self._changed.any():
             self._hold -= 1
             return current
         sizes = np.asarray(current.batch_sizes, dtype=float)

@@ -216,13 +216,9 @@ class DynamicBatchSampler(Sampler[list]):
             raise PlanError(f"rank {rank} is outside a world of {world_size}")
         self.bounds.check(self.global_batch, world_size)
         plan = plan or Plan.equal(self.global_batch, world_size, self.bounds)
-        if plan.world_size != world_size:
-            raise PlanError(f"plan for {plan.world_size} ranks in a world of {world_size}")
-        plan.check(self.global_batch, self.bounds)
+        self._check_plan(plan, world_size)
         self.rank, self.world_size = int(rank), int(world_size)
-        self._schedule = [(0, plan)]
-        self._generated = self._start_step
-        self._yielded.clear()
+        self._restart(self.epoch, self._start_step, plan)
 
     def seek(self, epoch: int, position: int) -> None:
         """Continue at step ``position`` of ``epoch`` with the newest plan (an elastic restart).
@@ -233,15 +229,20 @@ class DynamicBatchSampler(Sampler[list]):
         if not 0 <= position <= self.steps_per_epoch:
             raise PlanError(f"position {position} is outside an epoch of "
                             f"{self.steps_per_epoch} steps")
+        self._restart(epoch, position, self.plan)
+
+    def _restart(self, epoch: int, position: int, plan: Plan) -> None:
+        """Read ``epoch`` from step ``position`` on with ``plan``; forget undelivered batches."""
         self.epoch = int(epoch)
         self._start_step = int(position)
-        self._schedule = [(0, self.plan)]
+        self._schedule = [(0, plan)]
         self._generated = self._start_step
         self._yielded.clear()
 
-    def _check_plan(self, plan: Plan) -> None:
-        if plan.world_size != self.world_size:
-            raise PlanError(f"plan for {plan.world_size} ranks in a world of {self.world_size}")
+    def _check_plan(self, plan: Plan, world_size: int | None = None) -> None:
+        world_size = self.world_size if world_size is None else world_size
+        if plan.world_size != world_size:
+            raise PlanError(f"plan for {plan.world_size} ranks in a world of {world_size}")
         plan.check(self.global_batch, self.bounds)
 
     # -- checkpoints -----------------------------------------------------------------
@@ -268,8 +269,4 @@ class DynamicBatchSampler(Sampler[list]):
                 )
         plan = Plan(tuple(state["plan"]))
         self._check_plan(plan)
-        self.epoch = int(state["epoch"])
-        self._start_step = int(state["position"])
-        self._schedule = [(0, plan)]
-        self._generated = self._start_step
-        self._yielded.clear()
+        self._restart(state["epoch"], state["position"], plan)

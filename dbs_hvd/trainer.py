@@ -249,6 +249,32 @@ def configure_stall_shutdown(seconds: float) -> None:
     os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(int(seconds)))
 
 
+def init_horovod(config: TrainConfig) -> None:
+    """Set what Horovod reads at init (stall shutdown, timeline), then ``hvd.init()``."""
+    import horovod.torch as hvd
+
+    configure_stall_shutdown(config.stall_timeout)
+    if config.timeline:
+        # Read by Horovod at init; it records every collective (negotiation,
+        # allreduce, fusion) for chrome://tracing or Perfetto.
+        os.environ["HOROVOD_TIMELINE"] = str(config.timeline)
+    hvd.init()
+
+
+def build_data_and_model(config: TrainConfig, local_rank: int
+                         ) -> tuple[TensorDataset, TensorDataset, torch.device, nn.Module]:
+    """Threads and seed, the data set, this rank's device and the model on it (no collective)."""
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    train_set, test_set = data.load(config.dataset, flatten=config.model == "mlp",
+                                    seed=config.seed, samples=config.samples,
+                                    data_dir=config.data_dir, image_size=config.image_size)
+    device = resolve_device(config.device, local_rank)
+    model = models.build(config.model, train_set.tensors[0].shape[1:], hidden=config.hidden)
+    model.to(device)
+    return train_set, test_set, device, model
+
+
 def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                emulator: DeviceEmulator, device: torch.device, x: torch.Tensor, y: torch.Tensor,
                epoch: int, global_step: int) -> torch.Tensor:
@@ -297,30 +323,17 @@ def train(config: TrainConfig) -> list[EpochRecord]:
         raise ValueError("--read-log records elastic runs: add --elastic (and launch with "
                          "horovodrun --host-discovery-script)")
 
-    configure_stall_shutdown(config.stall_timeout)
-    if config.timeline:
-        # Read by Horovod at init; it records every collective (negotiation,
-        # allreduce, fusion) for chrome://tracing or Perfetto.
-        os.environ["HOROVOD_TIMELINE"] = str(config.timeline)
-    hvd.init()
+    init_horovod(config)
     rank, world = hvd.rank(), hvd.size()
     exchange = default_exchange()
     # First collective of the run: ranks launched with different settings fail
     # here, together, before any of them could diverge into other collectives.
     check_same_on_all_ranks(exchange, asdict(config))
-    torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-
     emulator: DeviceEmulator = make_emulator(
         rank, world, config.slowdown, config.virtual_device, config.disturb,
         config.step_change, config.seed,
     )
-    train_set, test_set = data.load(config.dataset, flatten=config.model == "mlp",
-                                    seed=config.seed, samples=config.samples,
-                                    data_dir=config.data_dir, image_size=config.image_size)
-    device = resolve_device(config.device, hvd.local_rank())
-    model = models.build(config.model, train_set.tensors[0].shape[1:], hidden=config.hidden)
-    model.to(device)
+    train_set, test_set, device, model = build_data_and_model(config, hvd.local_rank())
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     plain = config.policy == "horovod"
     run = (_plain_horovod_run(config, model, train_set, world, rank) if plain

@@ -26,5 +26,4 @@ def run_mpi_file():
             pytest.fail(result.describe(), pytrace=False)
         return result
 
-    run.directory = MPI_TESTS
     return run

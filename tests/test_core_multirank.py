@@ -1,5 +1,6 @@
 """DBS core under real mpirun/horovodrun: equivalence, exactly-once, identical plans, errors."""
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,9 +26,8 @@ def test_model_averaging_under_mpirun(run_mpi_file, np):
 
 @pytest.mark.parametrize("order, exchange", [("dbs-first", "MpiExchange"),
                                              ("horovod-first", "HorovodExchange")])
-def test_a_rank_exiting_right_after_an_exchange_does_not_strand_the_others(
-        run_mpi_file, order, exchange):
-    script = str(run_mpi_file.directory / "exit_after_exchange.py")
+def test_a_rank_exiting_right_after_an_exchange_does_not_strand_the_others(order, exchange):
+    script = str(Path(__file__).parent / "mpi" / "exit_after_exchange.py")
     result = run_job([sys.executable, script, order], np=3, timeout=90)
     assert result.ok, result.describe()
     for rank in range(3):
