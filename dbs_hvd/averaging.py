@@ -65,17 +65,20 @@ def ModelAveragingOptimizer(
     average_every: int = 8,
     policy: Union[str, Policy] = "dbs",
     rebalance_every: Optional[int] = None,
+    rebalance_budget: Optional[float] = None,
     exchange: Optional[Exchange] = None,
     device_sync: Optional[Callable[[], None]] = None,
 ) -> torch.optim.Optimizer:
     """Wrap a local optimizer for local SGD with sample-weighted model averaging.
 
     The same sampler, timing and rebalancing as ``dbs_hvd.DistributedOptimizer``;
-    the time spent in the averaging allreduce counts as wait, not compute.
+    the time spent in the averaging allreduce counts as wait, not compute
+    (``rebalance_every`` and ``rebalance_budget`` as there).
     """
     if average_every < 1:
         raise ValueError(f"average_every must be a positive number of steps, got {average_every}")
-    state = dynamic_batch_state(sampler, policy, rebalance_every, exchange, device_sync)
+    state = dynamic_batch_state(sampler, policy, rebalance_every, exchange, device_sync,
+                                rebalance_budget)
     averager = _Averager(list(named_parameters), sampler.global_batch, average_every)
     local_step = optimizer.step
 

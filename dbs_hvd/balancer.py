@@ -8,11 +8,14 @@ ranks reach at the same step because they run the same number of steps.
 from __future__ import annotations
 
 import collections
+import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 from .comm import Exchange, decide_on_root
 from .plan import Plan, Policy, WindowStats
 from .sampler import DynamicBatchSampler
+from .schedule import RebalanceSchedule
 from .timing import StepTimer
 
 
@@ -35,37 +38,70 @@ class Rebalancer:
     ``history`` keeps the most recent ``history_limit`` rebalances (each holds
     every rank's window figures): enough for epoch summaries, bounded so that a
     run of millions of steps on many ranks does not grow without end.
+
+    ``schedule`` (when rebalancing inside epochs) sets the steps until the
+    next rebalance, ``interval``; rank 0 updates it from every rank's measured
+    cost of the previous rebalance and broadcasts it with the plan.
     """
 
     def __init__(self, sampler: DynamicBatchSampler, policy: Policy, exchange: Exchange,
-                 timer: StepTimer, history_limit: int = 4096) -> None:
+                 timer: StepTimer, history_limit: int = 4096,
+                 schedule: Optional[RebalanceSchedule] = None) -> None:
         self.sampler = sampler
         self.policy = policy
         self.exchange = exchange
         self.timer = timer
+        self.schedule = schedule
+        self.interval: Optional[int] = schedule.interval if schedule else None
+        self._last_cost: Optional[float] = None  # this rank's previous rebalance, seconds
         self.history: collections.deque[RebalanceRecord] = collections.deque(
             maxlen=history_limit)
 
     def rebalance(self, step: int) -> RebalanceRecord:
         """Exchange the window's stats and install the next plan on every rank."""
+        began = time.perf_counter()
         window = self.timer.take_window().as_record()
         window["steps_generated"] = self.sampler.steps_generated
+        window["rebalance_seconds"] = self._last_cost
         gathered = self.exchange.allgather(window)
         current = self.sampler.plan
 
-        def decide() -> tuple[tuple[int, ...], int]:
+        def decide() -> tuple[tuple[int, ...], int, Optional[int]]:
             start = max(record["steps_generated"] for record in gathered)
             if all(record["steps"] == 0 for record in gathered):
-                return current.batch_sizes, start  # nothing measured: keep the plan
+                return current.batch_sizes, start, self.interval  # nothing measured: keep all
             stats = WindowStats.from_records(gathered)
-            return self.policy.next_plan(stats, current).batch_sizes, start
+            return self.policy.next_plan(stats, current).batch_sizes, start, \
+                self._next_interval(gathered, stats)
 
-        sizes, start = decide_on_root(self.exchange, decide)
+        sizes, start, self.interval = decide_on_root(self.exchange, decide)
         self.sampler.set_plan(Plan(sizes), start)
         record = RebalanceRecord(
             epoch=self.sampler.epoch, step=step, ranks=gathered,
             plan_before=current.batch_sizes, plan_after=tuple(sizes), start_step=start,
+            extra={"interval": self.interval},
         )
         self.history.append(record)
         self.timer.mark_start()
+        self._last_cost = time.perf_counter() - began
         return record
+
+    def restart_schedule(self) -> None:
+        """Forget measured costs (after an elastic reset: every worker, old or new, agrees)."""
+        if self.schedule is not None:
+            self.schedule = RebalanceSchedule(self.schedule.min_steps, self.schedule.budget,
+                                              self.schedule.smoothing)
+            self.interval = self.schedule.interval
+        self._last_cost = None
+
+    def _next_interval(self, gathered: list[dict], stats: WindowStats) -> Optional[int]:
+        """Rank 0: the schedule's next interval from the ranks' rebalance costs and step time.
+
+        The rank that reached the previous rebalance last waited for nobody, so
+        the smallest duration over ranks is the rebalance's own cost.
+        """
+        if self.schedule is None:
+            return self.interval
+        costs = [r["rebalance_seconds"] for r in gathered if r.get("rebalance_seconds") is not None]
+        step = stats.step_wall_seconds() if (stats.steps > 0).all() else None
+        return self.schedule.update(min(costs) if len(costs) == len(gathered) else None, step)

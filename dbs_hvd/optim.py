@@ -29,6 +29,7 @@ from .comm import Exchange, check_same_on_all_ranks, default_exchange
 from .plan import Policy
 from .policies import make_policy
 from .sampler import DynamicBatchSampler, StepBatch
+from .schedule import RebalanceSchedule
 from .timing import StepTimer
 
 
@@ -59,12 +60,12 @@ class DynamicBatchState:
     """
 
     def __init__(self, sampler: DynamicBatchSampler, rebalancer: Rebalancer,
-                 timer: StepTimer, rebalance_every: Optional[int]) -> None:
+                 timer: StepTimer) -> None:
         self.sampler = sampler
         self.rebalancer = rebalancer
         self.timer = timer
-        self.rebalance_every = rebalance_every
         self._batch: StepBatch | None = None
+        self._steps_since_rebalance = 0
 
     def restart(self, exchange: Exchange, policy: Policy) -> None:
         """Continue in a new world after an elastic reset.
@@ -76,7 +77,9 @@ class DynamicBatchState:
         """
         self.rebalancer.exchange = exchange
         self.rebalancer.policy = policy
+        self.rebalancer.restart_schedule()  # joining workers start with the first interval
         self._batch = None
+        self._steps_since_rebalance = 0
         self.timer.take_window()
         self.timer.mark_start()
 
@@ -100,11 +103,18 @@ class DynamicBatchState:
         return batch.step == self.sampler.steps_per_epoch - 1
 
     def finish_step(self, batch: StepBatch) -> None:
-        """Close the step's timing; rebalance at epoch ends and every K steps."""
+        """Close the step's timing; rebalance at epoch ends and every ``interval`` steps.
+
+        Every rank runs the same steps and holds the same interval (rank 0
+        broadcasts it with the plan), so all reach each rebalance together.
+        """
         self._batch = None
         self.timer.end_step(batch.batch_size, start_hint=self.sampler.iteration_started_at)
-        every_k = self.rebalance_every is not None and (batch.step + 1) % self.rebalance_every == 0
-        if self.is_last_of_epoch(batch) or every_k:
+        self._steps_since_rebalance += 1
+        interval = self.rebalancer.interval
+        if self.is_last_of_epoch(batch) or (
+                interval is not None and self._steps_since_rebalance >= interval):
+            self._steps_since_rebalance = 0
             self.rebalancer.rebalance(batch.step)
 
     def wrap_step(self, step: Callable[..., Any]) -> Callable[..., Any]:
@@ -149,6 +159,7 @@ def DistributedOptimizer(
     named_parameters: Optional[Iterable[tuple[str, torch.nn.Parameter]]] = None,
     policy: Union[str, Policy] = "dbs",
     rebalance_every: Optional[int] = None,
+    rebalance_budget: Optional[float] = None,
     compression: Any = None,
     exchange: Optional[Exchange] = None,
     device_sync: Optional[Callable[[], None]] = None,
@@ -164,6 +175,10 @@ def DistributedOptimizer(
         policy: a Policy, or a registered name ("dbs", our default; "paper"; "static").
         rebalance_every: also rebalance every K steps inside an epoch (default:
             only at the end of each epoch).
+        rebalance_budget: with ``rebalance_every``, stretch the interval so the
+            measured cost of a rebalance stays within this fraction of the
+            step time (0.02 is dbs-train's default; short steps then rebalance
+            less often, see schedule.py). Default: exactly every K steps.
         compression: a Horovod compressor applied after the weighting.
         exchange: how per-rank stats travel (default: mpi4py under MPI,
             Horovod's object collectives under Gloo).
@@ -180,7 +195,8 @@ def DistributedOptimizer(
 
     if "op" in horovod_kwargs:
         raise TypeError("op is fixed to hvd.Sum: gradients are pre-weighted by b_i / B")
-    state = dynamic_batch_state(sampler, policy, rebalance_every, exchange, device_sync)
+    state = dynamic_batch_state(sampler, policy, rebalance_every, exchange, device_sync,
+                                rebalance_budget)
     if model is not None:
         state.weight_model_output(model)
         gradient_weight = lambda: 1.0  # noqa: E731  (already applied at the output)
@@ -200,14 +216,15 @@ def DistributedOptimizer(
 
 def dynamic_batch_state(sampler: DynamicBatchSampler, policy: Union[str, Policy],
                         rebalance_every: Optional[int], exchange: Optional[Exchange],
-                        device_sync: Optional[Callable[[], None]]) -> DynamicBatchState:
+                        device_sync: Optional[Callable[[], None]],
+                        rebalance_budget: Optional[float] = None) -> DynamicBatchState:
     """The timing, policy and rebalancing shared by the gradient and averaging modes.
 
     Collective: every rank checks that all ranks use the same global batch,
     seed, data set size, bounds and policy; a mismatch is a DbsError on all ranks.
     """
-    if rebalance_every is not None and rebalance_every < 1:
-        raise ValueError(f"rebalance_every must be a positive number of steps, got {rebalance_every}")
+    schedule = None if rebalance_every is None else RebalanceSchedule(rebalance_every,
+                                                                      rebalance_budget)
     if isinstance(policy, str):
         policy = make_policy(policy, sampler.global_batch, sampler.bounds)
     exchange = exchange or default_exchange()
@@ -220,11 +237,12 @@ def dynamic_batch_state(sampler: DynamicBatchSampler, policy: Union[str, Policy]
         "max_batch": sampler.bounds.max_batch,
         "policy": policy.name,
         "rebalance_every": rebalance_every,
+        "rebalance_budget": rebalance_budget,
         "shuffle": sampler.shuffle,
     })
     timer = StepTimer(device_sync=device_sync)
     # Room for two epochs of rebalances (epoch summaries read the last one), at least 4096.
     per_epoch = sampler.steps_per_epoch // (rebalance_every or sampler.steps_per_epoch) + 1
     rebalancer = Rebalancer(sampler, policy, exchange, timer,
-                            history_limit=max(4096, 2 * per_epoch))
-    return DynamicBatchState(sampler, rebalancer, timer, rebalance_every)
+                            history_limit=max(4096, 2 * per_epoch), schedule=schedule)
+    return DynamicBatchState(sampler, rebalancer, timer)

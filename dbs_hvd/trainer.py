@@ -43,6 +43,7 @@ class TrainConfig:
     mode: str = "gradient"  # or "average": local SGD, parameters averaged every average_every steps
     average_every: int = 8
     rebalance_every: Optional[int] = None  # None: every 5 steps for dbs, epoch ends otherwise
+    rebalance_budget: float = 0.02  # stretch the interval so rebalancing costs <= 2% (0: exactly K)
     min_batch: int = 1
     max_batch: Optional[int] = None
     slowdown: Optional[str] = None
@@ -148,12 +149,14 @@ def _dbs_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset, ex
         optimizer = ModelAveragingOptimizer(
             local, sampler, model.named_parameters(), average_every=config.average_every,
             policy=config.policy, rebalance_every=effective_rebalance_every(config),
+            rebalance_budget=config.rebalance_budget or None,
             exchange=exchange, device_sync=device_sync,
         )
     elif config.mode == "gradient":
         optimizer = DistributedOptimizer(
             local, sampler, named_parameters=model.named_parameters(), policy=config.policy,
-            rebalance_every=effective_rebalance_every(config), exchange=exchange,
+            rebalance_every=effective_rebalance_every(config),
+            rebalance_budget=config.rebalance_budget or None, exchange=exchange,
             device_sync=device_sync,
         )
     else:

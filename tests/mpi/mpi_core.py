@@ -95,6 +95,26 @@ def test_every_rank_holds_the_identical_plan(hvd):
     assert default_exchange().allgather(mine) == [mine] * hvd.size()
 
 
+def test_a_budget_stretches_the_interval_alike_on_every_rank(hvd):
+    # Steps of about a millisecond: a rebalance (two collectives and a plan)
+    # costs more than 5% of two steps, so the interval must grow, and every
+    # rank must rebalance at the same steps (or the collectives would mismatch).
+    dataset, model = make_problem(n=4000)
+    sampler = dbs_hvd.DynamicBatchSampler(len(dataset), 20, seed=2)
+    optimizer = dbs_hvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.01), sampler,
+        named_parameters=model.named_parameters(), rebalance_every=2, rebalance_budget=0.05,
+    )
+    for x, y in DataLoader(dataset, sampler=sampler, batch_size=None):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    mine = [(r.step, r.extra["interval"]) for r in optimizer.rebalancer.history]
+    assert default_exchange().allgather(mine) == [mine] * hvd.size()
+    assert max(interval for _, interval in mine) > 2, mine
+    assert len(mine) < sampler.steps_per_epoch // 2
+
+
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
 def test_bad_timing_on_one_rank_raises_on_every_rank(hvd, bad):
     dataset, model = make_problem(n=128)

@@ -1,0 +1,86 @@
+"""schedule.py: the rebalance interval, stretched by the measured cost of rebalancing."""
+import math
+
+import pytest
+from hypothesis import given, strategies as st
+
+from dbs_hvd.balancer import Rebalancer
+from dbs_hvd.comm import LocalExchange
+from dbs_hvd.plan import StaticPolicy
+from dbs_hvd.sampler import DynamicBatchSampler
+from dbs_hvd.schedule import RebalanceSchedule
+from dbs_hvd.timing import StepTimer
+
+
+def test_without_a_budget_the_interval_is_exactly_k():
+    schedule = RebalanceSchedule(5)
+    assert schedule.update(rebalance_seconds=1.0, step_seconds=0.001) == 5
+
+
+def test_short_steps_stretch_the_interval_until_the_cost_fits_the_budget():
+    # 4 ms per rebalance, 7 ms steps, 2% budget: a window of at least 200 ms.
+    schedule = RebalanceSchedule(5, budget=0.02, smoothing=1.0)
+    assert schedule.update(0.004, 0.007) == math.ceil(0.004 / (0.02 * 0.007)) == 29
+
+
+def test_long_steps_keep_the_minimum_interval():
+    # A compute-bound 150 ms step: a 4 ms rebalance is far below 2% of 5 steps.
+    assert RebalanceSchedule(5, budget=0.02).update(0.004, 0.15) == 5
+
+
+def test_one_slow_rebalance_is_smoothed_and_forgotten():
+    schedule = RebalanceSchedule(2, budget=0.1, smoothing=0.5)
+    assert schedule.update(0.001, 0.01) == 2
+    spiked = schedule.update(0.1, 0.01)  # a descheduled rank, once
+    assert 2 < spiked < 100
+    for _ in range(20):
+        interval = schedule.update(0.001, 0.01)
+    assert interval == 2
+
+
+def test_missing_or_bad_measurements_keep_the_interval():
+    schedule = RebalanceSchedule(3, budget=0.05)
+    assert schedule.update(None, 0.01) == 3
+    assert schedule.update(0.01, None) == 3
+    assert schedule.update(float("nan"), 0.0) == 3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"min_steps": 0}, "rebalance_every must be a positive"),
+    ({"min_steps": 5, "budget": 0.0}, "rebalance_budget must be a fraction"),
+    ({"min_steps": 5, "budget": 1.5}, "rebalance_budget must be a fraction"),
+])
+def test_bad_settings_say_what_to_give(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RebalanceSchedule(**kwargs)
+
+
+@given(k=st.integers(1, 50), budget=st.floats(0.001, 0.5),
+       costs=st.lists(st.tuples(st.floats(0, 1), st.floats(1e-5, 10)), min_size=1, max_size=20))
+def test_interval_is_at_least_k_and_keeps_the_smoothed_cost_within_budget(k, budget, costs):
+    schedule = RebalanceSchedule(k, budget=budget)
+    for cost, step in costs:
+        interval = schedule.update(cost, step)
+        assert interval >= k
+        # The smoothed cost of one rebalance is at most `budget` of the window's time.
+        assert schedule._cost <= budget * step * interval * (1 + 1e-9)
+        if interval > k:  # stretched no further than needed
+            assert schedule._cost > budget * step * (interval - 1)
+
+
+def test_rebalancer_stretches_the_interval_from_its_own_measured_cost():
+    sampler = DynamicBatchSampler(10_000, 10, rank=0, world_size=1)
+    now = [0.0]
+    timer = StepTimer(clock=lambda: now[0])
+    timer.mark_start()
+    schedule = RebalanceSchedule(2, budget=0.5)
+    rebalancer = Rebalancer(sampler, StaticPolicy(10), LocalExchange(), timer, schedule=schedule)
+    assert rebalancer.interval == 2
+    for step in range(3):
+        now[0] += 1e-9  # steps of a nanosecond: any real rebalance costs far more
+        timer.end_step(10)
+        record = rebalancer.rebalance(step)
+    assert rebalancer.interval > 2 and record.extra["interval"] == rebalancer.interval
+    assert record.ranks[0]["rebalance_seconds"] > 0
+    rebalancer.restart_schedule()
+    assert rebalancer.interval == 2
