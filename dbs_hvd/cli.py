@@ -56,12 +56,15 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--average-every", type=_positive_int, default=defaults.average_every,
                    metavar="H")
     p.add_argument("--rebalance-every", type=_positive_int, default=None, metavar="K",
-                   help="also rebalance every K steps inside an epoch (default: 5 for dbs, "
+                   help="also rebalance every K steps inside an epoch (default: 2 for dbs, "
                         "epoch ends only for the others)")
     p.add_argument("--rebalance-budget", type=float, default=defaults.rebalance_budget,
                    metavar="F", help="with --rebalance-every, rebalance less often where steps "
                    "are short, so the measured cost of rebalancing stays within this fraction "
                    "of the step time (0: exactly every K steps)")
+    p.add_argument("--plan", metavar="B1,B2,...",
+                   help="the first plan, one local batch size per rank summing to the global "
+                        "batch (default: the equal split); --policy static keeps it for the run")
     p.add_argument("--min-batch", type=int, default=defaults.min_batch)
     p.add_argument("--max-batch", type=int, default=None)
     p.add_argument("--slowdown", help="emulated per-rank slowdown factors, e.g. 1,1,1,4")

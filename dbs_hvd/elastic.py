@@ -227,6 +227,9 @@ def _check_supported(config: TrainConfig) -> None:
     if config.checkpoint_dir or config.resume:
         raise ValueError("--elastic keeps its state in memory (commits): --checkpoint-dir and "
                          "--resume are not supported with it yet")
+    if config.plan:
+        raise ValueError("--plan names one batch size per rank, and an elastic world changes "
+                         "size: leave --plan out with --elastic")
 
 
 def train_elastic(config: TrainConfig) -> list[EpochRecord]:

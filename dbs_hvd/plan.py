@@ -303,12 +303,17 @@ class Policy(ABC):
 
 
 class StaticPolicy(Policy):
-    """Plain Horovod: the equal split, whatever the measurements say."""
+    """Never changes the plan, whatever the measurements say.
+
+    From the equal split this is plain Horovod's split with the DBS machinery
+    around it; from a plan given at the start (``dbs-train --plan``) it keeps
+    that plan, e.g. for devices whose relative speeds are known.
+    """
 
     name = "static"
 
     def propose(self, stats: WindowStats, current: Plan) -> Plan:
-        return self.initial_plan(current.world_size)
+        return current
 
 
 class ProportionalPolicy(Policy):

@@ -107,6 +107,7 @@ class CostModelPolicy(Policy):
         self._trial: tuple[Plan, float] | None = None
         # Ranks whose last window missed the model by more than ``surprise``.
         self._changed = np.zeros(0, dtype=bool)
+        self._misfit = np.zeros(0)  # each rank's last window against the model, relative
         self._hold = 0
         self.hold_after_revert = 4  # windows without changes after a reverted one
 
@@ -119,6 +120,7 @@ class CostModelPolicy(Policy):
         batch = stats.samples / stats.steps
         seconds = stats.compute_seconds / stats.steps
         self._changed = np.zeros(stats.world_size, dtype=bool)
+        self._misfit = np.zeros(stats.world_size)
         if self._batch.shape[1:] != (stats.world_size,):
             self._batch = np.empty((0, stats.world_size))
             self._seconds = np.empty((0, stats.world_size))
@@ -131,7 +133,7 @@ class CostModelPolicy(Policy):
             # keep an outdated curve shape and hide the overhead for good).
             misfit = np.abs(seconds - predicted) / predicted
             changed = misfit > self.surprise
-            self._changed = changed
+            self._changed, self._misfit = changed, misfit
             if (~changed).any():
                 level = float(np.median(misfit[~changed]))
                 self._noise = level if self._noise is None else 0.5 * (self._noise + level)
@@ -155,9 +157,19 @@ class CostModelPolicy(Policy):
         if wall is None or trial is None:
             return None
         before_plan, before_wall = trial
-        if current != before_plan and wall > before_wall * (1 + self.deadband):
-            return before_plan
-        return None
+        if current == before_plan or wall <= before_wall * (1 + self.deadband):
+            return None
+        # A plan change that moved batches by a fraction ``moved`` can slow a
+        # rank by about that much (more work, or more load on shared cores);
+        # a rank that missed the model by far more than that was slowed by
+        # something else (a disturbance starting at the same moment). Then the
+        # step before the change describes other devices, and going back to its
+        # plan would be wrong: plan afresh from the new measurements instead.
+        before = np.asarray(before_plan.batch_sizes, float)
+        moved = float(np.max(np.abs(np.asarray(current.batch_sizes) - before) / before))
+        if np.any(self._misfit > self.surprise + 2 * moved):
+            return None
+        return before_plan
 
     def propose(self, stats: WindowStats, current: Plan) -> Plan:
         overhead, per_sample = self.observe(stats)

@@ -82,6 +82,8 @@ def test_equal_split_and_static_policy():
     assert Plan.equal(10, 3).batch_sizes == (4, 3, 3)
     policy = StaticPolicy(10)
     assert policy.next_plan(stats([4, 3, 3], [1, 9, 9]), Plan((4, 3, 3))).batch_sizes == (4, 3, 3)
+    # A plan given at the start (dbs-train --plan) is kept as well.
+    assert policy.next_plan(stats([8, 1, 1], [1, 9, 9]), Plan((8, 1, 1))).batch_sizes == (8, 1, 1)
 
 
 def test_single_rank_gets_the_whole_batch():

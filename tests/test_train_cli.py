@@ -65,6 +65,15 @@ def test_static_policy_keeps_the_equal_split(tmp_path):
     assert all(r["next_batch_sizes"] == [32, 32] for r in read_jsonl(log))
 
 
+def test_static_policy_keeps_a_given_plan(tmp_path):
+    log = tmp_path / "run.jsonl"
+    train(2, "--policy", "static", "--plan", "48,16", "--slowdown", "1,3", "--epochs", "2",
+          "--log", str(log))
+    records = read_jsonl(log)
+    assert all(r["batch_sizes"] == r["next_batch_sizes"] == [48, 16] for r in records)
+    assert records[0]["samples"][0] == 3 * records[0]["samples"][1]
+
+
 def test_main_job_reaches_97_percent_with_heterogeneous_ranks(tmp_path):
     """The README's main job (Makefile DEMO_FLAGS), checked end to end."""
     log = tmp_path / "run.jsonl"
@@ -101,6 +110,11 @@ def _assert_fails_alike(result, message, ranks):
     (["--policy", "horovod", "--global-batch", "63"], "divisible by the 2 ranks"),
     (["--disturb", "q=0.2"], "--disturb takes"),
     (["--step-change", "5:10:2"], "outside a world of 2"),
+    (["--plan", "40,20"], "sums to 60, not the global batch 64"),
+    (["--plan", "64"], "plan for 1 ranks in a world of 2"),
+    (["--plan", "a,b"], "--plan takes one local batch size per rank"),
+    (["--policy", "horovod", "--plan", "32,32"], "--plan needs a DBS policy"),
+    (["--rebalance-budget", "2"], "rebalance_budget must be a fraction"),
 ])
 def test_bad_input_fails_on_every_rank_without_hanging(args, message):
     result = run_job(DBS_TRAIN + ["--epochs", "1"] + args, np=2, timeout=120)
