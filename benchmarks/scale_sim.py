@@ -116,7 +116,6 @@ def default_specs(steps_per_epoch: int, rebalance_every: int) -> list[PolicySpec
         PolicySpec("paper K=S", "paper", s),
         PolicySpec(f"paper K={k}", "paper", k),
         PolicySpec(f"dbs K={k}", "dbs", k),
-        PolicySpec(f"dbs-steady K={k}", "dbs-steady", k),
         PolicySpec("dbs K=S", "dbs", s),
         PolicySpec("oracle", "oracle", k),
     ]
@@ -478,7 +477,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale_sim",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="short runs (5 epochs of 20 steps, K=5) to finish in under a minute")
+                        help="short runs (5 epochs of 20 steps) to finish in under a minute")
+    parser.add_argument("--rebalance-every", type=int, default=2, metavar="K",
+                        help="steps between rebalances for the per-K policies "
+                             "(default: %(default)s, dbs-train's default for dbs)")
     parser.add_argument("--workers", default="64,256,1024,4096",
                         help="comma-separated world sizes (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
@@ -496,11 +498,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = DeviceModel(noise=args.noise)
     if args.quick:
         base = SimConfig(workers=0, epochs=5, steps_per_epoch=20, seed=args.seed, device=device)
-        every, scenarios = 5, [Scenario("steady"), Scenario("disturbance"),
-                               Scenario("step", change_epoch=3)]
+        scenarios = [Scenario("steady"), Scenario("disturbance"), Scenario("step", change_epoch=3)]
     else:
         base = SimConfig(workers=0, seed=args.seed, device=device)
-        every, scenarios = 10, [Scenario(name) for name in SCENARIOS]
+        scenarios = [Scenario(name) for name in SCENARIOS]
+    if args.rebalance_every < 1:
+        raise SystemExit("--rebalance-every must be a positive number of steps")
+    every = args.rebalance_every
     began = time.perf_counter()
     rows = run_benchmark(base, workers, scenarios, every)
     meta = {"workers": workers, "quick": args.quick, "seed": args.seed,

@@ -141,7 +141,8 @@ def test_planning_time_at_4096_workers_is_measured(record_property, capsys):
 
 
 def test_cli_quick_writes_json_and_markdown(tmp_path, capsys):
-    assert main(["--quick", "--workers", "64", "--out", str(tmp_path)]) == 0
+    assert main(["--quick", "--workers", "64", "--rebalance-every", str(K),
+                 "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "scale_sim.json").read_text())
     rows = report["rows"]
     assert len(rows) == 3 * len(default_specs(STEPS, K))
