@@ -198,3 +198,17 @@ def test_a_resized_stream_reads_each_sample_once():
         new[0].resize(0, 65)
     with pytest.raises(PlanError, match="outside an epoch"):
         new[0].seek(2, 16)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"policy": "horovod"}, "--elastic runs the DBS optimizer"),
+    ({"mode": "average"}, "--mode gradient only"),
+    ({"checkpoint_dir": "ckpt"}, "keeps its state in memory"),
+    ({"plan": "48,16"}, "leave --plan out with --elastic"),
+])
+def test_options_elastic_mode_cannot_honour_are_refused_with_the_reason(options, message):
+    from dbs_hvd.elastic import _check_supported
+    from dbs_hvd.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        _check_supported(TrainConfig(elastic=True, **options))
