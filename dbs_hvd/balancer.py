@@ -89,8 +89,7 @@ class Rebalancer:
     def restart_schedule(self) -> None:
         """Forget measured costs (after an elastic reset: every worker, old or new, agrees)."""
         if self.schedule is not None:
-            self.schedule = RebalanceSchedule(self.schedule.min_steps, self.schedule.budget,
-                                              self.schedule.smoothing)
+            self.schedule.reset()
             self.interval = self.schedule.interval
         self._last_cost = None
 

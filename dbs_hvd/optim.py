@@ -65,7 +65,6 @@ class DynamicBatchState:
         self.rebalancer = rebalancer
         self.timer = timer
         self._batch: StepBatch | None = None
-        self._steps_since_rebalance = 0
 
     def restart(self, exchange: Exchange, policy: Policy) -> None:
         """Continue in a new world after an elastic reset.
@@ -79,7 +78,6 @@ class DynamicBatchState:
         self.rebalancer.policy = policy
         self.rebalancer.restart_schedule()  # joining workers start with the first interval
         self._batch = None
-        self._steps_since_rebalance = 0
         self.timer.take_window()
         self.timer.mark_start()
 
@@ -106,15 +104,14 @@ class DynamicBatchState:
         """Close the step's timing; rebalance at epoch ends and every ``interval`` steps.
 
         Every rank runs the same steps and holds the same interval (rank 0
-        broadcasts it with the plan), so all reach each rebalance together.
+        broadcasts it with the plan), so all reach each rebalance together. The
+        steps since the last rebalance are the timer's open window.
         """
         self._batch = None
         self.timer.end_step(batch.batch_size, start_hint=self.sampler.iteration_started_at)
-        self._steps_since_rebalance += 1
         interval = self.rebalancer.interval
         if self.is_last_of_epoch(batch) or (
-                interval is not None and self._steps_since_rebalance >= interval):
-            self._steps_since_rebalance = 0
+                interval is not None and self.timer.window.steps >= interval):
             self.rebalancer.rebalance(batch.step)
 
     def wrap_step(self, step: Callable[..., Any]) -> Callable[..., Any]:

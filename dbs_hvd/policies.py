@@ -106,8 +106,6 @@ class CostModelPolicy(Policy):
         self.last_model: tuple[np.ndarray, np.ndarray] | None = None
         # The plan and measured step time before the last change, until judged.
         self._trial: tuple[Plan, float] | None = None
-        # Ranks whose last window missed the model by more than ``surprise``.
-        self._changed = np.zeros(0, dtype=bool)
         self._misfit = np.zeros(0)  # each rank's last window against the model, relative
         self._hold = 0
         self.hold_after_revert = 4  # windows without changes after a reverted one
@@ -120,7 +118,6 @@ class CostModelPolicy(Policy):
         """Add the window to the history and return the fitted (overhead, per-sample) per rank."""
         batch = stats.samples / stats.steps
         seconds = stats.compute_seconds / stats.steps
-        self._changed = np.zeros(stats.world_size, dtype=bool)
         self._misfit = np.zeros(stats.world_size)
         if self._batch.shape[1:] != (stats.world_size,):
             self._batch = np.empty((0, stats.world_size))
@@ -132,11 +129,10 @@ class CostModelPolicy(Policy):
             # another device. Its next windows, at the batch sizes the new plan
             # gives it, rebuild the fit (rescaling the old ones instead would
             # keep an outdated curve shape and hide the overhead for good).
-            misfit = np.abs(seconds - predicted) / predicted
-            changed = misfit > self.surprise
-            self._changed, self._misfit = changed, misfit
+            self._misfit = np.abs(seconds - predicted) / predicted
+            changed = self._changed
             if (~changed).any():
-                level = float(np.median(misfit[~changed]))
+                level = float(np.median(self._misfit[~changed]))
                 self._noise = level if self._noise is None else 0.5 * (self._noise + level)
             self._batch[:, changed] = batch[changed]
             self._seconds[:, changed] = seconds[changed]
@@ -144,6 +140,11 @@ class CostModelPolicy(Policy):
         self._seconds = np.vstack([self._seconds, seconds])[-self.history:]
         self.last_model = self._fit()
         return self.last_model
+
+    @property
+    def _changed(self) -> np.ndarray:
+        """Ranks whose last window missed the model by more than ``surprise``."""
+        return self._misfit > self.surprise
 
     def _change_did_not_pay(self, stats: WindowStats, current: Plan) -> Plan | None:
         """The plan before the last change, if that change made the measured step slower.

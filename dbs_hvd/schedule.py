@@ -46,6 +46,10 @@ class RebalanceSchedule:
         if self.budget is not None and not (0 < self.budget < 1):
             raise ValueError(f"rebalance_budget must be a fraction in (0, 1), got {self.budget} "
                              "(e.g. 0.02: rebalancing may take 2% of the training time)")
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to ``min_steps``, with no cost measured yet."""
         self.interval = self.min_steps
         self._cost: float | None = None
 

@@ -147,20 +147,16 @@ def _dbs_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset, ex
     # CUDA kernels run asynchronously: finish this rank's own work before
     # the allreduce wait is timed, or compute would be counted as waiting.
     device_sync = torch.cuda.synchronize if device.type == "cuda" else None
+    shared = dict(policy=config.policy, rebalance_every=effective_rebalance_every(config),
+                  rebalance_budget=config.rebalance_budget or None, exchange=exchange,
+                  device_sync=device_sync)
     if config.mode == "average":
         optimizer = ModelAveragingOptimizer(
             local, sampler, model.named_parameters(), average_every=config.average_every,
-            policy=config.policy, rebalance_every=effective_rebalance_every(config),
-            rebalance_budget=config.rebalance_budget or None,
-            exchange=exchange, device_sync=device_sync,
-        )
+            **shared)
     elif config.mode == "gradient":
         optimizer = DistributedOptimizer(
-            local, sampler, named_parameters=model.named_parameters(), policy=config.policy,
-            rebalance_every=effective_rebalance_every(config),
-            rebalance_budget=config.rebalance_budget or None, exchange=exchange,
-            device_sync=device_sync,
-        )
+            local, sampler, named_parameters=model.named_parameters(), **shared)
     else:
         raise ValueError(f"--mode must be gradient or average, got {config.mode!r}")
     return _Run(loader, optimizer, sampler, sampler.steps_per_epoch, sampler.dropped_per_epoch)
@@ -202,7 +198,7 @@ def effective_rebalance_every(config: TrainConfig) -> Optional[int]:
     """Our policy rebalances inside epochs by default; the paper's rule once per epoch."""
     if config.rebalance_every is not None:
         return config.rebalance_every
-    return DEFAULT_REBALANCE_EVERY if config.policy.startswith("dbs") else None
+    return DEFAULT_REBALANCE_EVERY if config.policy == "dbs" else None
 
 
 # Every 2 steps, stretched by --rebalance-budget where steps are short. Measured
