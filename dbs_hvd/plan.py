@@ -198,32 +198,50 @@ def apportion(weights: np.ndarray, global_batch: int, bounds: Bounds) -> np.ndar
     bounds.check(global_batch, len(weights))
     lower, upper = float(bounds.min_batch), float(bounds.upper(global_batch))
     scaled = weights / weights.max()
-    targets = solve_monotone(lambda level: np.clip(level * scaled, lower, upper), global_batch)
+    targets = solve_clipped_linear(scaled, 0.0, lower, upper, global_batch)
     return round_to_total(targets, global_batch, bounds)
 
 
-def solve_monotone(sizes_at: Callable[[float], np.ndarray], total: int) -> np.ndarray:
-    """Find a level whose real-valued sizes sum to ``total``, by bisection.
+def solve_clipped_linear(slope: np.ndarray | float, offset: np.ndarray | float,
+                         lower: np.ndarray | float, upper: np.ndarray | float,
+                         total: float) -> np.ndarray:
+    """Real sizes ``clip(slope * level + offset, lower, upper)`` summing to ``total``.
 
-    ``sizes_at(level)`` must be non-decreasing in ``level`` (as every water-filling
-    family is: proportional shares, equal predicted step times). 200 halvings take
-    the bracket to float resolution, and cost well under a millisecond even at
-    4096 ranks.
+    Every water-filling family here has this form: proportional shares
+    (``offset`` 0) and equal predicted step times (``level`` the step time,
+    ``slope`` 1 / per-sample cost, ``offset`` -overhead / per-sample cost).
+    Their sum is piecewise linear and non-decreasing in ``level``, with a kink
+    where a rank meets a bound, so the level is found exactly: a binary search
+    over the sorted kinks for the segment that crosses ``total``, then one
+    linear interpolation. That is about log2(2n) sums instead of the ~60 a
+    float bisection takes, which matters because planning runs on rank 0 while
+    every other rank waits for the plan.
     """
-    low, high = 0.0, 1.0
-    while sizes_at(high).sum() < total:
-        high *= 2.0
-        if high > 1e300:
-            raise PlanError("cannot reach the global batch within the bounds")
-    for _ in range(200):
-        mid = 0.5 * (low + high)
-        if mid in (low, high):
-            break
-        if sizes_at(mid).sum() < total:
-            low = mid
+    slope, offset, lower, upper = np.broadcast_arrays(
+        *(np.asarray(v, dtype=float) for v in (slope, offset, lower, upper)))
+    if np.any(slope <= 0) or np.any(lower > upper):
+        raise PlanError("solve_clipped_linear needs positive slopes and lower <= upper")
+    if not lower.sum() <= total <= upper.sum():
+        raise PlanError("cannot reach the global batch within the bounds")
+
+    def sizes_at(level: float) -> np.ndarray:
+        return np.clip(slope * level + offset, lower, upper)
+
+    kinks = np.unique(np.concatenate([(lower - offset) / slope, (upper - offset) / slope]))
+    # The sum at kinks[0] is sum(lower) <= total and at kinks[-1] sum(upper) >= total:
+    # keep kinks[lo] at or below the total and kinks[hi] at or above it.
+    lo, hi = 0, len(kinks) - 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if sizes_at(kinks[mid]).sum() <= total:
+            lo = mid
         else:
-            high = mid
-    return sizes_at(high)
+            hi = mid
+    low_sum, high_sum = sizes_at(kinks[lo]).sum(), sizes_at(kinks[hi]).sum()
+    if high_sum <= low_sum:  # a flat segment: every rank is at a bound already
+        return sizes_at(kinks[hi] if high_sum >= total else kinks[lo])
+    fraction = (total - low_sum) / (high_sum - low_sum)
+    return sizes_at(kinks[lo] + fraction * (kinks[hi] - kinks[lo]))
 
 
 def round_to_total(targets: np.ndarray, global_batch: int, bounds: Bounds,

@@ -42,7 +42,7 @@ import numpy as np
 
 from .plan import (
     Bounds, Plan, PlanError, Policy, ProportionalPolicy, StaticPolicy, WindowStats,
-    round_to_total, solve_monotone,
+    round_to_total, solve_clipped_linear,
 )
 
 
@@ -189,10 +189,9 @@ class CostModelPolicy(Policy):
         reach = np.where(self._changed, self.surprise_change, self.max_change)
         lower = np.maximum(np.floor(sizes / reach), self.bounds.min_batch)
         upper = np.minimum(np.ceil(sizes * reach), self.bounds.upper(self.global_batch))
-        targets = solve_monotone(
-            lambda step_time: np.clip((step_time - overhead) / per_sample, lower, upper),
-            self.global_batch,
-        )
+        # Equal predicted step times: b_i = (t - overhead_i) / per_sample_i.
+        targets = solve_clipped_linear(1.0 / per_sample, -overhead / per_sample, lower, upper,
+                                       self.global_batch)
         proposal = Plan(tuple(round_to_total(targets, self.global_batch, self.bounds,
                                              lower.astype(np.int64), upper.astype(np.int64))))
 

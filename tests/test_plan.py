@@ -7,6 +7,7 @@ from hypothesis import assume, given, settings, strategies as st
 
 from dbs_hvd.plan import (
     Bounds, Plan, PlanError, ProportionalPolicy, StaticPolicy, WindowStats, apportion,
+    solve_clipped_linear,
 )
 from dbs_hvd.policies import make_policy
 
@@ -124,3 +125,41 @@ def test_stats_from_a_different_world_size_are_rejected():
 def test_unknown_policy_lists_the_known_ones():
     with pytest.raises(PlanError, match="choose one of"):
         make_policy("fastest", 64)
+
+
+def _bisect_reference(slope, offset, lower, upper, total):
+    """The obvious float bisection on the level, as a check on the exact solver."""
+    def total_at(level):
+        return np.clip(slope * level + offset, lower, upper).sum()
+
+    low, high = -1e12, 1e12
+    for _ in range(400):
+        mid = 0.5 * (low + high)
+        if total_at(mid) < total:
+            low = mid
+        else:
+            high = mid
+    return np.clip(slope * high + offset, lower, upper)
+
+
+@settings(max_examples=300)
+@given(data=st.data(), n=st.integers(1, 40))
+def test_clipped_linear_solver_matches_bisection_and_hits_the_total(data, n):
+    floats = st.floats(0.01, 100.0)
+    slope = np.array(data.draw(st.lists(floats, min_size=n, max_size=n)))
+    offset = np.array(data.draw(st.lists(st.floats(-500.0, 500.0), min_size=n, max_size=n)))
+    lower = np.array(data.draw(st.lists(st.integers(1, 5), min_size=n, max_size=n)), float)
+    upper = lower + np.array(data.draw(st.lists(st.integers(0, 300), min_size=n, max_size=n)))
+    total = data.draw(st.floats(lower.sum(), upper.sum()))
+    sizes = solve_clipped_linear(slope, offset, lower, upper, total)
+    assert sizes.sum() == pytest.approx(total, rel=1e-9, abs=1e-6)
+    assert np.all(sizes >= lower - 1e-9) and np.all(sizes <= upper + 1e-9)
+    np.testing.assert_allclose(sizes, _bisect_reference(slope, offset, lower, upper, total),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_clipped_linear_solver_rejects_what_it_cannot_solve():
+    with pytest.raises(PlanError, match="cannot reach the global batch"):
+        solve_clipped_linear(1.0, 0.0, [1, 1], [10, 10], 25)
+    with pytest.raises(PlanError, match="positive slopes"):
+        solve_clipped_linear([1.0, 0.0], 0.0, 1, 10, 5)
