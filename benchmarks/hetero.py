@@ -6,7 +6,7 @@ emulated devices, so machine noise hits all policies alike. Only ratios are
 reported: time relative to plain Horovod in the same scenario, and balance
 efficiency (ideal / actual epoch time, dbs_hvd.metrics.balance_efficiency).
 
-    python -m benchmarks.hetero            # full run, 3 repeats (about 30 minutes on 2 cores)
+    python -m benchmarks.hetero            # full run, 3 repeats (about 35 minutes on 2 cores)
     python -m benchmarks.hetero --quick    # under 3 minutes, for checks
     python -m benchmarks.hetero --only accuracy   # final accuracy vs plain Horovod, 3 seeds
 
