@@ -49,8 +49,9 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ARG DEBIAN_FRONTEND=noninteractive
 
 # System packages. Python: Ubuntu 22.04's python3 (3.10) + venv, because 22.04's
-# python3.11 package is a 3.11.0 release candidate and Horovod's CMake still
-# imports distutils (gone in 3.12); torch 2.13.0 supports 3.10. Open MPI 4.1 from
+# python3.11 package is a 3.11.0 release candidate; torch 2.13.0 supports 3.10.
+# (Horovod's distutils call, gone in 3.12, is patched by build_horovod.sh, which
+# built on Python 3.12 on the GPU check machine.) Open MPI 4.1 from
 # the distro (Horovod's MPI controller and mpi4py link against it). ssh client:
 # horovodrun/mpirun start remote ranks over ssh (the sshd side is deployment
 # specific and not set up here; srun needs neither).
