@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -230,14 +230,21 @@ def solve_clipped_linear(slope: np.ndarray | float, offset: np.ndarray | float,
     kinks = np.unique(np.concatenate([(lower - offset) / slope, (upper - offset) / slope]))
     # The sum at kinks[0] is sum(lower) <= total and at kinks[-1] sum(upper) >= total:
     # keep kinks[lo] at or below the total and kinks[hi] at or above it.
+    # Each sum is computed once: the search keeps the sums it found at lo and hi.
     lo, hi = 0, len(kinks) - 1
+    low_sum: float | None = None
+    high_sum: float | None = None
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if sizes_at(kinks[mid]).sum() <= total:
-            lo = mid
+        mid_sum = sizes_at(kinks[mid]).sum()
+        if mid_sum <= total:
+            lo, low_sum = mid, mid_sum
         else:
-            hi = mid
-    low_sum, high_sum = sizes_at(kinks[lo]).sum(), sizes_at(kinks[hi]).sum()
+            hi, high_sum = mid, mid_sum
+    if low_sum is None:
+        low_sum = sizes_at(kinks[lo]).sum()
+    if high_sum is None:
+        high_sum = sizes_at(kinks[hi]).sum()
     if high_sum <= low_sum:  # a flat segment: every rank is at a bound already
         return sizes_at(kinks[hi] if high_sum >= total else kinks[lo])
     fraction = (total - low_sum) / (high_sum - low_sum)

@@ -334,7 +334,8 @@ def train(config: TrainConfig) -> list[EpochRecord]:
         rank, world, config.slowdown, config.virtual_device, config.disturb,
         config.step_change, config.seed,
     )
-    train_set, test_set, device, model = build_data_and_model(config, hvd.local_rank(), hvd.local_size())
+    train_set, test_set, device, model = build_data_and_model(
+        config, hvd.local_rank(), hvd.local_size())
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     plain = config.policy == "horovod"
     run = (_plain_horovod_run(config, model, train_set, world, rank) if plain
