@@ -66,6 +66,7 @@ def ModelAveragingOptimizer(
     policy: Union[str, Policy] = "dbs",
     rebalance_every: Optional[int] = None,
     rebalance_budget: Optional[float] = None,
+    rebalance_min_seconds: float = 0.0,
     exchange: Optional[Exchange] = None,
     device_sync: Optional[Callable[[], None]] = None,
 ) -> torch.optim.Optimizer:
@@ -73,12 +74,12 @@ def ModelAveragingOptimizer(
 
     The same sampler, timing and rebalancing as ``dbs_hvd.DistributedOptimizer``;
     the time spent in the averaging allreduce counts as wait, not compute
-    (``rebalance_every`` and ``rebalance_budget`` as there).
+    (``rebalance_every``, ``rebalance_budget`` and ``rebalance_min_seconds`` as there).
     """
     if average_every < 1:
         raise ValueError(f"average_every must be a positive number of steps, got {average_every}")
     state = dynamic_batch_state(sampler, policy, rebalance_every, exchange, device_sync,
-                                rebalance_budget)
+                                rebalance_budget, rebalance_min_seconds)
     averager = _Averager(list(named_parameters), sampler.global_batch, average_every)
     local_step = optimizer.step
 

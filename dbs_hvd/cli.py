@@ -62,6 +62,11 @@ def train_parser() -> argparse.ArgumentParser:
                    metavar="F", help="with --rebalance-every, rebalance less often where steps "
                    "are short, so the measured cost of rebalancing stays within this fraction "
                    "of the step time (0: exactly every K steps)")
+    p.add_argument("--rebalance-min-seconds", type=float,
+                   default=defaults.rebalance_min_seconds, metavar="T",
+                   help="with --rebalance-every, keep at least T seconds of training between "
+                   "rebalances, so very short steps do not pay for rebalancing a few steps "
+                   "apart (0: no floor)")
     p.add_argument("--plan", metavar="B1,B2,...",
                    help="the first plan, one local batch size per rank summing to the global "
                         "batch (default: the equal split); --policy static keeps it for the run")

@@ -157,6 +157,7 @@ def DistributedOptimizer(
     policy: Union[str, Policy] = "dbs",
     rebalance_every: Optional[int] = None,
     rebalance_budget: Optional[float] = None,
+    rebalance_min_seconds: float = 0.0,
     compression: Any = None,
     exchange: Optional[Exchange] = None,
     device_sync: Optional[Callable[[], None]] = None,
@@ -176,6 +177,8 @@ def DistributedOptimizer(
             measured cost of a rebalance stays within this fraction of the
             step time (0.02 is dbs-train's default; short steps then rebalance
             less often, see schedule.py). Default: exactly every K steps.
+        rebalance_min_seconds: with ``rebalance_every``, also keep at least this
+            much wall time between rebalances (dbs-train's default: 0.15 s).
         compression: a Horovod compressor applied after the weighting.
         exchange: how per-rank stats travel (default: mpi4py under MPI,
             Horovod's object collectives under Gloo).
@@ -183,6 +186,8 @@ def DistributedOptimizer(
             ``torch.cuda.synchronize`` on GPUs, see timing.py).
         model: give the model when it uses ``hvd.SyncBatchNorm``: the weight is
             then applied at the model's output (see ``weight_model_output``).
+            Cheaper too where parameters outnumber outputs: one small tensor
+            is scaled per step instead of every gradient.
         horovod_kwargs: passed to ``hvd.DistributedOptimizer`` (``op`` is fixed to Sum).
 
     Every rank checks, collectively, that all ranks use the same global batch,
@@ -193,15 +198,14 @@ def DistributedOptimizer(
     if "op" in horovod_kwargs:
         raise TypeError("op is fixed to hvd.Sum: gradients are pre-weighted by b_i / B")
     state = dynamic_batch_state(sampler, policy, rebalance_every, exchange, device_sync,
-                                rebalance_budget)
+                                rebalance_budget, rebalance_min_seconds)
     if model is not None:
-        state.weight_model_output(model)
-        gradient_weight = lambda: 1.0  # noqa: E731  (already applied at the output)
+        state.weight_model_output(model)  # the gradients arrive weighted: nothing to scale
+        compression = compression if compression is not None else hvd.Compression.none
     else:
-        gradient_weight = state.weight
+        compression = LocalBatchWeighting(state.weight, compression)
     wrapped = hvd.DistributedOptimizer(
-        optimizer, named_parameters=named_parameters,
-        compression=LocalBatchWeighting(gradient_weight, compression), op=hvd.Sum,
+        optimizer, named_parameters=named_parameters, compression=compression, op=hvd.Sum,
         **horovod_kwargs,
     )
     wrapped.dbs = state
@@ -214,14 +218,15 @@ def DistributedOptimizer(
 def dynamic_batch_state(sampler: DynamicBatchSampler, policy: Union[str, Policy],
                         rebalance_every: Optional[int], exchange: Optional[Exchange],
                         device_sync: Optional[Callable[[], None]],
-                        rebalance_budget: Optional[float] = None) -> DynamicBatchState:
+                        rebalance_budget: Optional[float] = None,
+                        rebalance_min_seconds: float = 0.0) -> DynamicBatchState:
     """The timing, policy and rebalancing shared by the gradient and averaging modes.
 
     Collective: every rank checks that all ranks use the same global batch,
     seed, data set size, bounds and policy; a mismatch is a DbsError on all ranks.
     """
-    schedule = None if rebalance_every is None else RebalanceSchedule(rebalance_every,
-                                                                      rebalance_budget)
+    schedule = None if rebalance_every is None else RebalanceSchedule(
+        rebalance_every, rebalance_budget, min_seconds=rebalance_min_seconds)
     if isinstance(policy, str):
         policy = make_policy(policy, sampler.global_batch, sampler.bounds)
     exchange = exchange or default_exchange()
@@ -235,6 +240,7 @@ def dynamic_batch_state(sampler: DynamicBatchSampler, policy: Union[str, Policy]
         "policy": policy.name,
         "rebalance_every": rebalance_every,
         "rebalance_budget": rebalance_budget,
+        "rebalance_min_seconds": rebalance_min_seconds,
         "shuffle": sampler.shuffle,
     })
     timer = StepTimer(device_sync=device_sync)

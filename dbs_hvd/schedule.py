@@ -12,6 +12,16 @@ still the shortest interval, which is what bounds the reaction time when
 steps are long. Longer windows also average more steps, so a short-step
 model's noise does not move the plan either.
 
+``min_seconds`` sets the shortest interval in wall time as well. What a late
+answer to a speed change can cost is time, not steps: the imbalance runs on
+until the next rebalance, so rebalancing every T seconds bounds that loss by
+T seconds of imbalance per change, however short the steps, and bounds
+rebalancing's own overhead by cost / T. The budget alone is not enough where
+steps are very short: measured on the same MLP (4-5 ms steps), a rebalance
+that timed itself at 0.3-0.8 ms lengthened its step by 1.0-1.2 ms on average,
+and with the interval the 2% budget gave, intra-epoch rebalancing cost 3-4%
+over epoch-end rebalancing only (8 interleaved repeats).
+
 This module is pure arithmetic (no torch, no MPI): rank 0 decides the
 interval from the gathered measurements and broadcasts it with the plan, so
 every rank rebalances at the same step.
@@ -29,15 +39,18 @@ class RebalanceSchedule:
     Args:
         min_steps: the shortest interval (``rebalance_every``).
         budget: the largest fraction of training time rebalancing may take;
-            ``None`` keeps the interval at exactly ``min_steps``.
+            ``None``: no cost-based stretching.
         smoothing: weight of the newest cost measurement in a running
             average (one slow rebalance, e.g. a descheduled rank, should not
             stretch the interval for good).
+        min_seconds: the shortest interval in wall time (0: none); with
+            neither this nor a budget, the interval stays at ``min_steps``.
     """
 
     min_steps: int
     budget: float | None = None
     smoothing: float = 0.5
+    min_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if self.min_steps < 1:
@@ -46,6 +59,10 @@ class RebalanceSchedule:
         if self.budget is not None and not (0 < self.budget < 1):
             raise ValueError(f"rebalance_budget must be a fraction in (0, 1), got {self.budget} "
                              "(e.g. 0.02: rebalancing may take 2% of the training time)")
+        if not (math.isfinite(self.min_seconds) and self.min_seconds >= 0):
+            raise ValueError(f"rebalance_min_seconds must be a number of seconds >= 0, got "
+                             f"{self.min_seconds} (e.g. 0.15: rebalance at most every 0.15 s; "
+                             "0: no floor in wall time)")
         self.reset()
 
     def reset(self) -> None:
@@ -60,15 +77,16 @@ class RebalanceSchedule:
         smallest duration over ranks (the rank that arrived last did not wait
         for the others, so its duration is the rebalance itself).
         """
-        if self.budget is None:
+        if self.budget is None and not self.min_seconds:
             return self.interval
         if rebalance_seconds is not None and math.isfinite(rebalance_seconds) \
                 and rebalance_seconds >= 0:
             self._cost = rebalance_seconds if self._cost is None else (
                 self.smoothing * rebalance_seconds + (1 - self.smoothing) * self._cost)
-        if self._cost is None or step_seconds is None or not step_seconds > 0 \
-                or not math.isfinite(step_seconds):
+        if step_seconds is None or not step_seconds > 0 or not math.isfinite(step_seconds):
             return self.interval
-        needed = math.ceil(self._cost / (self.budget * step_seconds))
-        self.interval = max(self.min_steps, needed)
+        needed = [self.min_steps, math.ceil(self.min_seconds / step_seconds)]
+        if self.budget is not None and self._cost is not None:
+            needed.append(math.ceil(self._cost / (self.budget * step_seconds)))
+        self.interval = max(needed)
         return self.interval

@@ -45,8 +45,28 @@ def test_missing_or_bad_measurements_keep_the_interval():
     assert schedule.update(float("nan"), 0.0) == 3
 
 
+def test_a_floor_in_seconds_spaces_out_very_short_steps_without_any_budget():
+    # 5 ms steps, at least 0.15 s between rebalances: every 30 steps.
+    schedule = RebalanceSchedule(2, min_seconds=0.15)
+    assert schedule.update(rebalance_seconds=None, step_seconds=0.005) == 30
+
+
+def test_the_floor_in_seconds_leaves_long_steps_at_k():
+    # 120 ms compute-bound steps: 2 steps already span 0.24 s.
+    assert RebalanceSchedule(2, budget=0.02, min_seconds=0.15).update(0.001, 0.12) == 2
+
+
+def test_the_longer_of_floor_and_budget_wins():
+    # A 10 ms rebalance on 5 ms steps at 2%: the budget asks for 100 steps, the floor 30.
+    schedule = RebalanceSchedule(2, budget=0.02, smoothing=1.0, min_seconds=0.15)
+    assert schedule.update(0.010, 0.005) == 100
+    assert schedule.update(0.0001, 0.005) == 30
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"min_steps": 0}, "rebalance_every must be a positive"),
+    ({"min_steps": 2, "min_seconds": -0.1}, "rebalance_min_seconds must be a number"),
+    ({"min_steps": 2, "min_seconds": float("inf")}, "rebalance_min_seconds must be a number"),
     ({"min_steps": 5, "budget": 0.0}, "rebalance_budget must be a fraction"),
     ({"min_steps": 5, "budget": 1.5}, "rebalance_budget must be a fraction"),
 ])
@@ -66,6 +86,21 @@ def test_interval_is_at_least_k_and_keeps_the_smoothed_cost_within_budget(k, bud
         assert schedule._cost <= budget * step * interval * (1 + 1e-9)
         if interval > k:  # stretched no further than needed (up to float rounding)
             assert schedule._cost >= budget * step * (interval - 1) * (1 - 1e-9)
+
+
+@given(k=st.integers(1, 50), min_seconds=st.floats(0, 5),
+       budget=st.one_of(st.none(), st.floats(0.001, 0.5)),
+       costs=st.lists(st.tuples(st.floats(0, 1), st.floats(1e-5, 10)), min_size=1, max_size=20))
+def test_interval_spans_at_least_the_floor_in_seconds_and_no_more_than_needed(
+        k, min_seconds, budget, costs):
+    schedule = RebalanceSchedule(k, budget=budget, min_seconds=min_seconds)
+    for cost, step in costs:
+        interval = schedule.update(cost, step)
+        assert interval >= k
+        assert interval * step >= min_seconds * (1 - 1e-9)
+        by_budget = 0 if budget is None else schedule._cost / (budget * step)
+        if interval > k:  # the floor or the budget needed every step of it
+            assert max(min_seconds / step, by_budget) > (interval - 1) * (1 - 1e-9)
 
 
 def test_rebalancer_stretches_the_interval_from_its_own_measured_cost():

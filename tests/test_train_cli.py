@@ -115,6 +115,7 @@ def _assert_fails_alike(result, message, ranks):
     (["--plan", "a,b"], "--plan takes one local batch size per rank"),
     (["--policy", "horovod", "--plan", "32,32"], "--plan needs a DBS policy"),
     (["--rebalance-budget", "2"], "rebalance_budget must be a fraction"),
+    (["--rebalance-min-seconds", "-1"], "rebalance_min_seconds must be a number of seconds"),
 ])
 def test_bad_input_fails_on_every_rank_without_hanging(args, message):
     result = run_job(DBS_TRAIN + ["--epochs", "1"] + args, np=2, timeout=120)
