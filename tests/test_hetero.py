@@ -1,10 +1,12 @@
 """The hetero benchmark's run order (the pure part; the runs themselves are benchmarks)."""
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from benchmarks.hetero import HOROVOD_AGAIN, POLICY_FLAGS, rotation, scenarios
+from benchmarks.hetero import (HOROVOD_AGAIN, POLICY_FLAGS, RunResult, Scenario, markdown,
+                               rotation, scenarios, summarise)
 
 
 @given(n=st.integers(1, 8))
@@ -21,3 +23,39 @@ def test_no_harm_scenarios_carry_their_noise_floor():
     assert POLICY_FLAGS[HOROVOD_AGAIN] == ["--policy", "horovod"]
     no_harm = [s for s in scenarios(quick=False) if s.name.startswith(("equal", "allreduce"))]
     assert no_harm and all(HOROVOD_AGAIN in s.policies for s in no_harm)
+
+
+def _run(scenario, policy, seconds):
+    result = RunResult(scenario.name, policy, 0)
+    result.epochs = [{"seconds": seconds, "efficiency": float("nan"), "accuracy": 0.5,
+                      "next_batch_sizes": [32, 32]}]
+    return result
+
+
+def test_untimed_scenarios_report_no_time_ratio():
+    timed = Scenario("timed", 2, [], ["horovod", "dbs"], epochs=1)
+    untimed = Scenario("untimed", 2, [], ["horovod", "dbs"], epochs=1, timed=False)
+    results = [_run(s, p, t) for s in (timed, untimed) for p, t in (("horovod", 2.0), ("dbs", 1.0))]
+    summary = {s.name: summarise(s, results) for s in (timed, untimed)}
+    assert summary["timed"]["dbs"]["time_vs_horovod"] == 0.5
+    assert summary["untimed"]["dbs"]["time_vs_horovod"] is None
+    table = markdown(summary, [timed, untimed])
+    assert "| timed | dbs | 0.500 | 0.500 |" in table
+    assert "| untimed | dbs | n/a | n/a |" in table
+    assert all(s.timed is False for s in scenarios(quick=False) if s.name.startswith("accuracy"))
+
+
+def test_paired_ratio_divides_by_the_same_repeat_s_plain_runs():
+    scenario = Scenario("s", 2, [], ["horovod", "dbs", HOROVOD_AGAIN], epochs=1)
+    # The machine is twice as slow in repeat 1: pairing removes that.
+    times = {(0, "horovod"): 1.0, (0, HOROVOD_AGAIN): 1.2, (0, "dbs"): 1.1,
+             (1, "horovod"): 2.0, (1, HOROVOD_AGAIN): 2.4, (1, "dbs"): 2.2}
+    results = []
+    for (repeat, policy), seconds in times.items():
+        run = _run(scenario, policy, seconds)
+        run.repeat = repeat
+        results.append(run)
+    rows = summarise(scenario, results)
+    assert rows["dbs"]["paired_vs_horovod"] == pytest.approx(1.0)
+    assert rows[HOROVOD_AGAIN]["paired_vs_horovod"] == pytest.approx(1.2 / 1.1)
+    assert rows["dbs"]["time_vs_horovod"] == pytest.approx(1.65 / 1.5)  # drift included
