@@ -10,7 +10,8 @@ Horovod's ring-allreduce and tensor fusion are untouched.
 
 The weighting is a Horovod *compressor* wrapping the user's own (fp16
 compression still works): it is the hook Horovod calls on every gradient right
-before the allreduce. The batch size of the step comes from the sampler, in the
+before the allreduce. Given the model (``model=``), the weight goes on the
+model's output gradient instead, and the gradients arrive already weighted. The batch size of the step comes from the sampler, in the
 order the batches were handed out, which is the order a DataLoader delivers
 them even when it prefetches.
 
