@@ -27,6 +27,10 @@ _NAME = re.compile(r"^ckpt-(\d{6})\.pt$")
 RESUMABLE_CHANGES = frozenset({
     "epochs", "log", "checkpoint_dir", "resume", "keep_checkpoints", "progress", "workers",
     "threads", "device",
+    # When plans change, not what is computed: the update is the global-batch
+    # one whatever the plan (invariant 3). Also lets a checkpoint written before
+    # a schedule setting existed resume (rebalance_min_seconds is newer).
+    "rebalance_every", "rebalance_budget", "rebalance_min_seconds",
 })
 
 

@@ -72,6 +72,16 @@ def test_configuration_change_is_refused_but_epochs_may_grow():
         checkpoint.check_config(saved, saved | {"global_batch": 32})
 
 
+def test_rebalance_timing_may_change_on_resume_but_the_policy_may_not():
+    # A checkpoint from before --rebalance-min-seconds existed lacks the key.
+    saved = {"global_batch": 64, "policy": "dbs", "rebalance_every": None,
+             "rebalance_budget": 0.02}
+    checkpoint.check_config(saved, saved | {"rebalance_every": 4, "rebalance_budget": 0.05,
+                                            "rebalance_min_seconds": 0.15})
+    with pytest.raises(CheckpointError, match="policy: checkpoint 'dbs', now 'paper'"):
+        checkpoint.check_config(saved, saved | {"policy": "paper"})
+
+
 WRITER = """
 import sys, torch
 from dbs_hvd import checkpoint
