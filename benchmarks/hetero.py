@@ -223,7 +223,7 @@ def markdown(summary: dict, scenario_list: list[Scenario]) -> str:
     for scenario in scenario_list:
         for policy, row in summary.get(scenario.name, {}).items():
             lines.append(f"| {scenario.name} | {policy} | {figure(row['time_vs_horovod'])} "
-                         f"| {figure(row.get('paired_vs_horovod'))} "
+                         f"| {figure(row['paired_vs_horovod'])} "
                          f"| {figure(row['steady_efficiency'])} "
                          f"| {row['final_plan']} | {100 * row['final_accuracy']:.1f}% |")
     return "\n".join(lines) + "\n"

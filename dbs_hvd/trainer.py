@@ -192,10 +192,10 @@ def effective_rebalance_every(config: TrainConfig) -> Optional[int]:
 
 
 # Every 2 steps, stretched by --rebalance-budget and --rebalance-min-seconds where
-# steps are short (schedule.py). Measured
-# against 5 (hetero scenarios, interleaved): disturbances 0.605 vs 0.649 of plain
-# Horovod's time, [1,1,1,4] 0.479 vs 0.597, [1,2,4] 0.496 vs 0.505, equal ranks
-# 0.972 vs 0.958 (noise level), a step change 0.588 vs 0.592.
+# steps are short (schedule.py). Measured against 5 (hetero scenarios,
+# interleaved): disturbances 0.605 vs 0.649 of plain Horovod's time, [1,1,1,4]
+# 0.479 vs 0.597, [1,2,4] 0.496 vs 0.505, equal ranks 0.972 vs 0.958 (noise
+# level), a step change 0.588 vs 0.592.
 DEFAULT_REBALANCE_EVERY = 2
 
 
