@@ -30,7 +30,7 @@ RESUMABLE_CHANGES = frozenset({
     # When plans change, not what is computed: the update is the global-batch
     # one whatever the plan (invariant 3). Also lets a checkpoint written before
     # a schedule setting existed resume (rebalance_min_seconds is newer).
-    "rebalance_every", "rebalance_budget", "rebalance_min_seconds",
+    "rebalance_every", "rebalance_budget", "rebalance_min_seconds", "warmup_steps",
 })
 
 

@@ -67,6 +67,10 @@ def train_parser() -> argparse.ArgumentParser:
                    help="with --rebalance-every, keep at least T seconds of training between "
                    "rebalances, so very short steps do not pay for rebalancing a few steps "
                    "apart (0: no floor)")
+    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, metavar="N",
+                   help="--policy dbs: during the first N steps of a process, move the plan "
+                   "only for a predicted gain of 15%%, so first-step slowness (lazy init, "
+                   "kernel selection) does not steer it (0: no warm-up)")
     p.add_argument("--plan", metavar="B1,B2,...",
                    help="the first plan, one local batch size per rank summing to the global "
                         "batch (default: the equal split); --policy static keeps it for the run")

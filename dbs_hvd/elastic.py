@@ -50,10 +50,9 @@ from torch.utils.data import Dataset
 from .comm import LocalExchange, check_same_on_all_ranks, default_exchange
 from .emulate import make_emulator
 from .metrics import EpochRecord
-from .plan import Bounds, Plan
-from .policies import make_policy
+from .plan import Plan
 from .trainer import (TrainConfig, _dbs_run, build_data_and_model, epoch_record, init_horovod,
-                      train_step)
+                      make_run_policy, train_step)
 
 
 class ElasticState(hvd.elastic.TorchState):
@@ -122,9 +121,7 @@ class ElasticTrainer:
         same_workers = state.ranks is not None and [tuple(i) for i in state.ranks] == identities
         plan = Plan(tuple(state.plan)) if same_workers else None
         self.sampler.resize(rank, world, plan)
-        self.run.optimizer.dbs.restart(
-            exchange, make_policy(config.policy, config.global_batch,
-                                  Bounds(config.min_batch, config.max_batch)))
+        self.run.optimizer.dbs.restart(exchange, make_run_policy(config))
         rebalancer = self.run.optimizer.rebalancer
         # Windows of the epoch being resumed were measured by the old world.
         for _ in range(sum(r.epoch >= state.epoch for r in rebalancer.history)):

@@ -21,6 +21,19 @@
   overshoots when small batches are slower per sample; equalising predicted
   step times does not.
 
+* **A warm-up.** The first steps of a process are slow in ways that say
+  nothing about the device: lazy initialisation, allocator growth, kernel
+  selection for each new input shape. Measured here (2 equal ranks, CNN), one
+  rank's first 8 steps ran 84-90 ms against the other's 75 ms, and 63-67 ms
+  for both afterwards; a policy that believed them moved to [61, 67] and held
+  that plan for an epoch. So during the first ``warmup_steps`` steps a change
+  must be predicted to gain ``warmup_deadband`` (15%): a 4x slower rank is
+  answered at once, warm-up jitter is not. If the plan never moved during
+  warm-up, what it measured is only warm-up and is forgotten when it ends. If
+  a large imbalance moved it, those windows are kept: they hold the spread of
+  batch sizes the overhead fit needs (forgetting them cost 2-3% on [1,4],
+  where the plan then stayed near the speed split).
+
 * **Checked changes.** The model assumes a rank's speed does not depend on
   the others' load; where ranks share cores that is false. So each change is
   judged by the *measured* step time (slowest rank's compute + wait) of the
@@ -80,7 +93,8 @@ class CostModelPolicy(Policy):
                  deadband: float = 0.03, surprise: float = 0.25, history: int = 6,
                  max_change: float = 3.0, min_spread: float = 0.25,
                  min_deadband: float | None = None,
-                 surprise_change: float | None = None) -> None:
+                 surprise_change: float | None = None,
+                 warmup_steps: int = 10, warmup_deadband: float = 0.15) -> None:
         super().__init__(global_batch, bounds)
         if not 0 < decay <= 1:
             raise PlanError(f"decay must be in (0, 1], got {decay}")
@@ -95,9 +109,19 @@ class CostModelPolicy(Policy):
         if deadband < 0 or surprise <= 0 or history < 1 or max_change <= 1 or min_spread <= 0:
             raise PlanError("need deadband >= 0, surprise > 0, history >= 1, max_change > 1 "
                             "and min_spread > 0")
+        if warmup_steps < 0:
+            raise PlanError(f"warmup_steps must be a number of steps >= 0, got {warmup_steps} "
+                            "(e.g. 10: the first 10 steps move the plan only for a 15% gain; "
+                            "0: no warm-up)")
+        if warmup_deadband < deadband:
+            raise PlanError(f"warmup_deadband ({warmup_deadband}) must be at least the deadband "
+                            f"({deadband})")
         self.decay, self.deadband, self.surprise = decay, deadband, surprise
         self.history, self.max_change, self.min_spread = history, max_change, min_spread
         self.min_deadband, self.surprise_change = min_deadband, surprise_change
+        self.warmup_steps, self.warmup_deadband = warmup_steps, warmup_deadband
+        self._steps_seen = 0  # by this policy object: a resumed process warms up again
+        self._moved_in_warmup = False
         # Smoothed relative misfit of a window's step time to the model: the noise level.
         self._noise: float | None = None
         # Rows of windows (oldest first), one column per rank: mean batch, seconds per step.
@@ -173,7 +197,23 @@ class CostModelPolicy(Policy):
             return None
         return before_plan
 
+    @property
+    def warming_up(self) -> bool:
+        """True while every window seen so far ended within the first ``warmup_steps`` steps."""
+        return self._steps_seen <= self.warmup_steps
+
+    def _forget(self) -> None:
+        """Drop the windows, noise level and pending trial learnt so far."""
+        self._batch = np.empty((0, 0))
+        self._seconds = np.empty((0, 0))
+        self._noise, self._trial, self._hold = None, None, 0
+        self._misfit = np.zeros(0)
+
     def propose(self, stats: WindowStats, current: Plan) -> Plan:
+        was_warming = self.warming_up
+        self._steps_seen += int(stats.steps.max())
+        if was_warming and not self.warming_up   and not self._moved_in_warmup:
+            self._forget()
         overhead, per_sample = self.observe(stats)
         revert = self._change_did_not_pay(stats, current)
         if revert is not None:
@@ -198,11 +238,13 @@ class CostModelPolicy(Policy):
         def predicted_step(plan: Plan) -> float:
             return float(np.max(overhead + per_sample * np.asarray(plan.batch_sizes)))
 
-        if predicted_step(proposal) * (1 + self.adoption_deadband()) >= predicted_step(current):
+        band = max(self.adoption_deadband(), self.warmup_deadband if self.warming_up else 0.0)
+        if predicted_step(proposal) * (1 + band) >= predicted_step(current):
             return current
         wall = stats.step_wall_seconds()
         if wall is not None:
             self._trial = (current, wall)
+        self._moved_in_warmup |= self.warming_up
         return proposal
 
     def adoption_deadband(self) -> float:

@@ -22,7 +22,8 @@ from .emulate import DeviceEmulator, make_emulator
 from .metrics import EpochRecord, JsonLinesLog, balance_efficiency
 from .averaging import ModelAveragingOptimizer
 from .optim import DistributedOptimizer
-from .plan import Bounds, Plan, PlanError
+from .plan import Bounds, Plan, PlanError, Policy
+from .policies import make_policy
 from .sampler import DynamicBatchSampler
 
 
@@ -46,6 +47,7 @@ class TrainConfig:
     rebalance_every: Optional[int] = None  # None: every 2 steps for dbs, epoch ends otherwise
     rebalance_budget: float = 0.02  # stretch the interval so rebalancing costs <= 2% (0: exactly K)
     rebalance_min_seconds: float = 0.15  # and keep at least this wall time between rebalances
+    warmup_steps: int = 10  # dbs: the first steps move the plan only for a large gain
     min_batch: int = 1
     max_batch: Optional[int] = None
     plan: Optional[str] = None  # "B1,B2,...": the first plan (with --policy static: kept for the run)
@@ -132,7 +134,7 @@ def _dbs_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset, ex
     # CUDA kernels run asynchronously: finish this rank's own work before
     # the allreduce wait is timed, or compute would be counted as waiting.
     device_sync = torch.cuda.synchronize if device.type == "cuda" else None
-    shared = dict(policy=config.policy, rebalance_every=effective_rebalance_every(config),
+    shared = dict(policy=make_run_policy(config), rebalance_every=effective_rebalance_every(config),
                   rebalance_budget=config.rebalance_budget or None,
                   rebalance_min_seconds=config.rebalance_min_seconds, exchange=exchange,
                   device_sync=device_sync)
@@ -150,6 +152,13 @@ def _dbs_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset, ex
     else:
         raise ValueError(f"--mode must be gradient or average, got {config.mode!r}")
     return _Run(loader, optimizer, sampler, sampler.steps_per_epoch, sampler.dropped_per_epoch)
+
+
+def make_run_policy(config: TrainConfig) -> Policy:
+    """The run's --policy, with --warmup-steps for the one that has a warm-up (dbs)."""
+    options = {"warmup_steps": config.warmup_steps} if config.policy == "dbs" else {}
+    return make_policy(config.policy, config.global_batch,
+                       Bounds(config.min_batch, config.max_batch), **options)
 
 
 def _plain_horovod_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset,
