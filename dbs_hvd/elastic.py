@@ -52,7 +52,7 @@ from .emulate import make_emulator
 from .metrics import EpochRecord
 from .plan import Plan
 from .trainer import (TrainConfig, _dbs_run, build_data_and_model, epoch_record, init_horovod,
-                      make_run_policy, train_step)
+                      make_run_policy, scales_cpu_time, train_step)
 
 
 class ElasticState(hvd.elastic.TorchState):
@@ -127,7 +127,8 @@ class ElasticTrainer:
         for _ in range(sum(r.epoch >= state.epoch for r in rebalancer.history)):
             rebalancer.history.pop()  # the newest records are the resumed epoch's
         self.emulator = make_emulator(rank, world, config.slowdown, config.virtual_device,
-                                      config.disturb, config.step_change, config.seed)
+                                      config.disturb, config.step_change, config.seed,
+                                      scales_cpu_time(config))
         previous, self.world, self.identities = self.world, world, identities
         if rank == 0:
             if config.log and state.epoch == 0 and state.step == 0:

@@ -6,6 +6,21 @@ times the step's real compute; ``VirtualDevice(a, c)`` replaces the step's cost
 by a known ``a + c * b`` seconds, steady enough that CPU noise cannot decide a
 test of policy logic.
 
+A slowdown scales the step's *work*, measured on CPU as the thread's CPU time
+(``time.thread_time``; torch on one thread runs forward and backward on the
+calling thread), not its wall time. Where ranks share cores, a rank's wall
+time also holds the time it waited for a core while other ranks computed;
+scaling that by ``f - 1`` multiplies contention by the slowdown factor, which
+no slower device does, and makes the emulated speeds depend on the plan.
+Measured on [1,2,4] (3 ranks on 2 cores),
+wall-time scaling sent the same `dbs` code to 0.48 of plain Horovod's time
+with a final plan of [77, 40, 9] in one benchmark run, and to 0.69 with
+[76, 26, 24] (the 2x rank given about as much as the 4x one) in a 2-repeat
+A/B an hour later; in that A/B, CPU-time scaling settled at [69-71, 40-42,
+15] in both repeats. On CUDA the host thread's CPU time is not the device's
+work, and with several torch threads the calling thread's CPU time holds only
+part of it, so there the wall time (after a device synchronize) is scaled.
+
 The delay must happen *before* the backward pass: Horovod submits each
 gradient to the allreduce from a hook during backward, so a rank that slept
 after backward would already have joined the allreduce and would not slow
@@ -80,11 +95,17 @@ class StepChange(SpeedChanges):
 
 
 class DeviceEmulator(ABC):
-    """Decides how long this rank sleeps before each backward pass."""
+    """Decides how long this rank sleeps before each backward pass.
+
+    ``clock`` is what the trainer times forward and backward with, for
+    emulators that scale real compute (see the module notes).
+    """
 
     def __init__(self, rank: int = 0, changes: SpeedChanges | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.thread_time) -> None:
         self.rank = rank
+        self.clock = clock
         self.changes = changes or NoChanges()
         self._sleep = sleep
         self.epoch = 0
@@ -120,8 +141,9 @@ class Slowdown(DeviceEmulator):
     """
 
     def __init__(self, factor: float = 1.0, rank: int = 0, changes: SpeedChanges | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        super().__init__(rank, changes, sleep)
+                 sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.thread_time) -> None:
+        super().__init__(rank, changes, sleep, clock)
         if not math.isfinite(factor) or factor < 1:
             raise ValueError(f"a slowdown factor must be a finite number >= 1, got {factor}")
         self.factor = factor
@@ -217,8 +239,13 @@ def parse_step_change(text: str, world_size: int) -> StepChange:
 
 def make_emulator(rank: int, world_size: int, slowdown: str | None = None,
                   virtual_device: str | None = None, disturb: str | None = None,
-                  step_change: str | None = None, seed: int = 0) -> DeviceEmulator:
-    """The emulator for ``rank`` from the dbs-train flags."""
+                  step_change: str | None = None, seed: int = 0,
+                  cpu_time: bool = True) -> DeviceEmulator:
+    """The emulator for ``rank`` from the dbs-train flags.
+
+    ``cpu_time``: scale the calling thread's CPU time (torch on one CPU
+    thread); False: wall time (CUDA, or several torch threads).
+    """
     if slowdown and virtual_device:
         raise ValueError("use either --slowdown or --virtual-device, not both")
     if disturb and step_change:
@@ -232,4 +259,5 @@ def make_emulator(rank: int, world_size: int, slowdown: str | None = None,
         overhead, per_sample = parse_virtual_devices(virtual_device, world_size)[rank]
         return VirtualDevice(overhead, per_sample, rank, changes)
     factor = parse_factors(slowdown, world_size)[rank] if slowdown else 1.0
-    return Slowdown(factor, rank, changes)
+    clock = time.thread_time if cpu_time else time.perf_counter
+    return Slowdown(factor, rank, changes, clock=clock)

@@ -154,6 +154,11 @@ def _dbs_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset, ex
     return _Run(loader, optimizer, sampler, sampler.steps_per_epoch, sampler.dropped_per_epoch)
 
 
+def scales_cpu_time(config: TrainConfig) -> bool:
+    """Whether --slowdown can scale the step's CPU time: one torch thread on CPU (emulate.py)."""
+    return config.device == "cpu" and config.threads == 1
+
+
 def make_run_policy(config: TrainConfig) -> Policy:
     """The run's --policy, with --warmup-steps for the one that has a warm-up (dbs)."""
     options = {"warmup_steps": config.warmup_steps} if config.policy == "dbs" else {}
@@ -296,15 +301,16 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     emulator.at(epoch, global_step)
     optimizer.zero_grad()
-    forward_start = time.perf_counter()
+    clock = emulator.clock  # CPU: the thread's CPU time, the work (emulate.py)
+    forward_start = clock()
     loss = criterion(model(x), y)
     if device.type == "cuda":
         torch.cuda.synchronize()  # the emulator scales real compute time
-    forward = time.perf_counter() - forward_start
+    forward = clock() - forward_start
     emulator.before_backward(len(y), forward)
-    backward_start = time.perf_counter()
+    backward_start = clock()
     loss.backward()
-    emulator.after_backward(forward, time.perf_counter() - backward_start)
+    emulator.after_backward(forward, clock() - backward_start)
     optimizer.step()
     return loss
 
@@ -348,7 +354,7 @@ def train(config: TrainConfig) -> list[EpochRecord]:
     check_same_on_all_ranks(exchange, asdict(config))
     emulator: DeviceEmulator = make_emulator(
         rank, world, config.slowdown, config.virtual_device, config.disturb,
-        config.step_change, config.seed,
+        config.step_change, config.seed, scales_cpu_time(config),
     )
     train_set, test_set, device, model = build_data_and_model(
         config, hvd.local_rank(), hvd.local_size())
