@@ -77,6 +77,10 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-batch", type=int, default=defaults.min_batch)
     p.add_argument("--max-batch", type=int, default=None)
     p.add_argument("--slowdown", help="emulated per-rank slowdown factors, e.g. 1,1,1,4")
+    p.add_argument("--slowdown-clock", choices=["wall", "cpu"], default=defaults.slowdown_clock,
+                   help="what --slowdown scales: the step's wall time, or (one torch thread "
+                   "on CPU) its CPU time, which leaves out waiting for a core shared with "
+                   "other ranks")
     p.add_argument("--virtual-device", metavar="A:C,...",
                    help="emulated per-rank step cost A + C*batch, in ms, e.g. 0:1,0:3")
     p.add_argument("--disturb", metavar="p=P,factor=F,epochs=E",

@@ -6,20 +6,21 @@ times the step's real compute; ``VirtualDevice(a, c)`` replaces the step's cost
 by a known ``a + c * b`` seconds, steady enough that CPU noise cannot decide a
 test of policy logic.
 
-A slowdown scales the step's *work*, measured on CPU as the thread's CPU time
-(``time.thread_time``; torch on one thread runs forward and backward on the
-calling thread), not its wall time. Where ranks share cores, a rank's wall
-time also holds the time it waited for a core while other ranks computed;
-scaling that by ``f - 1`` multiplies contention by the slowdown factor, which
-no slower device does, and makes the emulated speeds depend on the plan.
-Measured on [1,2,4] (3 ranks on 2 cores),
-wall-time scaling sent the same `dbs` code to 0.48 of plain Horovod's time
-with a final plan of [77, 40, 9] in one benchmark run, and to 0.69 with
-[76, 26, 24] (the 2x rank given about as much as the 4x one) in a 2-repeat
-A/B an hour later; in that A/B, CPU-time scaling settled at [69-71, 40-42,
-15] in both repeats. On CUDA the host thread's CPU time is not the device's
-work, and with several torch threads the calling thread's CPU time holds only
-part of it, so there the wall time (after a device synchronize) is scaled.
+Which clock measures the step's real compute matters where ranks share
+cores. Wall time (the default) also holds the time a rank waited for a core
+while other ranks computed, and scaling that by ``f - 1`` multiplies
+contention by the slowdown factor, which no slower device does, so the
+emulated speeds depend on the plan. Measured on [1,2,4] (3 ranks on 2 cores),
+the same `dbs` code reached 0.48 of plain Horovod's time with a final plan of
+[77, 40, 9] in one benchmark run and 0.69 with [76, 26, 24] (the 2x rank given
+about as much as the 4x one) in a 2-repeat A/B an hour later. With
+``cpu_time`` (``--slowdown-clock cpu``) the thread's CPU time is scaled
+(``time.thread_time``: torch on one CPU thread runs forward and backward on
+the calling thread), so waiting is not multiplied; in that A/B it settled at
+[69-71, 40-42, 15] in both repeats. It is not the default yet: one full
+benchmark run with it, on a machine that was noisy at the time, could not
+separate its effect from the noise. On CUDA, or with several torch threads,
+the calling thread's CPU time is not the work, so it is refused there.
 
 The delay must happen *before* the backward pass: Horovod submits each
 gradient to the allreduce from a hook during backward, so a rank that slept
@@ -103,7 +104,7 @@ class DeviceEmulator(ABC):
 
     def __init__(self, rank: int = 0, changes: SpeedChanges | None = None,
                  sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.thread_time) -> None:
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.rank = rank
         self.clock = clock
         self.changes = changes or NoChanges()
@@ -142,7 +143,7 @@ class Slowdown(DeviceEmulator):
 
     def __init__(self, factor: float = 1.0, rank: int = 0, changes: SpeedChanges | None = None,
                  sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.thread_time) -> None:
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         super().__init__(rank, changes, sleep, clock)
         if not math.isfinite(factor) or factor < 1:
             raise ValueError(f"a slowdown factor must be a finite number >= 1, got {factor}")
@@ -240,11 +241,11 @@ def parse_step_change(text: str, world_size: int) -> StepChange:
 def make_emulator(rank: int, world_size: int, slowdown: str | None = None,
                   virtual_device: str | None = None, disturb: str | None = None,
                   step_change: str | None = None, seed: int = 0,
-                  cpu_time: bool = True) -> DeviceEmulator:
+                  cpu_time: bool = False) -> DeviceEmulator:
     """The emulator for ``rank`` from the dbs-train flags.
 
-    ``cpu_time``: scale the calling thread's CPU time (torch on one CPU
-    thread); False: wall time (CUDA, or several torch threads).
+    ``cpu_time``: scale the calling thread's CPU time instead of wall time
+    (torch on one CPU thread only; see the module notes).
     """
     if slowdown and virtual_device:
         raise ValueError("use either --slowdown or --virtual-device, not both")

@@ -52,6 +52,7 @@ class TrainConfig:
     max_batch: Optional[int] = None
     plan: Optional[str] = None  # "B1,B2,...": the first plan (with --policy static: kept for the run)
     slowdown: Optional[str] = None
+    slowdown_clock: str = "wall"  # or "cpu": scale the thread's CPU time (emulate.py)
     virtual_device: Optional[str] = None
     disturb: Optional[str] = None
     step_change: Optional[str] = None
@@ -155,8 +156,13 @@ def _dbs_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset, ex
 
 
 def scales_cpu_time(config: TrainConfig) -> bool:
-    """Whether --slowdown can scale the step's CPU time: one torch thread on CPU (emulate.py)."""
-    return config.device == "cpu" and config.threads == 1
+    """--slowdown-clock cpu, where the calling thread's CPU time is the step's work (emulate.py)."""
+    if config.slowdown_clock not in ("wall", "cpu"):
+        raise ValueError(f"--slowdown-clock must be wall or cpu, got {config.slowdown_clock!r}")
+    if config.slowdown_clock == "cpu" and (config.device != "cpu" or config.threads != 1):
+        raise ValueError("--slowdown-clock cpu needs --device cpu and --threads 1: only then is "
+                         "the calling thread's CPU time the step's work; use --slowdown-clock wall")
+    return config.slowdown_clock == "cpu"
 
 
 def make_run_policy(config: TrainConfig) -> Policy:

@@ -46,16 +46,15 @@ def test_the_trainer_times_the_step_with_the_emulators_clock():
     assert slow.backward_ratio == pytest.approx(2.0 + 0.2 * (3.0 - 2.0))  # learnt 6 / 2
 
 
-def test_on_cpu_time_spent_waiting_is_not_scaled():
+def test_with_cpu_time_spent_waiting_is_not_scaled():
     # A rank that waits for a core (or sleeps) does no work: the thread's CPU
-    # time, which the CPU emulator scales, does not count it; wall time would.
-    emulator = make_emulator(0, 1, slowdown="4")
+    # time, which --slowdown-clock cpu scales, does not count it; wall time would.
+    assert make_emulator(0, 1, slowdown="4").clock is time.perf_counter  # the default
+    emulator = make_emulator(0, 1, slowdown="4", cpu_time=True)
     assert emulator.clock is time.thread_time
     start = emulator.clock()
     time.sleep(0.2)
     assert emulator.clock() - start < 0.05
-    # CUDA, or several torch threads: the calling thread's CPU time is not the work.
-    assert make_emulator(0, 1, slowdown="4", cpu_time=False).clock is time.perf_counter
 
 
 def test_a_virtual_device_costs_exactly_its_overhead_plus_per_sample_cost():

@@ -117,6 +117,7 @@ def _assert_fails_alike(result, message, ranks):
     (["--rebalance-budget", "2"], "rebalance_budget must be a fraction"),
     (["--rebalance-min-seconds", "-1"], "rebalance_min_seconds must be a number of seconds"),
     (["--warmup-steps", "-1"], "warmup_steps must be a number of steps >= 0"),
+    (["--slowdown-clock", "cpu", "--threads", "2"], "--slowdown-clock cpu needs --device cpu"),
 ])
 def test_bad_input_fails_on_every_rank_without_hanging(args, message):
     result = run_job(DBS_TRAIN + ["--epochs", "1"] + args, np=2, timeout=120)
