@@ -122,17 +122,9 @@ class CostModelPolicy(Policy):
         self.warmup_steps, self.warmup_deadband = warmup_steps, warmup_deadband
         self._steps_seen = 0  # by this policy object: a resumed process warms up again
         self._moved_in_warmup = False
-        # Smoothed relative misfit of a window's step time to the model: the noise level.
-        self._noise: float | None = None
-        # Rows of windows (oldest first), one column per rank: mean batch, seconds per step.
-        self._batch = np.empty((0, 0))
-        self._seconds = np.empty((0, 0))
         self.last_model: tuple[np.ndarray, np.ndarray] | None = None
-        # The plan and measured step time before the last change, until judged.
-        self._trial: tuple[Plan, float] | None = None
-        self._misfit = np.zeros(0)  # each rank's last window against the model, relative
-        self._hold = 0
         self.hold_after_revert = 4  # windows without changes after a reverted one
+        self._forget()
 
     def _fit(self) -> tuple[np.ndarray, np.ndarray]:
         ages = np.arange(len(self._batch))[::-1]
@@ -203,16 +195,21 @@ class CostModelPolicy(Policy):
         return self._steps_seen <= self.warmup_steps
 
     def _forget(self) -> None:
-        """Drop the windows, noise level and pending trial learnt so far."""
+        """Start the learnt state afresh: windows, noise level, pending trial, hold."""
+        # Rows of windows (oldest first), one column per rank: mean batch, seconds per step.
         self._batch = np.empty((0, 0))
         self._seconds = np.empty((0, 0))
-        self._noise, self._trial, self._hold = None, None, 0
-        self._misfit = np.zeros(0)
+        # Smoothed relative misfit of a window's step time to the model: the noise level.
+        self._noise: float | None = None
+        # The plan and measured step time before the last change, until judged.
+        self._trial: tuple[Plan, float] | None = None
+        self._misfit = np.zeros(0)  # each rank's last window against the model, relative
+        self._hold = 0
 
     def propose(self, stats: WindowStats, current: Plan) -> Plan:
         was_warming = self.warming_up
         self._steps_seen += int(stats.steps.max())
-        if was_warming and not self.warming_up   and not self._moved_in_warmup:
+        if was_warming and not self.warming_up and not self._moved_in_warmup:
             self._forget()
         overhead, per_sample = self.observe(stats)
         revert = self._change_did_not_pay(stats, current)

@@ -307,7 +307,7 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     emulator.at(epoch, global_step)
     optimizer.zero_grad()
-    clock = emulator.clock  # CPU: the thread's CPU time, the work (emulate.py)
+    clock = emulator.clock  # wall time, or the thread's CPU time (--slowdown-clock, emulate.py)
     forward_start = clock()
     loss = criterion(model(x), y)
     if device.type == "cuda":
