@@ -39,9 +39,10 @@
   judged by the *measured* step time (compute + wait per step) of the
   next window: a change that made the step slower by more than the deadband
   is reverted, and the plan is then held for a few windows unless a rank's
-  speed really changes. An answer to a rank's visible speed change is not
-  judged so: the window that showed the change is its only baseline, and a
-  speed change in the middle of it makes that baseline too fast.
+  speed really changes. An answer to a device change (a rank's window off
+  the model by more than twice ``surprise``) is not judged so: the window
+  that showed the change is its only baseline, and a speed change in the
+  middle of it makes that baseline too fast.
 
 And it reacts fast: a window whose step time departs from the prediction by
 more than ``surprise`` replaces that rank's history at once (the old windows
@@ -119,6 +120,8 @@ class CostModelPolicy(Policy):
             raise PlanError(f"warmup_deadband ({warmup_deadband}) must be at least the deadband "
                             f"({deadband})")
         self.decay, self.deadband, self.surprise = decay, deadband, surprise
+        # A misfit this large is a device change, not the load of ranks sharing cores.
+        self.device_change = 2.0 * surprise
         self.history, self.max_change, self.min_spread = history, max_change, min_spread
         self.min_deadband, self.surprise_change = min_deadband, surprise_change
         self.warmup_steps, self.warmup_deadband = warmup_steps, warmup_deadband
@@ -241,12 +244,15 @@ class CostModelPolicy(Policy):
         if predicted_step(proposal) * (1 + band) >= predicted_step(current):
             return current
         wall = stats.step_wall_seconds()
-        # An answer to a visible speed change is not checked: the window that
-        # showed the change was partly measured before it, so its step time is
-        # no baseline. Checked against it, the answer to a 4x step change
+        # An answer to a device change is not checked: the window that showed
+        # the change may have been partly measured before it, so its step time
+        # is no baseline. Checked against it, the answer to a 4x step change
         # ([93, 35]) measured slower, was reverted to [64, 64] and held, and
-        # the slowed rank ran on an equal share for an epoch (3.1 s against 1.6 s).
-        if wall is not None and not self._changed.any():
+        # the slowed rank ran on an equal share for an epoch (3.1 s against
+        # 1.6 s). Smaller surprises are still checked: where ranks share
+        # cores, misfits of 25-50% come and go with the others' load, and
+        # unchecked answers to them churned the plan on [1,2,4].
+        if wall is not None and not (self._misfit > self.device_change).any():
             self._trial = (current, wall)
         self._moved_in_warmup |= self.warming_up
         return proposal

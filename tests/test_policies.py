@@ -319,3 +319,18 @@ def test_the_step_wall_is_the_time_in_which_all_ranks_trained():
     stats = WindowStats(np.array([64.0, 64.0]), np.array([1.0, 1.0]), np.ones(2),
                         np.array([0.3, 0.0]))
     assert stats.step_wall_seconds() == pytest.approx(1.0)
+
+
+def test_an_answer_to_a_moderate_surprise_is_still_checked():
+    """Misfits of 25-50% come and go where ranks share cores: a plan that answers
+    one and makes the measured step slower is reverted, as any other change."""
+    policy = CostModelPolicy(128, warmup_steps=0)
+    plan = Plan((64, 64))
+    for _ in range(4):
+        plan = policy.next_plan(synchronous_window([0.064, 0.064], plan), plan)
+    assert plan == Plan((64, 64))
+    moved = policy.next_plan(synchronous_window([0.064, 0.064 * 1.35], plan), plan)
+    assert moved.batch_sizes[1] < 64  # rank 1 looked 35% slower
+    # The step got slower under the new plan (the others' load, not rank 1's speed).
+    slower = np.array(moved.batch_sizes, float) * 1e-3 * 1.3
+    assert policy.next_plan(synchronous_window(slower, moved), moved) == plan
