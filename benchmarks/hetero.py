@@ -7,7 +7,7 @@ reported: time relative to plain Horovod in the same scenario (medians of
 totals, and "paired": the median of per-repeat ratios, see paired_ratio), and
 balance efficiency (ideal / actual epoch time, dbs_hvd.metrics.balance_efficiency).
 
-    python -m benchmarks.hetero            # full run, 3 repeats (about 27 minutes on 2 cores)
+    python -m benchmarks.hetero            # full run, 3 repeats (27-40 minutes on 2 cores)
     python -m benchmarks.hetero --quick    # under 3 minutes, for checks
     python -m benchmarks.hetero --only accuracy   # final accuracy vs plain Horovod, 3 seeds
 
