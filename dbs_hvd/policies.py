@@ -120,8 +120,6 @@ class CostModelPolicy(Policy):
             raise PlanError(f"warmup_deadband ({warmup_deadband}) must be at least the deadband "
                             f"({deadband})")
         self.decay, self.deadband, self.surprise = decay, deadband, surprise
-        # A misfit this large is a device change, not the load of ranks sharing cores.
-        self.device_change = 2.0 * surprise
         self.history, self.max_change, self.min_spread = history, max_change, min_spread
         self.min_deadband, self.surprise_change = min_deadband, surprise_change
         self.warmup_steps, self.warmup_deadband = warmup_steps, warmup_deadband
@@ -166,6 +164,12 @@ class CostModelPolicy(Policy):
     def _changed(self) -> np.ndarray:
         """Ranks whose last window missed the model by more than ``surprise``."""
         return self._misfit > self.surprise
+
+    @property
+    def _device_changed(self) -> np.ndarray:
+        """Ranks that missed the model by more than twice ``surprise``: a device change,
+        not the load of ranks sharing cores (misfits of 25-50% come and go with it)."""
+        return self._misfit > 2.0 * self.surprise
 
     def _change_did_not_pay(self, stats: WindowStats, current: Plan) -> Plan | None:
         """The plan before the last change, if that change made the measured step slower.
@@ -252,7 +256,7 @@ class CostModelPolicy(Policy):
         # 1.6 s). Smaller surprises are still checked: where ranks share
         # cores, misfits of 25-50% come and go with the others' load, and
         # unchecked answers to them churned the plan on [1,2,4].
-        if wall is not None and not (self._misfit > self.device_change).any():
+        if wall is not None and not self._device_changed.any():
             self._trial = (current, wall)
         self._moved_in_warmup |= self.warming_up
         return proposal
