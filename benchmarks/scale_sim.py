@@ -223,7 +223,8 @@ class OracleReference(Policy):
         lower, upper = float(self.bounds.min_batch), float(self.bounds.upper(self.global_batch))
         targets = solve_clipped_linear(1.0 / per_sample, -overhead / per_sample, lower, upper,
                                        self.global_batch)
-        return Plan(tuple(round_to_total(targets, self.global_batch, self.bounds)))
+        return Plan(tuple(round_to_total(targets, self.global_batch, self.bounds,
+                                         step_cost=(overhead, per_sample))))
 
 
 def build_policy(name: str, config: SimConfig) -> Policy:

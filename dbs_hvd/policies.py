@@ -235,11 +235,13 @@ class CostModelPolicy(Policy):
         reach = np.where(self._changed, self.surprise_change, self.max_change)
         lower = np.maximum(np.floor(sizes / reach), self.bounds.min_batch)
         upper = np.minimum(np.ceil(sizes * reach), self.bounds.upper(self.global_batch))
-        # Equal predicted step times: b_i = (t - overhead_i) / per_sample_i.
+        # Equal predicted step times: b_i = (t - overhead_i) / per_sample_i,
+        # rounded so that the longest predicted step is as short as it can be.
         targets = solve_clipped_linear(1.0 / per_sample, -overhead / per_sample, lower, upper,
                                        self.global_batch)
         proposal = Plan(tuple(round_to_total(targets, self.global_batch, self.bounds,
-                                             lower.astype(np.int64), upper.astype(np.int64))))
+                                             lower.astype(np.int64), upper.astype(np.int64),
+                                             step_cost=(overhead, per_sample))))
 
         def predicted_step(plan: Plan) -> float:
             return float(np.max(overhead + per_sample * np.asarray(plan.batch_sizes)))

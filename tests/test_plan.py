@@ -7,7 +7,7 @@ from hypothesis import assume, given, settings, strategies as st
 
 from dbs_hvd.plan import (
     Bounds, Plan, PlanError, ProportionalPolicy, StaticPolicy, WindowStats, apportion,
-    solve_clipped_linear,
+    round_to_total, solve_clipped_linear,
 )
 from dbs_hvd.policies import make_policy
 
@@ -163,3 +163,86 @@ def test_clipped_linear_solver_rejects_what_it_cannot_solve():
         solve_clipped_linear(1.0, 0.0, [1, 1], [10, 10], 25)
     with pytest.raises(PlanError, match="positive slopes"):
         solve_clipped_linear([1.0, 0.0], 0.0, 1, 10, 5)
+
+
+def _greedy_min_max(start, count, overhead, per_sample, limit, add=True):
+    """Reference: move ``count`` units one at a time, each to (or from) where the step
+    after it is shortest (from where it is longest): exact for costs that grow with b."""
+    import heapq
+
+    sizes = np.array(start, dtype=np.int64)
+    sign = 1 if add else -1
+
+    def key(rank):
+        batch = sizes[rank] + 1 if add else sizes[rank]
+        return (sign * (overhead[rank] + per_sample[rank] * batch), rank)
+
+    heap = [key(r) for r in range(len(sizes)) if sign * (limit[r] - sizes[r]) > 0]
+    heapq.heapify(heap)
+    for _ in range(count):
+        _, rank = heapq.heappop(heap)
+        sizes[rank] += sign
+        if sign * (limit[rank] - sizes[rank]) > 0:
+            heapq.heappush(heap, key(rank))
+    return sizes
+
+
+@st.composite
+def step_costs_and_bounds(draw):
+    n = draw(st.integers(1, 40))
+    costs = st.floats(1e-4, 1.0)
+    per_sample = np.array(draw(st.lists(costs, min_size=n, max_size=n)))
+    overhead = np.array(draw(st.lists(st.floats(0.0, 5.0), min_size=n, max_size=n)))
+    low = np.array(draw(st.lists(st.integers(1, 8), min_size=n, max_size=n)))
+    high = low + np.array(draw(st.lists(st.integers(0, 200), min_size=n, max_size=n)))
+    total = draw(st.integers(int(low.sum()), int(high.sum())))
+    return overhead, per_sample, low, high, total
+
+
+def _longest_step(sizes, overhead, per_sample):
+    return float(np.max(overhead + per_sample * sizes))
+
+
+@settings(max_examples=300, deadline=None)
+@given(step_costs_and_bounds())
+def test_min_max_rounding_is_optimal_and_never_worse_than_largest_remainder(case):
+    overhead, per_sample, low, high, total = case
+    targets = solve_clipped_linear(1.0 / per_sample, -overhead / per_sample, low, high, total)
+    bounds = Bounds(1, None)
+    sizes = round_to_total(targets, total, bounds, low, high, step_cost=(overhead, per_sample))
+    assert sizes.sum() == total
+    assert np.all(sizes >= low) and np.all(sizes <= high)
+    best = _greedy_min_max(low, total - int(low.sum()), overhead, per_sample, high)
+    assert _longest_step(sizes, overhead, per_sample) == pytest.approx(
+        _longest_step(best, overhead, per_sample), rel=1e-12)
+    nearest = round_to_total(targets, total, bounds, low, high)
+    assert (_longest_step(sizes, overhead, per_sample)
+            <= _longest_step(nearest, overhead, per_sample) * (1 + 1e-12))
+
+
+def test_min_max_rounding_gives_the_unit_to_the_rank_whose_step_grows_least():
+    # Floors 10 and 11 leave one sample over. Largest remainder (0.6 over 0.4)
+    # gives it to the slow rank, whose step becomes 1 + 0.1 * 12 = 2.2; min-max
+    # gives it to the fast one (1 + 0.01 * 11), and the longest step stays 2.1.
+    overhead, per_sample = np.array([1.0, 1.0]), np.array([0.01, 0.1])
+    targets = np.array([10.4, 11.6])
+    assert round_to_total(targets, 22, Bounds()).tolist() == [10, 12]
+    assert round_to_total(targets, 22, Bounds(),
+                          step_cost=(overhead, per_sample)).tolist() == [11, 11]
+
+
+@settings(max_examples=200, deadline=None)
+@given(step_costs_and_bounds())
+def test_min_max_rounding_takes_units_from_the_longest_steps(case):
+    # Targets at the upper bounds overshoot the total: the surplus must come
+    # off where the steps are longest.
+    overhead, per_sample, low, high, total = case
+    surplus = int(high.sum()) - total
+    assume(surplus > 0)
+    sizes = round_to_total(high.astype(float), total, Bounds(1, None), low, high,
+                           step_cost=(overhead, per_sample))
+    assert sizes.sum() == total
+    assert np.all(sizes >= low) and np.all(sizes <= high)
+    reference = _greedy_min_max(high, surplus, overhead, per_sample, low, add=False)
+    assert _longest_step(sizes, overhead, per_sample) == pytest.approx(
+        _longest_step(reference, overhead, per_sample), rel=1e-12)
