@@ -1,6 +1,6 @@
 """Policies beyond the paper's rule, and the registry dbs-train chooses from.
 
-``CostModelPolicy`` ("dbs", our default) differs from the paper's rule in four ways:
+``CostModelPolicy`` ("dbs", our default) differs from the paper's rule in these ways:
 
 * **Smoothing.** Each rank's step times are kept over recent windows and
   weighted by age (exponential decay), so one noisy window does not move the plan.
@@ -19,7 +19,9 @@
   sizes differ enough (``min_spread``); until then ``a_i = 0`` and the policy
   splits by smoothed speed, like the paper's rule. Splitting by speed alone
   overshoots when small batches are slower per sample; equalising predicted
-  step times does not.
+  step times does not. The sizes are rounded for the same goal: each sample
+  left after flooring goes where the predicted step after it is shortest
+  (``round_to_total`` with ``step_cost``).
 
 * **A warm-up.** The first steps of a process are slow in ways that say
   nothing about the device: lazy initialisation, allocator growth, kernel
