@@ -37,7 +37,7 @@ from typing import Sequence, TextIO
 import numpy as np
 
 from dbs_hvd.metrics import balance_efficiency
-from dbs_hvd.plan import Bounds, Plan, Policy, WindowStats, round_to_total, solve_clipped_linear
+from dbs_hvd.plan import Bounds, Plan, Policy, WindowStats, equalise_step_times
 from dbs_hvd.policies import make_policy
 
 SCENARIOS = ("steady", "disturbance", "step")
@@ -220,11 +220,8 @@ class OracleReference(Policy):
     def propose(self, stats: WindowStats, current: Plan) -> Plan:
         assert self.truth is not None, "the simulator sets the truth before each plan"
         overhead, per_sample = self.truth
-        lower, upper = float(self.bounds.min_batch), float(self.bounds.upper(self.global_batch))
-        targets = solve_clipped_linear(1.0 / per_sample, -overhead / per_sample, lower, upper,
-                                       self.global_batch)
-        return Plan(tuple(round_to_total(targets, self.global_batch, self.bounds,
-                                         step_cost=(overhead, per_sample))))
+        return Plan(tuple(equalise_step_times(overhead, per_sample, self.global_batch,
+                                              self.bounds)))
 
 
 def build_policy(name: str, config: SimConfig) -> Policy:

@@ -308,6 +308,27 @@ def round_to_total(targets: np.ndarray, global_batch: int, bounds: Bounds,
     return sizes
 
 
+def equalise_step_times(overhead: np.ndarray, per_sample: np.ndarray, global_batch: int,
+                        bounds: Bounds, lower: np.ndarray | None = None,
+                        upper: np.ndarray | None = None) -> np.ndarray:
+    """Integer sizes summing to ``global_batch`` whose predicted steps are as equal as can be.
+
+    A step of ``b`` samples on rank i is predicted to take ``overhead[i] +
+    per_sample[i] * b``. The real-valued sizes that give every rank the same
+    predicted step are found exactly (``solve_clipped_linear``), then rounded
+    min-max, so the longest predicted step, the one a synchronous step waits
+    for, is as short as integer sizes allow. ``lower``/``upper`` tighten the
+    bounds per rank (a trust region).
+    """
+    low = np.full(len(per_sample), float(bounds.min_batch)) if lower is None else lower
+    high = (np.full(len(per_sample), float(bounds.upper(global_batch))) if upper is None
+            else upper)
+    targets = solve_clipped_linear(1.0 / per_sample, -overhead / per_sample, low, high,
+                                   global_batch)
+    return round_to_total(targets, global_batch, bounds, np.asarray(low, dtype=np.int64),
+                          np.asarray(high, dtype=np.int64), step_cost=(overhead, per_sample))
+
+
 def _min_max_units(sizes: np.ndarray, deficit: int, low: np.ndarray, high: np.ndarray,
                    overhead: np.ndarray, per_sample: np.ndarray) -> int:
     """Add (or take away) ``deficit`` units in place so the longest predicted step is shortest.

@@ -21,7 +21,7 @@
   overshoots when small batches are slower per sample; equalising predicted
   step times does not. The sizes are rounded for the same goal: each sample
   left after flooring goes where the predicted step after it is shortest
-  (``round_to_total`` with ``step_cost``).
+  (``equalise_step_times`` in plan.py).
 
 * **A warm-up.** The first steps of a process are slow in ways that say
   nothing about the device: lazy initialisation, allocator growth, kernel
@@ -60,7 +60,7 @@ import numpy as np
 
 from .plan import (
     Bounds, Plan, PlanError, Policy, ProportionalPolicy, StaticPolicy, WindowStats,
-    round_to_total, solve_clipped_linear,
+    equalise_step_times,
 )
 
 
@@ -237,13 +237,9 @@ class CostModelPolicy(Policy):
         reach = np.where(self._changed, self.surprise_change, self.max_change)
         lower = np.maximum(np.floor(sizes / reach), self.bounds.min_batch)
         upper = np.minimum(np.ceil(sizes * reach), self.bounds.upper(self.global_batch))
-        # Equal predicted step times: b_i = (t - overhead_i) / per_sample_i,
-        # rounded so that the longest predicted step is as short as it can be.
-        targets = solve_clipped_linear(1.0 / per_sample, -overhead / per_sample, lower, upper,
-                                       self.global_batch)
-        proposal = Plan(tuple(round_to_total(targets, self.global_batch, self.bounds,
-                                             lower.astype(np.int64), upper.astype(np.int64),
-                                             step_cost=(overhead, per_sample))))
+        # Equal predicted step times: b_i = (t - overhead_i) / per_sample_i.
+        proposal = Plan(tuple(equalise_step_times(overhead, per_sample, self.global_batch,
+                                                  self.bounds, lower, upper)))
 
         def predicted_step(plan: Plan) -> float:
             return float(np.max(overhead + per_sample * np.asarray(plan.batch_sizes)))

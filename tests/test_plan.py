@@ -7,7 +7,7 @@ from hypothesis import assume, given, settings, strategies as st
 
 from dbs_hvd.plan import (
     Bounds, Plan, PlanError, ProportionalPolicy, StaticPolicy, WindowStats, apportion,
-    round_to_total, solve_clipped_linear,
+    equalise_step_times, round_to_total, solve_clipped_linear,
 )
 from dbs_hvd.policies import make_policy
 
@@ -246,3 +246,17 @@ def test_min_max_rounding_takes_units_from_the_longest_steps(case):
     reference = _greedy_min_max(high, surplus, overhead, per_sample, low, add=False)
     assert _longest_step(sizes, overhead, per_sample) == pytest.approx(
         _longest_step(reference, overhead, per_sample), rel=1e-12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(step_costs_and_bounds())
+def test_equal_step_times_plan_is_the_min_max_optimum_within_the_bounds(case):
+    overhead, per_sample, _, _, total = case
+    n = len(per_sample)
+    assume(total >= n)
+    bounds = Bounds(1, None)
+    sizes = equalise_step_times(overhead, per_sample, total, bounds)
+    assert sizes.sum() == total and sizes.min() >= 1
+    best = _greedy_min_max(np.ones(n), total - n, overhead, per_sample, np.full(n, total))
+    assert _longest_step(sizes, overhead, per_sample) == pytest.approx(
+        _longest_step(best, overhead, per_sample), rel=1e-12)
