@@ -334,39 +334,44 @@ def _min_max_units(sizes: np.ndarray, deficit: int, low: np.ndarray, high: np.nd
     """Add (or take away) ``deficit`` units in place so the longest predicted step is shortest.
 
     Adding: the optimum holds the ``deficit`` cheapest units, a rank's units
-    getting dearer one by one. Each pass sorts every rank's next unit and
-    commits, among the cheapest ``deficit`` of them, those no dearer than any
-    rank's unit after next: no unit left out can undercut them. Usually one
-    pass does it; each commits at least the cheapest unit. Taking away mirrors
-    this with the dearest units held. Returns what could not be placed (0
-    unless the bounds leave no room). Ties go to lower ranks (stable sorts).
+    getting dearer one by one. Each pass commits what ``_sure_units`` picks.
+    Taking away is the same with costs negated: the dearest held units go
+    first. Returns what could not be placed (0 unless the bounds leave no
+    room). Ties go to lower ranks (stable sorts).
     """
     def step(batch: np.ndarray) -> np.ndarray:
         return overhead + per_sample * batch
 
     while deficit > 0:
-        after_next = np.where(sizes + 2 <= high, step(sizes + 2), np.inf)
-        next_unit = np.where(sizes + 1 <= high, step(sizes + 1), np.inf)
-        order = np.argsort(next_unit, kind="stable")[:deficit]
-        order = order[np.isfinite(next_unit[order])]
-        if len(order) == 0:
+        chosen = _sure_units(np.where(sizes + 1 <= high, step(sizes + 1), np.inf),
+                             np.where(sizes + 2 <= high, step(sizes + 2), np.inf), deficit)
+        if len(chosen) == 0:
             break
-        sure = order[next_unit[order] <= after_next.min()]
-        chosen = sure if len(sure) else order[:1]
         sizes[chosen] += 1
         deficit -= len(chosen)
     while deficit < 0:
-        held_after = np.where(sizes - 2 >= low, step(sizes - 1), -np.inf)
-        held = np.where(sizes - 1 >= low, step(sizes), -np.inf)
-        order = np.argsort(-held, kind="stable")[:-deficit]
-        order = order[np.isfinite(held[order])]
-        if len(order) == 0:
+        chosen = _sure_units(np.where(sizes - 1 >= low, -step(sizes), np.inf),
+                             np.where(sizes - 2 >= low, -step(sizes - 1), np.inf), -deficit)
+        if len(chosen) == 0:
             break
-        sure = order[held[order] >= held_after.max()]
-        chosen = sure if len(sure) else order[:1]
         sizes[chosen] -= 1
         deficit += len(chosen)
     return deficit
+
+
+def _sure_units(next_cost: np.ndarray, after_cost: np.ndarray, count: int) -> np.ndarray:
+    """Ranks whose next unit belongs to the ``count`` cheapest units overall (one pass).
+
+    ``next_cost``/``after_cost``: each rank's next unit and the one after it
+    (``inf`` where the bounds forbid it). Among the ``count`` cheapest next
+    units, those no dearer than any rank's unit after next are sure to be in
+    the optimum: no unit left out can undercut them. At least the cheapest
+    one is, so every pass makes progress; usually one pass does it all.
+    """
+    order = np.argsort(next_cost, kind="stable")[:count]
+    order = order[np.isfinite(next_cost[order])]
+    sure = order[next_cost[order] <= after_cost.min()]
+    return sure if len(sure) else order[:1]
 
 
 class Policy(ABC):
