@@ -180,9 +180,9 @@ def run_once(scenario: Scenario, policy: str, repeat: int, workdir: Path) -> Run
     return result
 
 
-def paired_ratio(runs: list[RunResult], plain: list[RunResult]) -> float | None:
-    """Median over repeats of a run's total time over its own repeat's plain Horovod time
-    (the mean of both plain runs where the scenario repeats plain Horovod as a control).
+def paired_ratios(runs: list[RunResult], plain: list[RunResult]) -> list[float]:
+    """Each run's total time over its own repeat's plain Horovod time (the mean of
+    both plain runs where the scenario repeats plain Horovod as a control).
 
     Pairing within a repeat removes the machine's drift between repeats, which
     on this 2-core machine moved repeat totals by up to 40% on the MLP.
@@ -190,9 +190,21 @@ def paired_ratio(runs: list[RunResult], plain: list[RunResult]) -> float | None:
     per_repeat: dict[int, list[float]] = {}
     for run in plain:
         per_repeat.setdefault(run.repeat, []).append(run.total_seconds)
-    ratios = [run.total_seconds / statistics.mean(per_repeat[run.repeat])
-              for run in runs if run.repeat in per_repeat]
+    return [run.total_seconds / statistics.mean(per_repeat[run.repeat])
+            for run in runs if run.repeat in per_repeat]
+
+
+def paired_ratio(runs: list[RunResult], plain: list[RunResult]) -> float | None:
+    """The median over repeats of ``paired_ratios``."""
+    ratios = paired_ratios(runs, plain)
     return statistics.median(ratios) if ratios else None
+
+
+def paired_range(runs: list[RunResult], plain: list[RunResult]) -> list[float] | None:
+    """The lowest and highest paired ratio over repeats: how far one repeat can be
+    trusted here. Two policies whose ranges overlap widely were not told apart."""
+    ratios = paired_ratios(runs, plain)
+    return [min(ratios), max(ratios)] if ratios else None
 
 
 def summarise(scenario: Scenario, results: list[RunResult]) -> dict:
@@ -210,6 +222,7 @@ def summarise(scenario: Scenario, results: list[RunResult]) -> dict:
         rows[policy] = {
             "time_vs_horovod": total / base if scenario.timed else None,
             "paired_vs_horovod": paired_ratio(runs, plain) if scenario.timed else None,
+            "paired_range": paired_range(runs, plain) if scenario.timed else None,
             "steady_efficiency": statistics.median(effs) if effs else None,
             "final_accuracy": statistics.median(r.epochs[-1]["accuracy"] for r in runs),
             "final_plan": runs[-1].epochs[-1]["next_batch_sizes"],
@@ -218,17 +231,21 @@ def summarise(scenario: Scenario, results: list[RunResult]) -> dict:
 
 
 def markdown(summary: dict, scenario_list: list[Scenario]) -> str:
-    lines = ["| scenario | policy | time vs plain Horovod | paired | balance efficiency "
-             "(median, epochs 2+) | final plan | final accuracy |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| scenario | policy | time vs plain Horovod | paired | paired, lowest-highest "
+             "repeat | balance efficiency (median, epochs 2+) | final plan | final accuracy |",
+             "|---|---|---|---|---|---|---|---|"]
 
     def figure(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3f}"
+
+    def span(values: list[float] | None) -> str:
+        return "n/a" if not values else f"{values[0]:.3f}-{values[1]:.3f}"
 
     for scenario in scenario_list:
         for policy, row in summary.get(scenario.name, {}).items():
             lines.append(f"| {scenario.name} | {policy} | {figure(row['time_vs_horovod'])} "
                          f"| {figure(row['paired_vs_horovod'])} "
+                         f"| {span(row.get('paired_range'))} "
                          f"| {figure(row['steady_efficiency'])} "
                          f"| {row['final_plan']} | {100 * row['final_accuracy']:.1f}% |")
     return "\n".join(lines) + "\n"

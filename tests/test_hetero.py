@@ -59,3 +59,17 @@ def test_paired_ratio_divides_by_the_same_repeat_s_plain_runs():
     assert rows["dbs"]["paired_vs_horovod"] == pytest.approx(1.0)
     assert rows[HOROVOD_AGAIN]["paired_vs_horovod"] == pytest.approx(1.2 / 1.1)
     assert rows["dbs"]["time_vs_horovod"] == pytest.approx(1.65 / 1.5)  # drift included
+
+
+def test_paired_range_spans_the_repeats_and_reaches_the_table():
+    scenario = Scenario("s", 2, [], ["horovod", "dbs"], epochs=1)
+    results = []
+    for repeat, (plain, dbs) in enumerate([(1.0, 0.9), (2.0, 2.4), (1.0, 1.0)]):
+        for policy, seconds in (("horovod", plain), ("dbs", dbs)):
+            run = _run(scenario, policy, seconds)
+            run.repeat = repeat
+            results.append(run)
+    rows = summarise(scenario, results)
+    assert rows["dbs"]["paired_range"] == pytest.approx([0.9, 1.2])
+    assert rows["dbs"]["paired_vs_horovod"] == pytest.approx(1.0)
+    assert "| 1.000 | 0.900-1.200 |" in markdown({"s": rows}, [scenario])
