@@ -16,15 +16,12 @@
 * **Fixed per-step costs, when they can be measured.** A step of ``b``
   samples is modelled as ``a_i + c_i * b``. The overhead ``a_i`` can only be
   told apart from the per-sample cost ``c_i`` when the rank's recent batch
-  sizes differ enough (``min_spread``). Every rank runs the same model, so
-  the overhead in samples' worth (``a_i / c_i``) measured on the ranks that
-  can tell it is shared with those that cannot (``overhead_in_samples``);
-  until any rank can, ``a_i = 0`` and the policy splits by smoothed speed,
-  like the paper's rule. Splitting by speed alone overshoots when small
-  batches are slower per sample; equalising predicted step times does not.
-  The sizes are rounded for the same goal: each sample left after flooring
-  goes where the predicted step after it is shortest (``equalise_step_times``
-  in plan.py).
+  sizes differ enough (``min_spread``); until then ``a_i = 0`` and the policy
+  splits by smoothed speed, like the paper's rule. Splitting by speed alone
+  overshoots when small batches are slower per sample; equalising predicted
+  step times does not. The sizes are rounded for the same goal: each sample
+  left after flooring goes where the predicted step after it is shortest
+  (``equalise_step_times`` in plan.py).
 
 * **A warm-up.** The first steps of a process are slow in ways that say
   nothing about the device: lazy initialisation, allocator growth, kernel
@@ -68,29 +65,15 @@ from .plan import (
 
 
 def fit_step_costs(batch: np.ndarray, seconds: np.ndarray, weights: np.ndarray,
-                   min_spread: float, overhead_samples: float | None = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
+                   min_spread: float) -> tuple[np.ndarray, np.ndarray]:
     """Per-rank weighted least squares ``seconds ~ a + c * batch``, vectorised over ranks.
 
     ``batch`` and ``seconds`` have one row per window and one column per rank;
-    ``weights`` one entry per row. A rank gets its own overhead only when the
+    ``weights`` one entry per row. A rank gets an overhead only when the
     relative spread of its batch sizes is at least ``min_spread`` and the fit
-    is physical (``a >= 0``, ``c > 0``, ``a`` below the mean step time).
-    Otherwise its overhead is ``overhead_samples`` samples' worth of its own
-    per-sample cost (``a = k * c``, fitted through the point ``(-k, 0)``),
-    or zero without that prior, ``c`` then being the weighted seconds per sample.
+    is physical (``a >= 0``, ``c > 0``, ``a`` below the mean step time);
+    otherwise ``a = 0`` and ``c`` is the weighted seconds per sample.
     """
-    own, overhead, slope = _own_step_cost_fits(batch, seconds, weights, min_spread)
-    k = overhead_samples or 0.0
-    w = weights[:, None]
-    shifted = batch + k
-    prior_slope = (w * shifted * seconds).sum(0) / (w * shifted * shifted).sum(0)
-    return (np.where(own, overhead, k * prior_slope), np.where(own, slope, prior_slope))
-
-
-def _own_step_cost_fits(batch: np.ndarray, seconds: np.ndarray, weights: np.ndarray,
-                        min_spread: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each rank's own line fit, and whether its batch spread and result make it usable."""
     w = (weights / weights.sum())[:, None]
     mean_b = (w * batch).sum(0)
     mean_t = (w * seconds).sum(0)
@@ -101,22 +84,9 @@ def _own_step_cost_fits(batch: np.ndarray, seconds: np.ndarray, weights: np.ndar
     overhead = mean_t - slope * mean_b
     spread_ok = np.sqrt(var_b) >= min_spread * mean_b
     physical = (slope > 0) & (overhead >= 0) & (overhead < 0.9 * mean_t)
-    return spread_ok & physical, overhead, slope
-
-
-def overhead_in_samples(batch: np.ndarray, seconds: np.ndarray, weights: np.ndarray,
-                        min_spread: float) -> float | None:
-    """The per-step overhead in samples' worth (``a / c``), median over ranks with own fits.
-
-    Every rank runs the same model, so its fixed per-step work (kernel
-    launches, Python, the optimizer, on shared cores the wait for one) is
-    about the same number of samples' worth on each; a slower device is
-    slower at both. None when no rank's recent batch sizes spread enough.
-    """
-    own, overhead, slope = _own_step_cost_fits(batch, seconds, weights, min_spread)
-    if not own.any():
-        return None
-    return float(np.median(overhead[own] / slope[own]))
+    use_fit = spread_ok & physical
+    through_origin = (w * batch * seconds).sum(0) / (w * batch * batch).sum(0)
+    return np.where(use_fit, overhead, 0.0), np.where(use_fit, slope, through_origin)
 
 
 class CostModelPolicy(Policy):
@@ -159,35 +129,11 @@ class CostModelPolicy(Policy):
         self._moved_in_warmup = False
         self.last_model: tuple[np.ndarray, np.ndarray] | None = None
         self.hold_after_revert = 4  # windows without changes after a reverted one
-        # Per-step overhead in samples' worth, shared by ranks without their own
-        # fit. Kept when the warm-up is forgotten: it is learnt only from large
-        # moves, which a warm-up that did not move the plan cannot have made,
-        # so what it holds then came from a checkpoint.
-        self._overhead_samples: float | None = None
         self._forget()
 
     def _fit(self) -> tuple[np.ndarray, np.ndarray]:
         ages = np.arange(len(self._batch))[::-1]
-        return fit_step_costs(self._batch, self._seconds, self.decay ** ages, self.min_spread,
-                              self._overhead_samples)
-
-    def _learn_overhead_samples(self, batch: np.ndarray, seconds: np.ndarray) -> None:
-        """Update the shared per-step overhead (in samples) from the ranks' own fits.
-
-        Learnt from the history with the new window, before that window is
-        judged: a large move that reveals the overhead (a slow rank going from
-        42 samples to 18, its step shrinking less than in proportion) is then
-        predicted, instead of being taken for a change of device, which would
-        wipe the very history that shows the overhead. And a rank without its
-        own fit (its recent batch sizes too alike, or its history just reset)
-        is modelled with this overhead rather than with none, which made a
-        rank at a small batch look slower per sample than it is.
-        """
-        ages = np.arange(len(batch))[::-1]
-        seen = overhead_in_samples(batch, seconds, self.decay ** ages, self.min_spread)
-        if seen is not None:
-            previous = self._overhead_samples
-            self._overhead_samples = seen if previous is None else 0.5 * (previous + seen)
+        return fit_step_costs(self._batch, self._seconds, self.decay ** ages, self.min_spread)
 
     def observe(self, stats: WindowStats) -> tuple[np.ndarray, np.ndarray]:
         """Add the window to the history and return the fitted (overhead, per-sample) per rank."""
@@ -198,8 +144,6 @@ class CostModelPolicy(Policy):
             self._batch = np.empty((0, stats.world_size))
             self._seconds = np.empty((0, stats.world_size))
         if len(self._batch):
-            self._learn_overhead_samples(np.vstack([self._batch, batch]),
-                                         np.vstack([self._seconds, seconds]))
             overhead, per_sample = self._fit()
             predicted = overhead + per_sample * batch
             # A rank that changed speed forgets its older windows: they describe
@@ -262,8 +206,7 @@ class CostModelPolicy(Policy):
         return self._steps_seen <= self.warmup_steps
 
     def _forget(self) -> None:
-        """Start the learnt state afresh: windows, noise level, pending trial, hold
-        (not the shared overhead, see ``__init__``)."""
+        """Start the learnt state afresh: windows, noise level, pending trial, hold."""
         # Rows of windows (oldest first), one column per rank: mean batch, seconds per step.
         self._batch = np.empty((0, 0))
         self._seconds = np.empty((0, 0))
@@ -335,13 +278,11 @@ class CostModelPolicy(Policy):
         return float(np.clip(2.0 * self._noise, self.min_deadband, self.deadband))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"batch": self._batch.tolist(), "seconds": self._seconds.tolist(),
-                "overhead_samples": self._overhead_samples}
+        return {"batch": self._batch.tolist(), "seconds": self._seconds.tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._batch = np.array(state["batch"], dtype=float)
         self._seconds = np.array(state["seconds"], dtype=float)
-        self._overhead_samples = state.get("overhead_samples")
 
 
 POLICIES: dict[str, type[Policy]] = {

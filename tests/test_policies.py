@@ -4,9 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from dbs_hvd.plan import Bounds, Plan, PlanError, WindowStats
-from dbs_hvd.policies import (
-    CostModelPolicy, fit_step_costs, make_policy, overhead_in_samples,
-)
+from dbs_hvd.policies import CostModelPolicy, fit_step_costs, make_policy
 
 
 def window(plan, overhead, per_sample, noise=0.0, rng=None, steps=5):
@@ -112,47 +110,6 @@ def test_fit_recovers_overhead_only_with_enough_batch_spread():
     close = np.array([[30.0], [31.0], [32.0]])
     a, c = fit_step_costs(close, 0.05 + 0.002 * close, np.ones(3), min_spread=0.25)
     assert a[0] == 0.0  # too little spread: proportional model
-
-
-def test_a_rank_without_spread_is_fitted_with_the_shared_overhead():
-    # Rank 0's batch sizes spread (its own fit); rank 1's do not.
-    batch = np.array([[10.0, 30.0], [40.0, 31.0], [20.0, 32.0]])
-    seconds = 0.004 * (5 + batch)  # 5 samples' worth of overhead on both
-    assert overhead_in_samples(batch, seconds, np.ones(3), min_spread=0.25) == pytest.approx(5)
-    a, c = fit_step_costs(batch, seconds, np.ones(3), min_spread=0.25, overhead_samples=5.0)
-    np.testing.assert_allclose([a[1], c[1]], [0.02, 0.004], rtol=1e-9)
-    # Without the shared overhead it is taken as a pure per-sample cost.
-    a, c = fit_step_costs(batch, seconds, np.ones(3), min_spread=0.25)
-    assert a[1] == 0.0 and c[1] > 0.004 * 1.1
-    assert overhead_in_samples(batch[:, 1:], seconds[:, 1:], np.ones(3), 0.25) is None
-
-
-def test_the_overhead_seen_on_a_large_move_answers_a_recovery_in_one_rebalance():
-    # Overheads of 10 samples' worth; rank 2 is 3x slower, then recovers.
-    # Learning the overhead from the first large move (42 -> 18 samples on
-    # rank 2) keeps that move from being taken for a change of device, which
-    # would erase the history that shows the overhead. Without it, measured:
-    # 7 windows to converge, and the recovered rank, judged at 12 samples
-    # where the overhead is half its step, got 30 of the 42 it needs.
-    per_sample = np.array([1e-3, 1e-3, 3e-3])
-    policy = CostModelPolicy(126, warmup_steps=0)
-    plans = run(policy, Plan.equal(126, 3), 10 * per_sample, per_sample, windows=6)
-    assert plans[2] == plans[-1]  # converged in 2 rebalances
-    times = 10 * per_sample + per_sample * np.array(plans[-1].batch_sizes)
-    assert times.max() <= balanced_step(10 * per_sample, per_sample, 126) * 1.02
-    recovered = np.full(3, 1e-3)
-    resumed = CostModelPolicy(126, warmup_steps=0)
-    resumed.load_state_dict(policy.state_dict())
-    fresh = CostModelPolicy(126, warmup_steps=0)
-    recovery = window(plans[-1], 10 * recovered, recovered)
-    assert policy.next_plan(recovery, plans[-1]) == Plan.equal(126, 3)
-
-    def step(answer):
-        return float(np.max(10 * recovered + recovered * np.array(answer.batch_sizes)))
-
-    # A resumed process forgets its windows after the warm-up but keeps the
-    # overhead from the checkpoint: its answer beats one made without it.
-    assert step(resumed.next_plan(recovery, plans[-1])) < step(fresh.next_plan(recovery, plans[-1]))
 
 
 def test_state_dict_round_trip_gives_the_same_next_plan():
