@@ -195,6 +195,17 @@ def _plain_horovod_run(config: TrainConfig, model: nn.Module, train_set: TensorD
     return _Run(loader, optimizer, sampler, len(batches), len(train_set) - len(batches) * local * world)
 
 
+def build_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset, exchange,
+              device: torch.device, world: int, rank: int) -> _Run:
+    """The loader, sampler and optimizer of ``config.policy``: plain Horovod for "horovod".
+
+    Collective for the DBS policies (they check their settings on all ranks).
+    """
+    if config.policy == "horovod":
+        return _plain_horovod_run(config, model, train_set, world, rank)
+    return _dbs_run(config, model, train_set, exchange, device)
+
+
 def parse_plan(text: str) -> Plan:
     """``--plan 100,28`` as a Plan; the sampler checks its size, sum and bounds."""
     try:
@@ -366,8 +377,7 @@ def train(config: TrainConfig) -> list[EpochRecord]:
         config, hvd.local_rank(), hvd.local_size())
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     plain = config.policy == "horovod"
-    run = (_plain_horovod_run(config, model, train_set, world, rank) if plain
-           else _dbs_run(config, model, train_set, exchange, device))
+    run = build_run(config, model, train_set, exchange, device, world, rank)
     hvd.broadcast_optimizer_state(run.optimizer, root_rank=0)
     if config.resume and not config.checkpoint_dir:
         raise ValueError("--resume needs --checkpoint-dir (the folder of the run to continue)")

@@ -1,0 +1,194 @@
+"""No-harm benchmark: what DBS costs where it is not needed, epoch by epoch in one job.
+
+The hetero benchmark compares separate jobs. On this shared 2-core machine a
+job's total moves by 5-10% between runs minutes apart, more than the 2% a
+no-harm target allows, so those ratios cannot say whether DBS costs 1% or 4%.
+Here one mpirun job trains several copies of the same model from the same
+initial weights, one per policy: plain Horovod (``hvd.DistributedOptimizer``
+with an equal split, as users run it today), plain Horovod again (the
+control: what "no difference" measures) and the DBS policies. Each round
+trains every copy for one epoch, in an order that rotates from round to
+round, so all copies meet the same machine within seconds of each other.
+
+Reported per copy: the median over rounds of its epoch time over plain
+Horovod's epoch time in the same round, and the quartiles of that ratio.
+The first round (start-up: allocation, first allreduces) is left out.
+
+    python -m benchmarks.no_harm                  # MLP and equal CNN, 2 ranks, about 3 minutes
+    python -m benchmarks.no_harm --only mlp --rounds 60
+
+Writes results.json and results.md to --out (default runs/no_harm).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from dbs_hvd.testing import run_job
+
+PLAIN = "horovod"
+CONTROL = "horovod again"
+
+
+@dataclass
+class Setup:
+    name: str
+    ranks: int
+    args: list[str]  # TrainConfig fields as --key value pairs
+    rounds: int
+    copies: tuple[str, ...] = (PLAIN, CONTROL, "static", "dbs")
+
+
+def setups(quick: bool) -> list[Setup]:
+    """The two no-harm checks of the hetero benchmark (same models, data and batch)."""
+    scale = 4 if quick else 1
+    return [
+        # 400k parameters, about 5 ms per step, most of it the allreduce.
+        Setup("allreduce-bound MLP [1,1] 2 ranks", 2,
+              ["--model", "mlp", "--hidden", "128", "--samples", "6400"], rounds=40 // scale),
+        # Compute-bound CNN, equal ranks: DBS has nothing to balance.
+        Setup("equal CNN [1,1] 2 ranks", 2, ["--model", "cnn", "--samples", "1280"],
+              rounds=16 // scale),
+    ]
+
+
+def round_order(copies: tuple[str, ...], round_index: int) -> list[str]:
+    """Rotate by one each round, so no copy always runs first or after the same one."""
+    shift = round_index % len(copies)
+    return list(copies[shift:] + copies[:shift])
+
+
+def ratios_to_plain(rounds: list[dict[str, float]], skip: int = 1) -> dict[str, list[float]]:
+    """Per copy, its epoch time over plain Horovod's, one ratio per round after ``skip``."""
+    kept = rounds[skip:]
+    order = list(rounds[0]) if rounds else []  # round 0 runs the copies in their given order
+    return {copy: [r[copy] / r[PLAIN] for r in kept] for copy in order} if kept else {}
+
+
+def summarise(rounds: list[dict[str, float]], skip: int = 1) -> dict[str, dict[str, float]]:
+    """Median and quartiles of each copy's ratio to plain Horovod."""
+    summary = {}
+    for copy, values in ratios_to_plain(rounds, skip).items():
+        low, median, high = statistics.quantiles(values, n=4) if len(values) > 1 else \
+            (values[0],) * 3
+        summary[copy] = {"median": statistics.median(values), "q1": low, "q3": high,
+                         "rounds": len(values)}
+    return summary
+
+
+def markdown(results: dict[str, dict]) -> str:
+    lines = ["| setup | copy | epoch time vs plain Horovod (median over rounds) | quartiles "
+             "| rounds |", "|---|---|---|---|---|"]
+    for name, result in results.items():
+        for copy, row in result["summary"].items():
+            lines.append(f"| {name} | {copy} | {row['median']:.3f} | {row['q1']:.3f}-"
+                         f"{row['q3']:.3f} | {row['rounds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def worker(argv: list[str]) -> int:
+    """One rank of the job: build every copy, train them in rotating rounds, rank 0 writes."""
+    import horovod.torch as hvd
+    import torch
+    from torch import nn
+
+    from dbs_hvd import trainer
+    from dbs_hvd.cli import train_parser
+    from dbs_hvd.comm import default_exchange
+    from dbs_hvd.emulate import make_emulator
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, required=True)
+    parser.add_argument("--copies", required=True)
+    parser.add_argument("--result", required=True)
+    own, rest = parser.parse_known_args(argv)
+    names = {f.name for f in fields(trainer.TrainConfig)}
+    config = trainer.TrainConfig(**{k: v for k, v in vars(train_parser().parse_args(rest)).items()
+                                    if k in names})
+    trainer.init_horovod(config)
+    rank, world = hvd.rank(), hvd.size()
+    exchange = default_exchange()
+    emulator = make_emulator(rank, world)  # equal devices: no emulated slowdown
+    criterion = nn.CrossEntropyLoss()
+    copies = {}
+    for name in own.copies.split(","):
+        policy = PLAIN if name in (PLAIN, CONTROL) else name
+        copy_config = replace(config, policy=policy)
+        train_set, _, device, model = trainer.build_data_and_model(
+            copy_config, hvd.local_rank(), hvd.local_size())
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        run = trainer.build_run(copy_config, model, train_set, exchange, device, world, rank)
+        hvd.broadcast_optimizer_state(run.optimizer, root_rank=0)
+        copies[name] = (model, run, device)
+
+    def train_epoch(name: str, epoch: int) -> float:
+        model, run, device = copies[name]
+        run.sampler.set_epoch(epoch)
+        hvd.allreduce(torch.zeros(1), name="no_harm.barrier")  # start the epoch together
+        started = time.perf_counter()
+        for step, (x, y) in enumerate(run.loader):
+            loss = trainer.train_step(model, criterion, run.optimizer, emulator, device, x, y,
+                                      epoch, epoch * run.steps_per_epoch + step)
+            loss.item()  # as a training loop reads its loss
+        return time.perf_counter() - started
+
+    rounds = []
+    for index in range(own.rounds):
+        rounds.append({name: train_epoch(name, index)
+                       for name in round_order(tuple(copies), index)})
+    if rank == 0:
+        Path(own.result).write_text(json.dumps(rounds))
+    return 0
+
+
+def run_setup(setup: Setup, workdir: Path, timeout: float = 900) -> dict:
+    result_file = workdir / f"{abs(hash(setup.name))}.json"
+    command = [sys.executable, "-m", "benchmarks.no_harm", "--worker",
+               "--rounds", str(setup.rounds), "--copies", ",".join(setup.copies),
+               "--result", str(result_file), "--dataset", "synthetic", "--lr", "0.05",
+               "--global-batch", "128", *setup.args]
+    job = run_job(command, np=setup.ranks, timeout=timeout)
+    if not job.ok:
+        raise RuntimeError(f"{setup.name} failed:\n{job.describe(tail_lines=20)}")
+    rounds = json.loads(result_file.read_text())
+    return {"rounds": rounds, "summary": summarise(rounds)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        return worker(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a quarter of the rounds")
+    parser.add_argument("--rounds", type=int, help="rounds per setup (default: 40 MLP, 16 CNN)")
+    parser.add_argument("--only", help="run only setups whose name contains this text")
+    parser.add_argument("--out", default="runs/no_harm", help="output folder")
+    args = parser.parse_args(argv)
+    chosen = [s for s in setups(args.quick)
+              if not args.only or args.only.lower() in s.name.lower()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for setup in chosen:
+            if args.rounds:
+                setup.rounds = args.rounds
+            started = time.monotonic()
+            results[setup.name] = run_setup(setup, Path(tmp))
+            print(f"{setup.name}: {setup.rounds} rounds in {time.monotonic() - started:.0f} s",
+                  flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    table = markdown(results)
+    (out / "results.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

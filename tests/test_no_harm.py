@@ -1,0 +1,44 @@
+"""benchmarks/no_harm.py: rotation, ratios, and one real (tiny) job under mpirun."""
+import json
+
+import pytest
+from hypothesis import given, strategies as st
+
+from benchmarks.no_harm import (
+    CONTROL, PLAIN, Setup, markdown, round_order, run_setup, summarise,
+)
+
+
+@given(st.integers(min_value=1, max_value=6), st.integers(min_value=0, max_value=20))
+def test_every_copy_takes_every_position_once_per_cycle(n, start):
+    copies = tuple(f"c{i}" for i in range(n))
+    cycle = [round_order(copies, start + i) for i in range(n)]
+    for position in range(n):
+        assert sorted(order[position] for order in cycle) == sorted(copies)
+
+
+def test_ratios_are_taken_within_each_round_after_the_first():
+    # The machine is twice as slow in round 2: a ratio within the round removes that.
+    rounds = [{PLAIN: 9.0, CONTROL: 1.0, "dbs": 1.0},  # start-up round: left out
+              {PLAIN: 1.0, CONTROL: 1.1, "dbs": 1.0},
+              {PLAIN: 2.0, CONTROL: 2.0, "dbs": 2.2},
+              {PLAIN: 1.0, CONTROL: 0.9, "dbs": 1.05}]
+    summary = summarise(rounds)
+    assert list(summary) == [PLAIN, CONTROL, "dbs"]
+    assert summary["dbs"]["median"] == pytest.approx(1.05)
+    assert summary[CONTROL]["median"] == pytest.approx(1.0)
+    assert summary[PLAIN]["median"] == 1.0 and summary["dbs"]["rounds"] == 3
+    assert summary["dbs"]["q1"] <= summary["dbs"]["median"] <= summary["dbs"]["q3"]
+    table = markdown({"s": {"summary": summary}})
+    assert "| s | dbs | 1.050 |" in table
+
+
+def test_a_tiny_job_trains_every_copy_in_every_round(tmp_path):
+    setup = Setup("tiny MLP", 2, ["--model", "mlp", "--hidden", "16", "--samples", "640"],
+                  rounds=3)
+    result = run_setup(setup, tmp_path, timeout=120)
+    assert len(result["rounds"]) == 3
+    for times in result["rounds"]:
+        assert set(times) == set(setup.copies) and all(t > 0 for t in times.values())
+    assert set(result["summary"]) == set(setup.copies)
+    json.dumps(result)  # what main() writes
