@@ -4,8 +4,10 @@ Every scenario runs each policy under real mpirun on this machine, interleaved
 (repeat 1: horovod, paper, dbs; repeat 2: ...), on the same seeds, model and
 emulated devices, so machine noise hits all policies alike. Only ratios are
 reported: time relative to plain Horovod in the same scenario (medians of
-totals, and "paired": the median of per-repeat ratios, see paired_ratio), and
-balance efficiency (ideal / actual epoch time, dbs_hvd.metrics.balance_efficiency).
+totals, and "paired": the median of per-repeat ratios, see paired_ratio, with
+their lowest and highest, see paired_range), and balance efficiency (ideal /
+actual epoch time, dbs_hvd.metrics.balance_efficiency). For the no-harm
+checks, benchmarks/no_harm.py compares policies epoch by epoch inside one job.
 
     python -m benchmarks.hetero            # full run, 3 repeats (27-40 minutes on 2 cores)
     python -m benchmarks.hetero --quick    # under 3 minutes, for checks
