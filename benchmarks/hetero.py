@@ -4,8 +4,8 @@ Every scenario runs each policy under real mpirun on this machine, interleaved
 (repeat 1: horovod, paper, dbs; repeat 2: ...), on the same seeds, model and
 emulated devices, so machine noise hits all policies alike. Only ratios are
 reported: time relative to plain Horovod in the same scenario (medians of
-totals, and "paired": the median of per-repeat ratios, see paired_ratio, with
-their lowest and highest, see paired_range), and balance efficiency (ideal /
+totals, and "paired": the median of per-repeat ratios, see paired_ratios, with
+their lowest and highest), and balance efficiency (ideal /
 actual epoch time, dbs_hvd.metrics.balance_efficiency). For the no-harm
 checks, benchmarks/no_harm.py compares policies epoch by epoch inside one job.
 
@@ -196,19 +196,6 @@ def paired_ratios(runs: list[RunResult], plain: list[RunResult]) -> list[float]:
             for run in runs if run.repeat in per_repeat]
 
 
-def paired_ratio(runs: list[RunResult], plain: list[RunResult]) -> float | None:
-    """The median over repeats of ``paired_ratios``."""
-    ratios = paired_ratios(runs, plain)
-    return statistics.median(ratios) if ratios else None
-
-
-def paired_range(runs: list[RunResult], plain: list[RunResult]) -> list[float] | None:
-    """The lowest and highest paired ratio over repeats: how far one repeat can be
-    trusted here. Two policies whose ranges overlap widely were not told apart."""
-    ratios = paired_ratios(runs, plain)
-    return [min(ratios), max(ratios)] if ratios else None
-
-
 def summarise(scenario: Scenario, results: list[RunResult]) -> dict:
     """Per policy: median total time over repeats, ratios to plain Horovod, efficiency."""
     mine = [r for r in results if r.scenario == scenario.name and not r.error]
@@ -221,10 +208,13 @@ def summarise(scenario: Scenario, results: list[RunResult]) -> dict:
             continue
         total = statistics.median(r.total_seconds for r in runs)
         effs = [r.steady_efficiency for r in runs if r.steady_efficiency is not None]
+        paired = paired_ratios(runs, plain) if scenario.timed else []
         rows[policy] = {
             "time_vs_horovod": total / base if scenario.timed else None,
-            "paired_vs_horovod": paired_ratio(runs, plain) if scenario.timed else None,
-            "paired_range": paired_range(runs, plain) if scenario.timed else None,
+            # The median and the lowest-highest of the per-repeat ratios: two
+            # policies whose ranges overlap widely were not told apart here.
+            "paired_vs_horovod": statistics.median(paired) if paired else None,
+            "paired_range": [min(paired), max(paired)] if paired else None,
             "steady_efficiency": statistics.median(effs) if effs else None,
             "final_accuracy": statistics.median(r.epochs[-1]["accuracy"] for r in runs),
             "final_plan": runs[-1].epochs[-1]["next_batch_sizes"],

@@ -27,7 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dbs_hvd.testing import run_job
@@ -77,8 +77,7 @@ def summarise(rounds: list[dict[str, float]], skip: int = 1) -> dict[str, dict[s
     for copy, values in ratios_to_plain(rounds, skip).items():
         low, median, high = statistics.quantiles(values, n=4) if len(values) > 1 else \
             (values[0],) * 3
-        summary[copy] = {"median": statistics.median(values), "q1": low, "q3": high,
-                         "rounds": len(values)}
+        summary[copy] = {"median": median, "q1": low, "q3": high, "rounds": len(values)}
     return summary
 
 
@@ -99,7 +98,7 @@ def worker(argv: list[str]) -> int:
     from torch import nn
 
     from dbs_hvd import trainer
-    from dbs_hvd.cli import train_parser
+    from dbs_hvd.cli import train_config
     from dbs_hvd.comm import default_exchange
     from dbs_hvd.emulate import make_emulator
 
@@ -108,9 +107,7 @@ def worker(argv: list[str]) -> int:
     parser.add_argument("--copies", required=True)
     parser.add_argument("--result", required=True)
     own, rest = parser.parse_known_args(argv)
-    names = {f.name for f in fields(trainer.TrainConfig)}
-    config = trainer.TrainConfig(**{k: v for k, v in vars(train_parser().parse_args(rest)).items()
-                                    if k in names})
+    config = train_config(rest)
     trainer.init_horovod(config)
     rank, world = hvd.rank(), hvd.size()
     exchange = default_exchange()

@@ -120,10 +120,15 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def train_main(argv: Optional[Sequence[str]] = None) -> int:
+def train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """The TrainConfig that dbs-train's command line ``argv`` asks for."""
     args = train_parser().parse_args(argv)
     names = {f.name for f in fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def train_main(argv: Optional[Sequence[str]] = None) -> int:
+    config = train_config(argv)
     try:
         train(config)
     except (DbsError, PlanError, CheckpointError, ValueError, FileNotFoundError) as error:
