@@ -30,7 +30,7 @@ from .comm import Exchange, check_same_on_all_ranks, default_exchange
 from .plan import Policy
 from .policies import make_policy
 from .sampler import DynamicBatchSampler, StepBatch
-from .schedule import RebalanceSchedule
+from .schedule import RebalanceSchedule, rebalance_due
 from .timing import StepTimer
 
 
@@ -106,13 +106,14 @@ class DynamicBatchState:
 
         Every rank runs the same steps and holds the same interval (rank 0
         broadcasts it with the plan), so all reach each rebalance together. The
-        steps since the last rebalance are the timer's open window.
+        steps since the last rebalance are the timer's open window; one that
+        comes due just before the epoch ends runs on to it (``rebalance_due``).
         """
         self._batch = None
         self.timer.end_step(batch.batch_size, start_hint=self.sampler.iteration_started_at)
-        interval = self.rebalancer.interval
-        if self.is_last_of_epoch(batch) or (
-                interval is not None and self.timer.window.steps >= interval):
+        steps_left = self.sampler.steps_per_epoch - 1 - batch.step
+        if self.is_last_of_epoch(batch) or rebalance_due(
+                self.timer.window.steps, self.rebalancer.interval, steps_left):
             self.rebalancer.rebalance(batch.step)
 
     def wrap_step(self, step: Callable[..., Any]) -> Callable[..., Any]:

@@ -8,7 +8,8 @@ from dbs_hvd.balancer import Rebalancer
 from dbs_hvd.comm import LocalExchange
 from dbs_hvd.plan import StaticPolicy
 from dbs_hvd.sampler import DynamicBatchSampler
-from dbs_hvd.schedule import RebalanceSchedule
+from dbs_hvd.optim import DynamicBatchState
+from dbs_hvd.schedule import RebalanceSchedule, rebalance_due
 from dbs_hvd.timing import StepTimer
 
 
@@ -119,3 +120,42 @@ def test_rebalancer_stretches_the_interval_from_its_own_measured_cost():
     assert record.ranks[0]["rebalance_seconds"] > 0
     rebalancer.restart_schedule()
     assert rebalancer.interval == 2
+
+
+def test_a_window_due_just_before_the_epoch_end_runs_on_to_it():
+    # The allreduce-bound MLP's case: 50 steps per epoch, an interval of 23.
+    # The window due at step 45 would leave 4 steps to a second rebalance at
+    # the epoch end; it is extended to the end instead.
+    sampler = DynamicBatchSampler(50 * 8, 8, rank=0, world_size=1)
+    timer = StepTimer()
+    rebalancer = Rebalancer(sampler, StaticPolicy(8), LocalExchange(), timer,
+                            schedule=RebalanceSchedule(23))
+    state = DynamicBatchState(sampler, rebalancer, timer)
+    for _ in sampler:
+        state.finish_step(state.current_batch())
+    assert [record.step for record in rebalancer.history] == [22, 49]
+
+
+def test_rebalance_due_examples():
+    assert rebalance_due(window_steps=23, interval=23, steps_left_in_epoch=27)
+    assert not rebalance_due(window_steps=23, interval=23, steps_left_in_epoch=4)
+    assert not rebalance_due(window_steps=22, interval=23, steps_left_in_epoch=27)
+    assert not rebalance_due(window_steps=100, interval=None, steps_left_in_epoch=27)
+    assert rebalance_due(window_steps=2, interval=2, steps_left_in_epoch=1)
+
+
+@given(steps=st.integers(1, 300), interval=st.integers(1, 60))
+def test_windows_are_one_interval_except_the_last_of_the_epoch_which_is_at_most_one_and_a_half(
+        steps, interval):
+    windows, open_steps = [], 0
+    for step in range(steps):
+        open_steps += 1
+        left = steps - 1 - step
+        if left == 0 or rebalance_due(open_steps, interval, left):
+            windows.append(open_steps)
+            open_steps = 0
+    assert sum(windows) == steps
+    assert all(window == interval for window in windows[:-1])
+    assert windows[-1] < 1.5 * interval or windows[-1] == interval
+    # The last window is never a short remnant, unless the epoch itself is short.
+    assert windows[-1] >= min(steps, interval / 2)
