@@ -14,7 +14,7 @@ Reported per copy: the median over rounds of its epoch time over plain
 Horovod's epoch time in the same round, and the quartiles of that ratio.
 The first round (start-up: allocation, first allreduces) is left out.
 
-    python -m benchmarks.no_harm                  # MLP and equal CNN, 2 ranks, about 3 minutes
+    python -m benchmarks.no_harm                  # MLP and equal CNN, 2 ranks, about 7 minutes
     python -m benchmarks.no_harm --only mlp --rounds 60
 
 Writes results.json and results.md to --out (default runs/no_harm).
@@ -51,10 +51,10 @@ def setups(quick: bool) -> list[Setup]:
     return [
         # 400k parameters, about 5 ms per step, most of it the allreduce.
         Setup("allreduce-bound MLP [1,1] 2 ranks", 2,
-              ["--model", "mlp", "--hidden", "128", "--samples", "6400"], rounds=40 // scale),
+              ["--model", "mlp", "--hidden", "128", "--samples", "6400"], rounds=150 // scale),
         # Compute-bound CNN, equal ranks: DBS has nothing to balance.
         Setup("equal CNN [1,1] 2 ranks", 2, ["--model", "cnn", "--samples", "1280"],
-              rounds=16 // scale),
+              rounds=40 // scale),
     ]
 
 
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         return worker(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a quarter of the rounds")
-    parser.add_argument("--rounds", type=int, help="rounds per setup (default: 40 MLP, 16 CNN)")
+    parser.add_argument("--rounds", type=int, help="rounds per setup (default: 150 MLP, 40 CNN)")
     parser.add_argument("--only", help="run only setups whose name contains this text")
     parser.add_argument("--out", default="runs/no_harm", help="output folder")
     args = parser.parse_args(argv)

@@ -113,8 +113,11 @@ class Plan:
         return sum(self.batch_sizes[:rank])
 
     def weight(self, rank: int) -> float:
-        """The gradient weight b_rank / B that makes a Sum-allreduce the global mean."""
-        return self.batch_sizes[rank] / self.global_batch
+        """The gradient weight N * b_rank / B that makes an averaging allreduce the global mean.
+
+        It is exactly 1 for every rank of an equal split (optim.py).
+        """
+        return self.batch_sizes[rank] * self.world_size / self.global_batch
 
     def check(self, global_batch: int, bounds: Bounds) -> None:
         """Raise PlanError unless this plan sums to ``global_batch`` within ``bounds``."""

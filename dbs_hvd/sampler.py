@@ -168,6 +168,10 @@ class DynamicBatchSampler(Sampler[list]):
         """Steps of this epoch already handed out; a new plan can start no earlier."""
         return self._generated
 
+    def peek_consumed(self) -> StepBatch | None:
+        """The batch ``pop_consumed`` would return next, left in place (None if none waits)."""
+        return self._yielded[0] if self._yielded else None
+
     def pop_consumed(self) -> StepBatch:
         """The oldest batch handed out and not yet trained on (for gradient weighting)."""
         if not self._yielded:

@@ -4,7 +4,7 @@ CI machines have none, so these run where a GPU is (``launch/gpu_check.sh``
 builds Horovod for the machine's torch and runs this file). What they pin down:
 
 * ``--device cuda`` trains as the CPU run does;
-* the same run on GPU and on CPU gives the same losses: the b_i/B gradient
+* the same run on GPU and on CPU gives the same losses: the N*b_i/B gradient
   weighting and the allreduce are right for CUDA tensors too (Horovod's NCCL
   path, or its MPI/Gloo path that stages GPU tensors through host memory);
 * DBS sees a slowed rank through CUDA-synchronised compute timing and moves

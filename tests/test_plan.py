@@ -94,7 +94,9 @@ def test_single_rank_gets_the_whole_batch():
 def test_plan_offsets_and_weights():
     plan = Plan((5, 17, 42))
     assert [plan.offset(r) for r in range(3)] == [0, 5, 22]
-    assert plan.weight(1) == pytest.approx(17 / 64)
+    assert plan.weight(1) == pytest.approx(3 * 17 / 64)
+    assert sum(plan.weight(r) for r in range(3)) / 3 == pytest.approx(1.0)
+    assert [Plan((16, 16, 16)).weight(r) for r in range(3)] == [1.0, 1.0, 1.0]
     np.testing.assert_allclose(plan.shares.sum(), 1.0)
 
 

@@ -14,6 +14,20 @@ from dbs_hvd.plan import Plan
 from problems import ScriptedPolicy, make_problem
 
 
+def assert_matches_single_process(model, reference, dataset, sampler, loss_fn):
+    """Train ``reference`` in one process on the epoch's global batches (SGD, lr 0.1,
+    momentum 0.9) and check that ``model``, trained with DBS, ended equal."""
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    x_all, y_all = dataset.tensors
+    for step in range(sampler.steps_per_epoch):
+        idx = torch.as_tensor(sampler.global_batch_indices(step))
+        ref_opt.zero_grad()
+        loss_fn(reference(x_all[idx]), y_all[idx]).backward()
+        ref_opt.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-10, msg=f"parameter {name}")
+
+
 @pytest.mark.parametrize("weight_at", ["gradients", "model_output"])
 def test_updates_equal_single_process_training_on_the_global_batch(hvd, weight_at):
     if hvd.size() != 3:
@@ -39,16 +53,35 @@ def test_updates_equal_single_process_training_on_the_global_batch(hvd, weight_a
         seen_sizes.append(len(y))
     expected_sizes = [(5, 17, 42)] * 3 + [(30, 20, 14)] * 3 + [(10, 44, 10)] * 2
     assert seen_sizes == [sizes[hvd.rank()] for sizes in expected_sizes]
+    assert_matches_single_process(model, reference, dataset, sampler, loss_fn)
 
-    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
-    x_all, y_all = dataset.tensors
-    for step in range(sampler.steps_per_epoch):
-        idx = torch.as_tensor(sampler.global_batch_indices(step))
-        ref_opt.zero_grad()
-        loss_fn(reference(x_all[idx]), y_all[idx]).backward()
-        ref_opt.step()
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-10, msg=f"parameter {name}")
+
+@pytest.mark.parametrize("weight_at", ["gradients", "model_output"])
+def test_equal_split_steps_skip_the_weighting_and_stay_exact(hvd, weight_at):
+    # Equal split (weight exactly 1: plain Horovod's path, nothing scaled),
+    # then an uneven plan, then the equal split again: every update must be
+    # the single-process one, whichever path each step took.
+    world, global_batch = hvd.size(), 60
+    equal = (global_batch // world,) * world
+    uneven = tuple(range(1, world)) + (global_batch - sum(range(1, world)),)
+    dataset, model = make_problem(n=480)
+    reference = copy.deepcopy(model)
+    sampler = dbs_hvd.DynamicBatchSampler(len(dataset), global_batch, seed=3)
+    optimizer = dbs_hvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), sampler,
+        named_parameters=model.named_parameters(),
+        policy=ScriptedPolicy(global_batch, [uneven, equal]), rebalance_every=3,
+        model=model if weight_at == "model_output" else None,
+    )
+    loss_fn = nn.CrossEntropyLoss()
+    seen = []
+    for x, y in DataLoader(dataset, sampler=sampler, batch_size=None):
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+        seen.append(len(y))
+    assert seen == [p[hvd.rank()] for p in [equal] * 3 + [uneven] * 3 + [equal] * 2]
+    assert_matches_single_process(model, reference, dataset, sampler, loss_fn)
 
 
 def test_every_sample_read_once_and_equal_step_counts_across_rebalances(hvd):
