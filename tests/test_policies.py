@@ -334,3 +334,29 @@ def test_an_answer_to_a_moderate_surprise_is_still_checked():
     # The step got slower under the new plan (the others' load, not rank 1's speed).
     slower = np.array(moved.batch_sizes, float) * 1e-3 * 1.3
     assert policy.next_plan(synchronous_window(slower, moved), moved) == plan
+
+
+def test_loaded_windows_replace_the_model_the_policy_had_fitted():
+    # The next window is judged against a model of the *loaded* history, not
+    # against the fit the policy kept from the windows it saw before loading.
+    rng = np.random.default_rng(3)
+    start = Plan((32, 32))
+    saved = CostModelPolicy(64, warmup_steps=0)
+    run(saved, start, np.array([0.0, 0.0]), np.array([1.0, 3.0]), 4, noise=0.02, rng=rng)
+    loaded = CostModelPolicy(64, warmup_steps=0)
+    run(loaded, start, np.array([0.0, 0.0]), np.array([2.0, 1.0]), 4, noise=0.02, rng=rng)
+    loaded.load_state_dict(saved.state_dict())
+    fresh = CostModelPolicy(64, warmup_steps=0)
+    fresh.load_state_dict(saved.state_dict())
+    probe = window(Plan((40, 24)), np.array([0.0, 0.0]), np.array([1.0, 3.0]))
+    loaded.observe(probe)
+    fresh.observe(probe)
+    np.testing.assert_array_equal(loaded._misfit, fresh._misfit)
+    assert loaded._misfit.max() < 0.1  # the saved devices, predicted well
+
+
+@given(st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=40))
+def test_median_helper_equals_numpy(values):
+    from dbs_hvd.policies import _median
+
+    assert _median(np.array(values)) == float(np.median(values))
