@@ -128,7 +128,7 @@ class DynamicBatchState:
         self._batch = None
         self.timer.end_step(batch.batch_size, start_hint=self.sampler.iteration_started_at)
         steps_left = self.sampler.steps_per_epoch - 1 - batch.step
-        if self.is_last_of_epoch(batch) or rebalance_due(
+        if steps_left == 0 or rebalance_due(
                 self.timer.window.steps, self.rebalancer.interval, steps_left):
             self.rebalancer.rebalance(batch.step)
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from dbs_hvd.plan import Bounds, Plan, PlanError, WindowStats
-from dbs_hvd.policies import CostModelPolicy, fit_step_costs, make_policy
+from dbs_hvd.policies import CostModelPolicy, _median, fit_step_costs, make_policy
 
 
 def window(plan, overhead, per_sample, noise=0.0, rng=None, steps=5):
@@ -357,6 +357,4 @@ def test_loaded_windows_replace_the_model_the_policy_had_fitted():
 
 @given(st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=40))
 def test_median_helper_equals_numpy(values):
-    from dbs_hvd.policies import _median
-
     assert _median(np.array(values)) == float(np.median(values))
