@@ -9,9 +9,10 @@ their lowest and highest), and balance efficiency (ideal /
 actual epoch time, dbs_hvd.metrics.balance_efficiency). For the no-harm
 checks, benchmarks/no_harm.py compares policies epoch by epoch inside one job.
 
-    python -m benchmarks.hetero            # full run, 3 repeats (27-40 minutes on 2 cores)
+    python -m benchmarks.hetero            # full run, 3 repeats (35-50 minutes on 2 cores)
     python -m benchmarks.hetero --quick    # under 3 minutes, for checks
     python -m benchmarks.hetero --only accuracy   # final accuracy vs plain Horovod, 3 seeds
+    python -m benchmarks.hetero --only virtual    # sleep-only devices: the policy without core sharing
 
 Writes results.json, results.md and hetero.png to --out (default runs/hetero).
 """
@@ -32,6 +33,12 @@ from dbs_hvd.testing import run_job
 # this kind of machine, DESIGN.md "Measuring") and an allreduce-bound MLP.
 CNN = ["--model", "cnn", "--dataset", "synthetic", "--lr", "0.05"]
 MLP = ["--model", "mlp", "--dataset", "synthetic", "--hidden", "128", "--lr", "0.05"]
+# Sleep-only devices (--virtual-device): a step costs exactly A + C x batch
+# milliseconds on top of a tiny model's real compute (a 2k-parameter MLP on
+# digits, well under a millisecond), so ranks do not compete for the two
+# cores and the right plan is known. These rows separate what the policy
+# reaches from what this machine's shared cores allow the CNN rows.
+VIRTUAL = ["--model", "mlp", "--dataset", "digits", "--hidden", "32", "--lr", "0.05"]
 
 
 @dataclass
@@ -100,8 +107,11 @@ FIXED_1_4 = ["fixed 100,28", "fixed 104,24", "fixed 108,20"]
 # nominal speeds (4:2:1). Three ranks share two cores there, so speeds depend on
 # the plan; these rows show what efficiency a plan that never moves reaches.
 FIXED_1_2_4 = ["fixed 76,40,10", "fixed 72,36,18"]
+# The balanced plan of the virtual [1,1,1,4] devices below (each step 133 ms):
+# 41 x 3 ms + 10 ms on the fast ranks, 5 x 12 ms + 60 ms on the slow one.
+FIXED_VIRTUAL_1_1_1_4 = ["fixed 41,41,41,5"]
 POLICY_FLAGS.update({name: ["--policy", "static", "--plan", name.split()[1]]
-                     for name in FIXED_1_4 + FIXED_1_2_4})
+                     for name in FIXED_1_4 + FIXED_1_2_4 + FIXED_VIRTUAL_1_1_1_4})
 # The noise floor of a no-harm check: plain Horovod run again in the same
 # rotation. Its ratio to the first plain Horovod is what "no difference"
 # measures on this machine, so a DBS ratio is read against it, not against 1.0.
@@ -144,6 +154,17 @@ def scenarios(quick: bool) -> list[Scenario]:
                  note="400k parameters, little compute per step", repeats=8),
         Scenario("model averaging H=8 vs gradients, [1,4] 2 ranks", 2,
                  CNN + ["--slowdown", "1,4"], ["horovod", "dbs", "dbs-average"], epochs=10),
+        # Balanced at 72,36,18 (154 ms per step); the fixed row is that plan.
+        Scenario("virtual [1,2,4] 3 ranks", 3, VIRTUAL + ["--virtual-device", "10:2,10:4,10:8"],
+                 all_three + ["fixed 72,36,18"], epochs=6, global_batch=126, repeats=2,
+                 note="sleep-only devices: no contention for cores, the balanced plan known"),
+        # The slow rank also has 6x the per-step overhead (60 ms against 10), so
+        # a split by speed alone is not the balance (the paper's rule gets there
+        # over epochs).
+        Scenario("virtual [1,1,1,4] 4 ranks", 4,
+                 VIRTUAL + ["--virtual-device", "10:3,10:3,10:3,60:12"],
+                 all_three + FIXED_VIRTUAL_1_1_1_4, epochs=6, repeats=2,
+                 note="sleep-only devices: no contention for cores, the balanced plan known"),
     ] + accuracy_scenarios()
 
 

@@ -73,3 +73,37 @@ def test_paired_range_spans_the_repeats_and_reaches_the_table():
     assert rows["dbs"]["paired_range"] == pytest.approx([0.9, 1.2])
     assert rows["dbs"]["paired_vs_horovod"] == pytest.approx(1.0)
     assert "| 1.000 | 0.900-1.200 |" in markdown({"s": rows}, [scenario])
+
+
+def _slowest_step(devices, plan):
+    return max(overhead + per_sample * batch for (overhead, per_sample), batch in zip(devices, plan))
+
+
+def _balanced_step(devices, global_batch):
+    """The shortest step any plan of at least one sample per rank reaches (brute force)."""
+    candidates = sorted({overhead + per_sample * batch for overhead, per_sample in devices
+                         for batch in range(1, global_batch + 1)})
+    for step in candidates:
+        if sum(int((step - overhead) / per_sample + 1e-9) for overhead, per_sample in devices
+               if step >= overhead + per_sample) >= global_batch:
+            return step
+    raise AssertionError("no plan fits")
+
+
+def test_virtual_scenarios_fixed_rows_are_the_balanced_plans():
+    # The fixed rows of the sleep-only scenarios stand for the known answer:
+    # they must be a plan whose slowest step is the shortest any plan reaches.
+    from dbs_hvd.emulate import parse_virtual_devices
+
+    virtual = [s for s in scenarios(quick=False) if "--virtual-device" in s.args]
+    assert len(virtual) >= 2
+    for scenario in virtual:
+        devices = parse_virtual_devices(
+            scenario.args[scenario.args.index("--virtual-device") + 1], scenario.ranks)
+        fixed = [policy for policy in scenario.policies if policy.startswith("fixed ")]
+        assert fixed, scenario.name
+        for policy in fixed:
+            plan = [int(b) for b in policy.split()[1].split(",")]
+            assert len(plan) == scenario.ranks and sum(plan) == scenario.global_batch
+            assert _slowest_step(devices, plan) == pytest.approx(
+                _balanced_step(devices, scenario.global_batch)), (scenario.name, policy)
