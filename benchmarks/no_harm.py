@@ -135,6 +135,7 @@ def worker(argv: list[str]) -> int:
             loss.item()  # as a training loop reads its loss
         return time.perf_counter() - started
 
+    trainer.freeze_setup_objects()  # as dbs-train does before its first epoch
     rounds = []
     for index in range(own.rounds):
         rounds.append({name: train_epoch(name, index)

@@ -51,8 +51,9 @@ from .comm import LocalExchange, check_same_on_all_ranks, default_exchange
 from .emulate import make_emulator
 from .metrics import EpochRecord
 from .plan import Plan
-from .trainer import (TrainConfig, _dbs_run, build_data_and_model, epoch_record, init_horovod,
-                      make_run_policy, scales_cpu_time, train_step)
+from .trainer import (TrainConfig, _dbs_run, build_data_and_model, epoch_record,
+                      freeze_setup_objects, init_horovod, make_run_policy, scales_cpu_time,
+                      train_step)
 
 
 class ElasticState(hvd.elastic.TorchState):
@@ -144,6 +145,7 @@ class ElasticTrainer:
     def loop(self, state: ElasticState) -> None:
         """The body given to ``hvd.elastic.run``: entered again after every reset."""
         self._adopt_world(state)
+        freeze_setup_objects()  # again after a reset: the new world's objects
         if state.epoch == 0 and state.step == 0 and hvd.rank() == 0:
             train_size = len(self.train_set)
             print(f"dbs-train: elastic, {self.config.model} on {self.config.dataset} "
