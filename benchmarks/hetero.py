@@ -165,6 +165,17 @@ def scenarios(quick: bool) -> list[Scenario]:
                  VIRTUAL + ["--virtual-device", "10:3,10:3,10:3,60:12"],
                  all_three + FIXED_VIRTUAL_1_1_1_4, epochs=6, repeats=2,
                  note="sleep-only devices: no contention for cores, the balanced plan known"),
+        # The two speed-change scenarios above on equal sleep-only devices
+        # (10 + 2b ms), with the same seed and change.
+        Scenario("virtual disturbances p=0.3 x3, 3 ranks", 3,
+                 VIRTUAL + ["--virtual-device", "10:2", "--disturb", "p=0.3,factor=3,epochs=3",
+                            "--seed", "4"],
+                 all_three, epochs=10, global_batch=126, repeats=2,
+                 note="sleep-only devices: the disturbances alone move the speeds"),
+        Scenario("virtual step change: rank 1 x4 at step 25, 2 ranks", 2,
+                 VIRTUAL + ["--virtual-device", "10:2", "--step-change", "1:25:4"],
+                 all_three, epochs=6, repeats=2,
+                 note="sleep-only devices: the change alone moves the speeds"),
     ] + accuracy_scenarios()
 
 

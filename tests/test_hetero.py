@@ -95,14 +95,13 @@ def test_virtual_scenarios_fixed_rows_are_the_balanced_plans():
     # they must be a plan whose slowest step is the shortest any plan reaches.
     from dbs_hvd.emulate import parse_virtual_devices
 
-    virtual = [s for s in scenarios(quick=False) if "--virtual-device" in s.args]
-    assert len(virtual) >= 2
-    for scenario in virtual:
+    with_answer = [s for s in scenarios(quick=False) if "--virtual-device" in s.args
+                   and any(policy.startswith("fixed ") for policy in s.policies)]
+    assert len(with_answer) >= 2
+    for scenario in with_answer:
         devices = parse_virtual_devices(
             scenario.args[scenario.args.index("--virtual-device") + 1], scenario.ranks)
-        fixed = [policy for policy in scenario.policies if policy.startswith("fixed ")]
-        assert fixed, scenario.name
-        for policy in fixed:
+        for policy in (p for p in scenario.policies if p.startswith("fixed ")):
             plan = [int(b) for b in policy.split()[1].split(",")]
             assert len(plan) == scenario.ranks and sum(plan) == scenario.global_batch
             assert _slowest_step(devices, plan) == pytest.approx(
