@@ -20,7 +20,7 @@ def test_without_a_budget_the_interval_is_exactly_k():
 
 def test_short_steps_stretch_the_interval_until_the_cost_fits_the_budget():
     # 4 ms per rebalance, 7 ms steps, 2% budget: a window of at least 200 ms.
-    schedule = RebalanceSchedule(5, budget=0.02, smoothing=1.0)
+    schedule = RebalanceSchedule(5, budget=0.02, cost_window=1)
     assert schedule.update(0.004, 0.007) == math.ceil(0.004 / (0.02 * 0.007)) == 29
 
 
@@ -29,14 +29,30 @@ def test_long_steps_keep_the_minimum_interval():
     assert RebalanceSchedule(5, budget=0.02).update(0.004, 0.15) == 5
 
 
-def test_one_slow_rebalance_is_smoothed_and_forgotten():
-    schedule = RebalanceSchedule(2, budget=0.1, smoothing=0.5)
+def test_one_slow_rebalance_does_not_stretch_the_interval():
+    schedule = RebalanceSchedule(2, budget=0.1)
     assert schedule.update(0.001, 0.01) == 2
-    spiked = schedule.update(0.1, 0.01)  # a descheduled rank, once
-    assert 2 < spiked < 100
-    for _ in range(20):
+    assert schedule.update(0.001, 0.01) == 2
+    assert schedule.update(0.1, 0.01) == 2  # a descheduled rank, once
+
+
+def test_rebalances_that_stay_slow_stretch_it():
+    schedule = RebalanceSchedule(2, budget=0.1)
+    intervals = [schedule.update(cost, 0.01) for cost in (0.001, 0.001, 0.1, 0.1, 0.1)]
+    assert intervals[:3] == [2, 2, 2] and intervals[4] == 100  # 3 of the last 5 are slow
+    for _ in range(3):
         interval = schedule.update(0.001, 0.01)
-    assert interval == 2
+    assert interval == 2  # and it comes back once they are fast again
+
+
+@given(fast=st.lists(st.floats(0, 0.01), min_size=4, max_size=30), where=st.integers(0, 4))
+def test_one_outlier_among_the_last_five_never_raises_the_cost_above_the_fast_ones(fast, where):
+    schedule = RebalanceSchedule(2, budget=0.02)
+    costs = list(fast)
+    costs.insert(len(costs) - where, 10.0)  # one spike among the last five
+    for cost in costs:
+        schedule.update(cost, 0.1)
+    assert schedule.cost <= max(costs[-5:][i] for i in range(5) if costs[-5:][i] != 10.0)
 
 
 def test_missing_or_bad_measurements_keep_the_interval():
@@ -59,7 +75,7 @@ def test_the_floor_in_seconds_leaves_long_steps_at_k():
 
 def test_the_longer_of_floor_and_budget_wins():
     # A 10 ms rebalance on 5 ms steps at 2%: the budget asks for 100 steps, the floor 30.
-    schedule = RebalanceSchedule(2, budget=0.02, smoothing=1.0, min_seconds=0.15)
+    schedule = RebalanceSchedule(2, budget=0.02, cost_window=1, min_seconds=0.15)
     assert schedule.update(0.010, 0.005) == 100
     assert schedule.update(0.0001, 0.005) == 30
 
@@ -70,6 +86,7 @@ def test_the_longer_of_floor_and_budget_wins():
     ({"min_steps": 2, "min_seconds": float("inf")}, "rebalance_min_seconds must be a number"),
     ({"min_steps": 5, "budget": 0.0}, "rebalance_budget must be a fraction"),
     ({"min_steps": 5, "budget": 1.5}, "rebalance_budget must be a fraction"),
+    ({"min_steps": 2, "cost_window": 0}, "cost_window must be a positive"),
 ])
 def test_bad_settings_say_what_to_give(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -78,15 +95,15 @@ def test_bad_settings_say_what_to_give(kwargs, match):
 
 @given(k=st.integers(1, 50), budget=st.floats(0.001, 0.5),
        costs=st.lists(st.tuples(st.floats(0, 1), st.floats(1e-5, 10)), min_size=1, max_size=20))
-def test_interval_is_at_least_k_and_keeps_the_smoothed_cost_within_budget(k, budget, costs):
+def test_interval_is_at_least_k_and_keeps_the_estimated_cost_within_budget(k, budget, costs):
     schedule = RebalanceSchedule(k, budget=budget)
     for cost, step in costs:
         interval = schedule.update(cost, step)
         assert interval >= k
-        # The smoothed cost of one rebalance is at most `budget` of the window's time.
-        assert schedule._cost <= budget * step * interval * (1 + 1e-9)
+        # The estimated cost of one rebalance is at most `budget` of the window's time.
+        assert schedule.cost <= budget * step * interval * (1 + 1e-9)
         if interval > k:  # stretched no further than needed (up to float rounding)
-            assert schedule._cost >= budget * step * (interval - 1) * (1 - 1e-9)
+            assert schedule.cost >= budget * step * (interval - 1) * (1 - 1e-9)
 
 
 @given(k=st.integers(1, 50), min_seconds=st.floats(0, 5),
@@ -99,7 +116,7 @@ def test_interval_spans_at_least_the_floor_in_seconds_and_no_more_than_needed(
         interval = schedule.update(cost, step)
         assert interval >= k
         assert interval * step >= min_seconds * (1 - 1e-9)
-        by_budget = 0 if budget is None else schedule._cost / (budget * step)
+        by_budget = 0 if budget is None else schedule.cost / (budget * step)
         if interval > k:  # the floor or the budget needed every step of it
             assert max(min_seconds / step, by_budget) > (interval - 1) * (1 - 1e-9)
 
