@@ -9,7 +9,7 @@ their lowest and highest), and balance efficiency (ideal /
 actual epoch time, dbs_hvd.metrics.balance_efficiency). For the no-harm
 checks, benchmarks/no_harm.py compares policies epoch by epoch inside one job.
 
-    python -m benchmarks.hetero            # full run, 3 repeats (35-50 minutes on 2 cores)
+    python -m benchmarks.hetero            # full run, 3 repeats (40-55 minutes on 2 cores)
     python -m benchmarks.hetero --quick    # under 3 minutes, for checks
     python -m benchmarks.hetero --only accuracy   # final accuracy vs plain Horovod, 3 seeds
     python -m benchmarks.hetero --only virtual    # sleep-only devices: the policy without core sharing
@@ -107,8 +107,9 @@ FIXED_1_4 = ["fixed 100,28", "fixed 104,24", "fixed 108,20"]
 # nominal speeds (4:2:1). Three ranks share two cores there, so speeds depend on
 # the plan; these rows show what efficiency a plan that never moves reaches.
 FIXED_1_2_4 = ["fixed 76,40,10", "fixed 72,36,18"]
-# The balanced plan of the virtual [1,1,1,4] devices below (each step 133 ms):
-# 41 x 3 ms + 10 ms on the fast ranks, 5 x 12 ms + 60 ms on the slow one.
+# The balanced plan of the virtual [1,1,1,4] devices below: its slowest step,
+# 41 x 3 ms + 10 ms on the fast ranks (5 x 12 ms + 60 ms on the slow one), is
+# the shortest any plan reaches (tests/test_hetero.py checks by brute force).
 FIXED_VIRTUAL_1_1_1_4 = ["fixed 41,41,41,5"]
 POLICY_FLAGS.update({name: ["--policy", "static", "--plan", name.split()[1]]
                      for name in FIXED_1_4 + FIXED_1_2_4 + FIXED_VIRTUAL_1_1_1_4})
