@@ -77,7 +77,7 @@ class RebalanceSchedule:
             stretched the 2-step interval to 3-5 steps after each; the
             median, side by side on the disturbance scenario, took 15.64-
             15.87 s against 16.37-16.42 s (3 interleaved repeats; over
-            every run of it that session, 15.64-16.51 s in 5 runs against
+            every run of it then, 15.64-16.51 s in 5 runs against
             15.73-16.50 s in 11: rarer late answers, not none). On the
             CNN's disturbances (2 cores shared) 7 repeats could not tell
             them apart (paired ratios 0.45-0.69 against 0.50-0.71).
