@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from benchmarks.hetero import (HOROVOD_AGAIN, POLICY_FLAGS, RunResult, Scenario, markdown,
-                               rotation, scenarios, summarise)
+                               policy_flags, rotation, scenarios, summarise)
 
 
 @given(n=st.integers(1, 8))
@@ -102,7 +102,9 @@ def test_virtual_scenarios_fixed_rows_are_the_balanced_plans():
         devices = parse_virtual_devices(
             scenario.args[scenario.args.index("--virtual-device") + 1], scenario.ranks)
         for policy in (p for p in scenario.policies if p.startswith("fixed ")):
-            plan = [int(b) for b in policy.split()[1].split(",")]
+            flags = policy_flags(policy)
+            assert flags[:2] == ["--policy", "static"]
+            plan = [int(b) for b in flags[flags.index("--plan") + 1].split(",")]
             assert len(plan) == scenario.ranks and sum(plan) == scenario.global_batch
             assert _slowest_step(devices, plan) == pytest.approx(
                 _balanced_step(devices, scenario.global_batch)), (scenario.name, policy)

@@ -52,7 +52,7 @@ def test_one_outlier_among_the_last_five_never_raises_the_cost_above_the_fast_on
     costs.insert(len(costs) - where, 10.0)  # one spike among the last five
     for cost in costs:
         schedule.update(cost, 0.1)
-    assert schedule.cost <= max(costs[-5:][i] for i in range(5) if costs[-5:][i] != 10.0)
+    assert schedule.cost <= max(cost for cost in costs[-5:] if cost != 10.0)
 
 
 def test_missing_or_bad_measurements_keep_the_interval():
