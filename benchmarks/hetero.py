@@ -112,6 +112,10 @@ FIXED_1_2_4 = ["fixed 76,40,10", "fixed 72,36,18"]
 # measures on this machine, so a DBS ratio is read against it, not against 1.0.
 HOROVOD_AGAIN = "horovod again"
 POLICY_FLAGS[HOROVOD_AGAIN] = ["--policy", "horovod"]
+# dbs reading each rank's first step at a new batch size as speed, as it did
+# before --discount-new-sizes (the GPU-like scenario's other rows leave it out).
+NEW_SIZES_COUNTED = "dbs, new sizes counted"
+POLICY_FLAGS[NEW_SIZES_COUNTED] = ["--policy", "dbs", "--discount-new-sizes", "off"]
 
 
 def policy_flags(policy: str) -> list[str]:
@@ -180,6 +184,15 @@ def scenarios(quick: bool) -> list[Scenario]:
                  VIRTUAL + ["--virtual-device", "10:2", "--step-change", "1:25:4"],
                  all_three, epochs=6, repeats=2,
                  note="sleep-only devices: the change alone moves the speeds"),
+        # A GPU's steps: short, mostly fixed cost, and 20 ms more at the first
+        # step of each batch size (kernel plans for new shapes; 13-35 ms measured
+        # on an H200, docs/gpu_check.md). Balanced at 107,21 (29 ms per step);
+        # --discount-new-sizes on is what --device cuda sets by default.
+        Scenario("virtual GPU-like [1,4], 20 ms per new batch size, 2 ranks", 2,
+                 VIRTUAL + ["--virtual-device", "2:0.25:20,8:1:20", "--discount-new-sizes", "on"],
+                 all_three + [NEW_SIZES_COUNTED, "fixed 107,21"], epochs=8, samples=2560,
+                 repeats=3,
+                 note="sleep-only devices with a one-off cost per new batch size"),
     ] + accuracy_scenarios()
 
 

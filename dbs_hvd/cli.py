@@ -71,6 +71,11 @@ def train_parser() -> argparse.ArgumentParser:
                    help="--policy dbs: during the first N steps of a process, move the plan "
                    "only for a predicted gain of 15%%, so first-step slowness (lazy init, "
                    "kernel selection) does not steer it (0: no warm-up)")
+    p.add_argument("--discount-new-sizes", choices=["auto", "on", "off"],
+                   default=defaults.discount_new_sizes,
+                   help="leave each rank's first step at a batch size out of its measured "
+                        "speed (auto: on with --device cuda, where that step builds kernel "
+                        "plans for the new shapes)")
     p.add_argument("--plan", metavar="B1,B2,...",
                    help="the first plan, one local batch size per rank summing to the global "
                         "batch (default: the equal split); --policy static keeps it for the run")
@@ -81,8 +86,10 @@ def train_parser() -> argparse.ArgumentParser:
                    help="what --slowdown scales: the step's wall time, or (one torch thread "
                    "on CPU) its CPU time, which leaves out waiting for a core shared with "
                    "other ranks")
-    p.add_argument("--virtual-device", metavar="A:C,...",
-                   help="emulated per-rank step cost A + C*batch, in ms, e.g. 0:1,0:3")
+    p.add_argument("--virtual-device", metavar="A:C[:F],...",
+                   help="emulated per-rank step cost A + C*batch, in ms, e.g. 0:1,0:3; "
+                        "F ms more at the first step of each batch size (a GPU's kernel "
+                        "plans for new shapes)")
     p.add_argument("--disturb", metavar="p=P,factor=F,epochs=E",
                    help="the DBS paper's disturbances: each epoch each undisturbed rank is slowed "
                         "F-fold with probability P for 1..E epochs (seeded by --seed)")

@@ -163,19 +163,27 @@ class Slowdown(DeviceEmulator):
 
 class VirtualDevice(DeviceEmulator):
     """A device whose step costs exactly ``overhead + per_sample * batch_size`` seconds
-    (times any speed change)."""
+    (times any speed change), plus ``new_size`` seconds at the first step of each
+    batch size: a GPU's first step at a new size builds kernel plans for its
+    shapes (13-35 ms measured on an H200, docs/gpu_check.md)."""
 
     def __init__(self, overhead: float, per_sample: float, rank: int = 0,
                  changes: SpeedChanges | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, new_size: float = 0.0) -> None:
         super().__init__(rank, changes, sleep)
-        if overhead < 0 or per_sample < 0:
+        if overhead < 0 or per_sample < 0 or new_size < 0:
             raise ValueError("virtual device costs must be non-negative")
         self.overhead = overhead
         self.per_sample = per_sample
+        self.new_size = new_size
+        self._sizes_seen: set[int] = set()
 
     def delay(self, batch_size: int, forward_seconds: float) -> float:
-        return (self.overhead + self.per_sample * batch_size) * self.change_factor
+        """The step's cost; called once per step (the first at a size pays ``new_size``)."""
+        first = batch_size not in self._sizes_seen
+        self._sizes_seen.add(batch_size)
+        cost = (self.overhead + self.per_sample * batch_size) * self.change_factor
+        return cost + (self.new_size if first else 0.0)
 
 
 def parse_factors(text: str, world_size: int) -> list[float]:
@@ -197,22 +205,25 @@ def parse_factors(text: str, world_size: int) -> list[float]:
     return factors
 
 
-def parse_virtual_devices(text: str, world_size: int) -> list[tuple[float, float]]:
-    """``"0:1,0:3"`` -> per rank (overhead, per-sample) costs, given in milliseconds."""
-    pairs = []
+def parse_virtual_devices(text: str, world_size: int) -> list[tuple[float, float, float]]:
+    """``"0:1,0:3"`` -> per rank (overhead, per-sample, new-size) costs, given in
+    milliseconds; the third, optional (``"0:1:20"``), is paid once per new batch size."""
+    devices = []
     for part in text.split(","):
         try:
-            overhead, per_sample = (float(x) / 1000.0 for x in part.split(":"))
+            costs = [float(x) / 1000.0 for x in part.split(":")]
+            if len(costs) not in (2, 3) or min(costs) < 0:
+                raise ValueError
         except ValueError:
             raise ValueError(
-                f"--virtual-device takes OVERHEAD_MS:PER_SAMPLE_MS per rank, got {part!r}"
-            ) from None
-        pairs.append((overhead, per_sample))
-    if len(pairs) == 1:
-        pairs *= world_size
-    if len(pairs) != world_size:
-        raise ValueError(f"--virtual-device gives {len(pairs)} devices for {world_size} ranks")
-    return pairs
+                "--virtual-device takes OVERHEAD_MS:PER_SAMPLE_MS[:NEW_SIZE_MS] per rank, "
+                f"each a number >= 0, got {part!r}") from None
+        devices.append((costs[0], costs[1], costs[2] if len(costs) == 3 else 0.0))
+    if len(devices) == 1:
+        devices *= world_size
+    if len(devices) != world_size:
+        raise ValueError(f"--virtual-device gives {len(devices)} devices for {world_size} ranks")
+    return devices
 
 
 def parse_disturbances(text: str, world_size: int, seed: int) -> Disturbances:
@@ -257,8 +268,8 @@ def make_emulator(rank: int, world_size: int, slowdown: str | None = None,
     elif step_change:
         changes = parse_step_change(step_change, world_size)
     if virtual_device:
-        overhead, per_sample = parse_virtual_devices(virtual_device, world_size)[rank]
-        return VirtualDevice(overhead, per_sample, rank, changes)
+        overhead, per_sample, new_size = parse_virtual_devices(virtual_device, world_size)[rank]
+        return VirtualDevice(overhead, per_sample, rank, changes, new_size=new_size)
     factor = parse_factors(slowdown, world_size)[rank] if slowdown else 1.0
     clock = time.thread_time if cpu_time else time.perf_counter
     return Slowdown(factor, rank, changes, clock=clock)

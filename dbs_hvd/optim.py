@@ -73,10 +73,14 @@ class DynamicBatchState:
     """
 
     def __init__(self, sampler: DynamicBatchSampler, rebalancer: Rebalancer,
-                 timer: StepTimer) -> None:
+                 timer: StepTimer, discount_new_sizes: bool = False) -> None:
         self.sampler = sampler
         self.rebalancer = rebalancer
         self.timer = timer
+        # Mark each rank's first step at a batch size as new (timing.py): on a
+        # GPU it builds kernel plans and is no measure of the rank's speed.
+        self.discount_new_sizes = discount_new_sizes
+        self._sizes_seen: set[int] = set()
         self._batch: StepBatch | None = None
 
     def restart(self, exchange: Exchange, policy: Policy) -> None:
@@ -126,7 +130,10 @@ class DynamicBatchState:
         comes due just before the epoch ends runs on to it (``rebalance_due``).
         """
         self._batch = None
-        self.timer.end_step(batch.batch_size, start_hint=self.sampler.iteration_started_at)
+        new_size = self.discount_new_sizes and batch.batch_size not in self._sizes_seen
+        self._sizes_seen.add(batch.batch_size)
+        self.timer.end_step(batch.batch_size, start_hint=self.sampler.iteration_started_at,
+                            new_size=new_size)
         steps_left = self.sampler.steps_per_epoch - 1 - batch.step
         if steps_left == 0 or rebalance_due(
                 self.timer.window.steps, self.rebalancer.interval, steps_left):
@@ -187,6 +194,7 @@ def DistributedOptimizer(
     exchange: Optional[Exchange] = None,
     device_sync: Optional[Callable[[], None]] = None,
     model: Optional[torch.nn.Module] = None,
+    discount_new_sizes: Optional[bool] = None,
     **horovod_kwargs: Any,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` for dynamic batch sizes; a drop-in for ``hvd.DistributedOptimizer``.
@@ -213,6 +221,9 @@ def DistributedOptimizer(
             then applied at the model's output (see ``weight_model_output``).
             Cheaper too where parameters outnumber outputs: one small tensor
             is scaled per step instead of every gradient.
+        discount_new_sizes: leave each rank's first step at a batch size out
+            of its measured speed (default: where the parameters are on a
+            GPU, whose first step at a new size builds kernel plans).
         horovod_kwargs: passed to ``hvd.DistributedOptimizer`` (``op`` is fixed to Average).
 
     Every rank checks, collectively, that all ranks use the same global batch,
@@ -224,7 +235,9 @@ def DistributedOptimizer(
         raise TypeError("op is fixed to hvd.Average: each rank's gradient is pre-weighted by "
                         "N * b_i / B (its share of the global batch)")
     state = dynamic_batch_state(sampler, policy, rebalance_every, exchange, device_sync,
-                                rebalance_budget, rebalance_min_seconds)
+                                rebalance_budget, rebalance_min_seconds,
+                                discount_new_sizes=resolve_discount_new_sizes(
+                                    discount_new_sizes, optimizer))
     if model is not None:
         state.weight_model_output(model)  # the gradients arrive weighted: nothing to scale
         compression = compression if compression is not None else hvd.Compression.none
@@ -241,11 +254,20 @@ def DistributedOptimizer(
     return wrapped
 
 
+def resolve_discount_new_sizes(choice: Optional[bool], optimizer: torch.optim.Optimizer) -> bool:
+    """``choice``, or by default whether any of the optimizer's parameters is on a GPU."""
+    if choice is not None:
+        return bool(choice)
+    return any(parameter.is_cuda for group in optimizer.param_groups
+               for parameter in group["params"])
+
+
 def dynamic_batch_state(sampler: DynamicBatchSampler, policy: Union[str, Policy],
                         rebalance_every: Optional[int], exchange: Optional[Exchange],
                         device_sync: Optional[Callable[[], None]],
                         rebalance_budget: Optional[float] = None,
-                        rebalance_min_seconds: float = 0.0) -> DynamicBatchState:
+                        rebalance_min_seconds: float = 0.0,
+                        discount_new_sizes: bool = False) -> DynamicBatchState:
     """The timing, policy and rebalancing shared by the gradient and averaging modes.
 
     Collective: every rank checks that all ranks use the same global batch,
@@ -274,4 +296,4 @@ def dynamic_batch_state(sampler: DynamicBatchSampler, policy: Union[str, Policy]
     per_epoch = sampler.steps_per_epoch // (rebalance_every or sampler.steps_per_epoch) + 1
     rebalancer = Rebalancer(sampler, policy, exchange, timer,
                             history_limit=max(4096, 2 * per_epoch), schedule=schedule)
-    return DynamicBatchState(sampler, rebalancer, timer)
+    return DynamicBatchState(sampler, rebalancer, timer, discount_new_sizes)

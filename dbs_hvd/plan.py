@@ -149,7 +149,14 @@ class WindowStats:
     @classmethod
     def from_records(cls, records: Sequence[dict]) -> "WindowStats":
         """Build from one dict per rank with keys samples, compute_seconds, steps
-        (and optionally wait_seconds)."""
+        (and optionally wait_seconds).
+
+        A rank's steps at batch sizes new to it (the ``new_size_*`` keys,
+        timing.py) are left out where it ran other steps in the window: on a
+        GPU such a step builds kernel plans for the new shapes, and read as
+        compute it makes the rank look slow right after every plan change.
+        """
+        records = [_settled(record) for record in records]
         wait = [r.get("wait_seconds") for r in records]
         return cls(
             samples=np.array([r["samples"] for r in records], dtype=float),
@@ -190,6 +197,20 @@ class WindowStats:
     def speeds(self) -> np.ndarray:
         """Samples per compute second, per rank."""
         return self.samples / self.compute_seconds
+
+
+def _settled(record: dict) -> dict:
+    """One rank's window figures without its steps at new batch sizes, where others remain."""
+    new_steps = record.get("new_size_steps", 0)
+    if not new_steps or record["steps"] <= new_steps:
+        return record
+    settled = dict(record)
+    for key in ("steps", "samples", "compute_seconds", "wait_seconds"):
+        if key in record:
+            settled[key] = record[key] - record.get(f"new_size_{key}", 0)
+    if settled["compute_seconds"] <= 0:  # a clock that went wrong: keep every step
+        return record
+    return settled
 
 
 def apportion(weights: np.ndarray, global_batch: int, bounds: Bounds) -> np.ndarray:

@@ -11,6 +11,13 @@ each of them is work the rank itself must do per sample.
 On CUDA, kernels run asynchronously, so the host would see the backward's tail
 as "waiting"; pass ``device_sync=torch.cuda.synchronize`` so the wait clock
 only starts once the rank's own kernels are done.
+
+A step at a batch size the rank has not run before is also counted apart
+(``new_size_*``) when the caller says so: on a GPU that step builds and caches
+kernel plans for the new shapes (on an H200, 13-35 ms more than the same step
+once the size was seen, where such steps take 2-4 ms; docs/gpu_check.md),
+which says nothing about the rank's speed. WindowStats leaves such steps out
+(plan.py).
 """
 from __future__ import annotations
 
@@ -22,18 +29,28 @@ from typing import Callable, Iterator, Optional
 
 @dataclass
 class WindowTotals:
-    """Sums over a window of steps on one rank."""
+    """Sums over a window of steps on one rank; the ``new_size_*`` part of them was
+    run at batch sizes new to the rank (a subset: the totals include it)."""
 
     steps: int = 0
     samples: int = 0
     compute_seconds: float = 0.0
     wait_seconds: float = 0.0
+    new_size_steps: int = 0
+    new_size_samples: int = 0
+    new_size_compute_seconds: float = 0.0
+    new_size_wait_seconds: float = 0.0
 
-    def add(self, batch_size: int, compute: float, wait: float) -> None:
+    def add(self, batch_size: int, compute: float, wait: float, new_size: bool = False) -> None:
         self.steps += 1
         self.samples += batch_size
         self.compute_seconds += compute
         self.wait_seconds += wait
+        if new_size:
+            self.new_size_steps += 1
+            self.new_size_samples += batch_size
+            self.new_size_compute_seconds += compute
+            self.new_size_wait_seconds += wait
 
     def as_record(self) -> dict:
         return asdict(self)
@@ -76,7 +93,9 @@ class StepTimer:
         finally:
             self._wait_in_step += self._clock() - started
 
-    def end_step(self, batch_size: int, start_hint: float | None = None) -> None:
+    def end_step(self, batch_size: int, start_hint: float | None = None,
+                 new_size: bool = False) -> None:
+        """Close a step of ``batch_size`` samples (``new_size``: the rank's first at that size)."""
         now = self._clock()
         start = self._step_start
         if start_hint is not None and (start is None or start_hint > start):
@@ -86,7 +105,7 @@ class StepTimer:
         wall = max(now - start, 0.0)
         wait = min(self._wait_in_step, wall)
         compute = wall - wait
-        self.window.add(batch_size, compute, wait)
+        self.window.add(batch_size, compute, wait, new_size)
         self._step_start = now
         self._wait_in_step = 0.0
 

@@ -49,6 +49,7 @@ class TrainConfig:
     rebalance_budget: float = 0.02  # stretch the interval so rebalancing costs <= 2% (0: exactly K)
     rebalance_min_seconds: float = 0.15  # and keep at least this wall time between rebalances
     warmup_steps: int = 10  # dbs: the first steps move the plan only for a large gain
+    discount_new_sizes: str = "auto"  # "on"/"off"; auto: on for --device cuda (optim.py)
     min_batch: int = 1
     max_batch: Optional[int] = None
     plan: Optional[str] = None  # "B1,B2,...": the first plan (with --policy static: kept for the run)
@@ -139,7 +140,9 @@ def _dbs_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset, ex
     shared = dict(policy=make_run_policy(config), rebalance_every=effective_rebalance_every(config),
                   rebalance_budget=config.rebalance_budget or None,
                   rebalance_min_seconds=config.rebalance_min_seconds, exchange=exchange,
-                  device_sync=device_sync)
+                  device_sync=device_sync,
+                  discount_new_sizes={"auto": None, "on": True, "off": False}[
+                      config.discount_new_sizes])
     if config.mode == "average":
         optimizer = ModelAveragingOptimizer(
             local, sampler, model.named_parameters(), average_every=config.average_every,

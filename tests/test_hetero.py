@@ -76,15 +76,16 @@ def test_paired_range_spans_the_repeats_and_reaches_the_table():
 
 
 def _slowest_step(devices, plan):
-    return max(overhead + per_sample * batch for (overhead, per_sample), batch in zip(devices, plan))
+    return max(overhead + per_sample * batch
+               for (overhead, per_sample, _), batch in zip(devices, plan))
 
 
 def _balanced_step(devices, global_batch):
     """The shortest step any plan of at least one sample per rank reaches (brute force)."""
-    candidates = sorted({overhead + per_sample * batch for overhead, per_sample in devices
+    candidates = sorted({overhead + per_sample * batch for overhead, per_sample, _ in devices
                          for batch in range(1, global_batch + 1)})
     for step in candidates:
-        if sum(int((step - overhead) / per_sample + 1e-9) for overhead, per_sample in devices
+        if sum(int((step - overhead) / per_sample + 1e-9) for overhead, per_sample, _ in devices
                if step >= overhead + per_sample) >= global_batch:
             return step
     raise AssertionError("no plan fits")
