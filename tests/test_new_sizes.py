@@ -147,3 +147,19 @@ def test_under_mpirun_the_first_rebalance_finds_the_balance_only_with_new_sizes_
         assert abs(first_fast_share - 48) <= 1, plans
     else:
         assert first_fast_share <= 44, plans
+
+
+def test_the_new_size_cost_benchmark_runs_on_the_cpu(tmp_path, capsys):
+    import json
+
+    from benchmarks.new_size_cost import main
+
+    out = tmp_path / "rows.json"
+    assert main(["--device", "cpu", "--image-size", "8", "--sizes", "1,3", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["batch"] for row in rows] == [1, 3]
+    assert all(row[key] > 0 for row in rows
+               for key in ("first_ms", "again_ms", "seen_after_others_ms"))
+    assert "| 3 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--sizes", "2,2"])
