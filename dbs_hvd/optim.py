@@ -131,7 +131,8 @@ class DynamicBatchState:
         """
         self._batch = None
         new_size = self.discount_new_sizes and batch.batch_size not in self._sizes_seen
-        self._sizes_seen.add(batch.batch_size)
+        if new_size:
+            self._sizes_seen.add(batch.batch_size)
         self.timer.end_step(batch.batch_size, start_hint=self.sampler.iteration_started_at,
                             new_size=new_size)
         steps_left = self.sampler.steps_per_epoch - 1 - batch.step
