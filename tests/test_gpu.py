@@ -97,3 +97,15 @@ def test_dbs_moves_work_off_a_slowed_rank_on_the_gpu(tmp_path):
     last = records[-1]
     assert last["batch_sizes"][1] < last["batch_sizes"][0], last
     assert last["compute_seconds"][1] > last["compute_seconds"][0], last
+
+
+def test_an_optimizer_on_the_gpu_leaves_new_batch_sizes_out_of_its_speed_by_default():
+    # The first step at a new size builds kernel plans on a GPU (docs/gpu_check.md):
+    # DistributedOptimizer(discount_new_sizes=None) must see the parameters there.
+    from dbs_hvd.optim import resolve_discount_new_sizes
+
+    on_gpu = torch.optim.SGD(torch.nn.Linear(4, 2).cuda().parameters(), lr=0.1)
+    on_cpu = torch.optim.SGD(torch.nn.Linear(4, 2).parameters(), lr=0.1)
+    assert resolve_discount_new_sizes(None, on_gpu) is True
+    assert resolve_discount_new_sizes(None, on_cpu) is False
+    assert resolve_discount_new_sizes(False, on_gpu) is False
