@@ -116,6 +116,12 @@ POLICY_FLAGS[HOROVOD_AGAIN] = ["--policy", "horovod"]
 # before --discount-new-sizes (the GPU-like scenario's other rows leave it out).
 NEW_SIZES_COUNTED = "dbs, new sizes counted"
 POLICY_FLAGS[NEW_SIZES_COUNTED] = ["--policy", "dbs", "--discount-new-sizes", "off"]
+# dbs with every batch a multiple of M samples (--batch-multiple, grid.py): fewer
+# new sizes on the GPU-like devices; on the MLP, noise-driven moves under M stop.
+GRID_4 = "dbs on a grid of 4"
+POLICY_FLAGS[GRID_4] = ["--policy", "dbs", "--batch-multiple", "4"]
+GRID_8 = "dbs on a grid of 8"
+POLICY_FLAGS[GRID_8] = ["--policy", "dbs", "--batch-multiple", "8"]
 
 
 def policy_flags(policy: str) -> list[str]:
@@ -156,7 +162,7 @@ def scenarios(quick: bool) -> list[Scenario]:
         Scenario("equal [1,1] 2 ranks", 2, CNN, ["horovod", "dbs", HOROVOD_AGAIN], epochs=6,
                  repeats=5),
         Scenario("allreduce-bound MLP [1,1] 2 ranks", 2, MLP,
-                 ["horovod", "static", "dbs", HOROVOD_AGAIN], epochs=6, samples=6400,
+                 ["horovod", "static", "dbs", HOROVOD_AGAIN, GRID_8], epochs=6, samples=6400,
                  note="400k parameters, little compute per step", repeats=8),
         Scenario("model averaging H=8 vs gradients, [1,4] 2 ranks", 2,
                  CNN + ["--slowdown", "1,4"], ["horovod", "dbs", "dbs-average"], epochs=10),
@@ -190,7 +196,7 @@ def scenarios(quick: bool) -> list[Scenario]:
         # --discount-new-sizes on is what --device cuda sets by default.
         Scenario("virtual GPU-like [1,4], 20 ms per new batch size, 2 ranks", 2,
                  VIRTUAL + ["--virtual-device", "2:0.25:20,8:1:20", "--discount-new-sizes", "on"],
-                 all_three + [NEW_SIZES_COUNTED, "fixed 107,21"], epochs=8, samples=2560,
+                 all_three + [NEW_SIZES_COUNTED, GRID_4, "fixed 107,21"], epochs=8, samples=2560,
                  repeats=3,
                  note="sleep-only devices with a one-off cost per new batch size"),
     ] + accuracy_scenarios()

@@ -8,6 +8,7 @@ The public API, for a Horovod script:
 * ``Plan``, ``Bounds`` and the policies (``make_policy``) for custom setups.
 """
 from .comm import DbsError, claim_mpi
+from .grid import GridPolicy
 from .plan import Bounds, Plan, PlanError, Policy, ProportionalPolicy, StaticPolicy, WindowStats
 from .policies import POLICIES, CostModelPolicy, make_policy
 
@@ -33,6 +34,6 @@ claim_mpi()
 
 __all__ = [
     "Bounds", "CostModelPolicy", "DbsError", "DistributedOptimizer", "DynamicBatchSampler",
-    "POLICIES", "Plan", "PlanError", "Policy", "ProportionalPolicy", "StaticPolicy",
+    "GridPolicy", "POLICIES", "Plan", "PlanError", "Policy", "ProportionalPolicy", "StaticPolicy",
     "WindowStats", "make_policy",
 ]

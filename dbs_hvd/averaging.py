@@ -70,20 +70,22 @@ def ModelAveragingOptimizer(
     exchange: Optional[Exchange] = None,
     device_sync: Optional[Callable[[], None]] = None,
     discount_new_sizes: Optional[bool] = None,
+    batch_multiple: int = 1,
 ) -> torch.optim.Optimizer:
     """Wrap a local optimizer for local SGD with sample-weighted model averaging.
 
     The same sampler, timing and rebalancing as ``dbs_hvd.DistributedOptimizer``;
     the time spent in the averaging allreduce counts as wait, not compute
-    (``rebalance_every``, ``rebalance_budget``, ``rebalance_min_seconds`` and
-    ``discount_new_sizes`` as there).
+    (``rebalance_every``, ``rebalance_budget``, ``rebalance_min_seconds``,
+    ``discount_new_sizes`` and ``batch_multiple`` as there).
     """
     if average_every < 1:
         raise ValueError(f"average_every must be a positive number of steps, got {average_every}")
     state = dynamic_batch_state(sampler, policy, rebalance_every, exchange, device_sync,
                                 rebalance_budget, rebalance_min_seconds,
                                 discount_new_sizes=resolve_discount_new_sizes(
-                                    discount_new_sizes, optimizer))
+                                    discount_new_sizes, optimizer),
+                                batch_multiple=batch_multiple)
     averager = _Averager(list(named_parameters), sampler.global_batch, average_every)
     local_step = optimizer.step
 

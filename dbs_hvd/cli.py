@@ -79,6 +79,11 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", metavar="B1,B2,...",
                    help="the first plan, one local batch size per rank summing to the global "
                         "batch (default: the equal split); --policy static keeps it for the run")
+    p.add_argument("--batch-multiple", type=_positive_int, default=defaults.batch_multiple,
+                   metavar="M", help="keep every local batch a multiple of M samples (M must "
+                   "divide the global batch): fewer sizes to visit, each of which costs a GPU "
+                   "a one-off step that builds kernel plans, and moves under M samples stop "
+                   "(default 1: any size)")
     p.add_argument("--min-batch", type=int, default=defaults.min_batch)
     p.add_argument("--max-batch", type=int, default=None)
     p.add_argument("--slowdown", help="emulated per-rank slowdown factors, e.g. 1,1,1,4")

@@ -120,9 +120,12 @@ class ElasticTrainer:
         check_same_on_all_ranks(exchange, asdict(config))
         identities = [tuple(i) for i in exchange.allgather(worker_identity())]
         same_workers = state.ranks is not None and [tuple(i) for i in state.ranks] == identities
-        plan = Plan(tuple(state.plan)) if same_workers else None
+        policy = make_run_policy(config)
+        # A new world starts from the policy's first plan (the equal split, on
+        # the grid of --batch-multiple where one is set).
+        plan = Plan(tuple(state.plan)) if same_workers else policy.initial_plan(world)
         self.sampler.resize(rank, world, plan)
-        self.run.optimizer.dbs.restart(exchange, make_run_policy(config))
+        self.run.optimizer.dbs.restart(exchange, policy)
         rebalancer = self.run.optimizer.rebalancer
         # Windows of the epoch being resumed were measured by the old world.
         for _ in range(sum(r.epoch >= state.epoch for r in rebalancer.history)):

@@ -196,6 +196,7 @@ def DistributedOptimizer(
     device_sync: Optional[Callable[[], None]] = None,
     model: Optional[torch.nn.Module] = None,
     discount_new_sizes: Optional[bool] = None,
+    batch_multiple: int = 1,
     **horovod_kwargs: Any,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` for dynamic batch sizes; a drop-in for ``hvd.DistributedOptimizer``.
@@ -225,6 +226,9 @@ def DistributedOptimizer(
         discount_new_sizes: leave each rank's first step at a batch size out
             of its measured speed (default: where the parameters are on a
             GPU, whose first step at a new size builds kernel plans).
+        batch_multiple: keep every local batch a multiple of this many
+            samples (grid.py; with ``policy`` given by name). On a GPU a
+            multiple such as 8 leaves fewer new sizes to pay for.
         horovod_kwargs: passed to ``hvd.DistributedOptimizer`` (``op`` is fixed to Average).
 
     Every rank checks, collectively, that all ranks use the same global batch,
@@ -238,7 +242,8 @@ def DistributedOptimizer(
     state = dynamic_batch_state(sampler, policy, rebalance_every, exchange, device_sync,
                                 rebalance_budget, rebalance_min_seconds,
                                 discount_new_sizes=resolve_discount_new_sizes(
-                                    discount_new_sizes, optimizer))
+                                    discount_new_sizes, optimizer),
+                                batch_multiple=batch_multiple)
     if model is not None:
         state.weight_model_output(model)  # the gradients arrive weighted: nothing to scale
         compression = compression if compression is not None else hvd.Compression.none
@@ -268,7 +273,8 @@ def dynamic_batch_state(sampler: DynamicBatchSampler, policy: Union[str, Policy]
                         device_sync: Optional[Callable[[], None]],
                         rebalance_budget: Optional[float] = None,
                         rebalance_min_seconds: float = 0.0,
-                        discount_new_sizes: bool = False) -> DynamicBatchState:
+                        discount_new_sizes: bool = False,
+                        batch_multiple: int = 1) -> DynamicBatchState:
     """The timing, policy and rebalancing shared by the gradient and averaging modes.
 
     Collective: every rank checks that all ranks use the same global batch,
@@ -277,7 +283,12 @@ def dynamic_batch_state(sampler: DynamicBatchSampler, policy: Union[str, Policy]
     schedule = None if rebalance_every is None else RebalanceSchedule(
         rebalance_every, rebalance_budget, min_seconds=rebalance_min_seconds)
     if isinstance(policy, str):
-        policy = make_policy(policy, sampler.global_batch, sampler.bounds)
+        policy = make_policy(policy, sampler.global_batch, sampler.bounds,
+                             batch_multiple=batch_multiple)
+    elif batch_multiple != 1:
+        raise ValueError("batch_multiple applies to a policy given by name; build a Policy "
+                         "object on the grid with make_policy(name, global_batch, bounds, "
+                         "batch_multiple=M)")
     exchange = exchange or default_exchange()
     check_same_on_all_ranks(exchange, {
         "global_batch": sampler.global_batch,
@@ -287,6 +298,7 @@ def dynamic_batch_state(sampler: DynamicBatchSampler, policy: Union[str, Policy]
         "min_batch": sampler.bounds.min_batch,
         "max_batch": sampler.bounds.max_batch,
         "policy": policy.name,
+        "batch_multiple": getattr(policy, "multiple", 1),
         "rebalance_every": rebalance_every,
         "rebalance_budget": rebalance_budget,
         "rebalance_min_seconds": rebalance_min_seconds,

@@ -58,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from .grid import GridPolicy, unit_bounds
 from .plan import (
     Bounds, Plan, PlanError, Policy, ProportionalPolicy, StaticPolicy, WindowStats,
     equalise_step_times,
@@ -309,10 +310,18 @@ POLICIES: dict[str, type[Policy]] = {
 }
 
 
-def make_policy(name: str, global_batch: int, bounds: Bounds = Bounds(), **options: Any) -> Policy:
-    """Construct a registered policy by name; unknown names list the known ones."""
+def make_policy(name: str, global_batch: int, bounds: Bounds = Bounds(), batch_multiple: int = 1,
+                **options: Any) -> Policy:
+    """Construct a registered policy by name; unknown names list the known ones.
+
+    ``batch_multiple`` M > 1 keeps every batch a multiple of M samples (grid.py).
+    """
     try:
         cls = POLICIES[name]
     except KeyError:
         raise PlanError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}") from None
-    return cls(global_batch, bounds, **options)
+    if batch_multiple == 1:
+        return cls(global_batch, bounds, **options)
+    units = unit_bounds(global_batch, batch_multiple, bounds)
+    return GridPolicy(cls(global_batch // batch_multiple, units, **options), batch_multiple,
+                      global_batch, bounds)

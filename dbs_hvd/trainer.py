@@ -23,6 +23,7 @@ from .emulate import DeviceEmulator, make_emulator
 from .metrics import EpochRecord, JsonLinesLog, balance_efficiency
 from .averaging import ModelAveragingOptimizer
 from .optim import DistributedOptimizer
+from .grid import GridPolicy
 from .plan import Bounds, Plan, PlanError, Policy
 from .policies import make_policy
 from .sampler import DynamicBatchSampler
@@ -52,6 +53,7 @@ class TrainConfig:
     discount_new_sizes: str = "auto"  # "on"/"off"; auto: on for --device cuda (optim.py)
     min_batch: int = 1
     max_batch: Optional[int] = None
+    batch_multiple: int = 1  # every local batch a multiple of this (grid.py); 1: any size
     plan: Optional[str] = None  # "B1,B2,...": the first plan (with --policy static: kept for the run)
     slowdown: Optional[str] = None
     slowdown_clock: str = "wall"  # or "cpu": scale the thread's CPU time (emulate.py)
@@ -127,9 +129,15 @@ class _Run:
 
 def _dbs_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset, exchange,
              device: torch.device) -> _Run:
+    policy = make_run_policy(config)
     sampler = DynamicBatchSampler(len(train_set), config.global_batch, seed=config.seed,
                                   bounds=Bounds(config.min_batch, config.max_batch),
                                   plan=parse_plan(config.plan) if config.plan else None)
+    if isinstance(policy, GridPolicy) and not policy.on_grid(sampler.plan):
+        if config.plan:
+            raise PlanError(f"--plan {config.plan} is not on the grid of --batch-multiple "
+                            f"{config.batch_multiple}: give sizes that are multiples of it")
+        sampler.set_plan(policy.initial_plan(sampler.world_size), 0)  # nothing handed out yet
     # The sampler yields index lists; a TensorDataset indexes them in one go.
     loader = DataLoader(train_set, sampler=sampler, batch_size=None, num_workers=config.workers,
                         pin_memory=device.type == "cuda")
@@ -137,7 +145,7 @@ def _dbs_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset, ex
     # CUDA kernels run asynchronously: finish this rank's own work before
     # the allreduce wait is timed, or compute would be counted as waiting.
     device_sync = torch.cuda.synchronize if device.type == "cuda" else None
-    shared = dict(policy=make_run_policy(config), rebalance_every=effective_rebalance_every(config),
+    shared = dict(policy=policy, rebalance_every=effective_rebalance_every(config),
                   rebalance_budget=config.rebalance_budget or None,
                   rebalance_min_seconds=config.rebalance_min_seconds, exchange=exchange,
                   device_sync=device_sync,
@@ -173,7 +181,8 @@ def make_run_policy(config: TrainConfig) -> Policy:
     """The run's --policy, with --warmup-steps for the one that has a warm-up (dbs)."""
     options = {"warmup_steps": config.warmup_steps} if config.policy == "dbs" else {}
     return make_policy(config.policy, config.global_batch,
-                       Bounds(config.min_batch, config.max_batch), **options)
+                       Bounds(config.min_batch, config.max_batch),
+                       batch_multiple=config.batch_multiple, **options)
 
 
 def _plain_horovod_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset,

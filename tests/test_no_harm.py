@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from benchmarks.no_harm import (
-    CONTROL, PLAIN, Setup, markdown, round_order, run_setup, summarise,
+    CONTROL, GRID_8, PLAIN, Setup, markdown, round_order, run_setup, summarise,
 )
 
 
@@ -35,7 +35,7 @@ def test_ratios_are_taken_within_each_round_after_the_first():
 
 def test_a_tiny_job_trains_every_copy_in_every_round(tmp_path):
     setup = Setup("tiny MLP", 2, ["--model", "mlp", "--hidden", "16", "--samples", "640"],
-                  rounds=3)
+                  rounds=3, copies=(PLAIN, CONTROL, "static", "dbs", GRID_8))
     result = run_setup(setup, tmp_path, timeout=120)
     assert len(result["rounds"]) == 3
     for times in result["rounds"]:

@@ -118,13 +118,16 @@ def _assert_fails_alike(result, message, ranks):
     (["--rebalance-min-seconds", "-1"], "rebalance_min_seconds must be a number of seconds"),
     (["--warmup-steps", "-1"], "warmup_steps must be a number of steps >= 0"),
     (["--slowdown-clock", "cpu", "--threads", "2"], "--slowdown-clock cpu needs --device cpu"),
+    (["--batch-multiple", "24"], "batch multiple 24 does not divide the global batch 64"),
+    (["--batch-multiple", "8", "--plan", "60,4"], "not on the grid of --batch-multiple 8"),
 ])
 def test_bad_input_fails_on_every_rank_without_hanging(args, message):
     result = run_job(DBS_TRAIN + ["--epochs", "1"] + args, np=2, timeout=120)
     _assert_fails_alike(result, message, ranks=2)
 
 
-@pytest.mark.parametrize("setting, a, b", [("--global-batch", "64", "32"), ("--seed", "1", "2")])
+@pytest.mark.parametrize("setting, a, b", [("--global-batch", "64", "32"), ("--seed", "1", "2"),
+                                            ("--batch-multiple", "8", "16")])
 def test_ranks_started_with_different_settings_fail_together(setting, a, b):
     argv = mpmd_argv(DBS_TRAIN + ["--epochs", "1", setting, a],
                      DBS_TRAIN + ["--epochs", "1", setting, b])

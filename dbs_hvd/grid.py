@@ -1,0 +1,104 @@
+"""Batch sizes on a grid: every rank's batch a multiple of M samples.
+
+Why: on a GPU the first step at a batch size a rank has not run before
+builds kernel plans for the new shapes, a one-off 13-35 ms where such steps
+take 2-4 ms (docs/gpu_check.md). A policy free to pick any size visits many
+sizes while it converges and whenever noise nudges the plan, and pays that
+cost at each. On a grid of M samples there are M times fewer sizes to visit,
+and a move smaller than M samples rounds back to the current plan, so small
+noise-driven moves stop altogether. Sizes that are multiples of 8 also suit
+tensor cores. The price is resolution: a balance that falls between grid
+points is approximated by the nearest one, which costs up to M / b of the
+step on a rank of batch b; so M should be small against the smallest batch.
+
+How: the policy plans in units of M samples. ``GridPolicy`` hands the inner
+policy a problem whose global batch is B / M units, whose bounds are the
+per-rank bounds in whole units, and whose stats count units instead of
+samples (seconds unchanged, so per-unit costs are M times the per-sample
+ones), then multiplies its plan by M. Every policy works unchanged on the
+grid, with its history, deadband and rounding all in units. Pure numpy, like
+plan.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from .plan import Bounds, Plan, PlanError, Policy, WindowStats, apportion
+
+
+def unit_bounds(global_batch: int, multiple: int, bounds: Bounds) -> Bounds:
+    """``bounds`` in whole units of ``multiple`` samples; PlanError where none fit.
+
+    The lower bound rounds up and the upper bound down, so every plan on the
+    grid also meets the bounds in samples.
+    """
+    if not isinstance(multiple, (int, np.integer)) or multiple < 1:
+        raise PlanError(f"the batch multiple must be a positive integer, got {multiple!r}")
+    if global_batch % multiple:
+        divisors = [d for d in range(2, min(global_batch, 64) + 1) if global_batch % d == 0]
+        raise PlanError(
+            f"batch multiple {multiple} does not divide the global batch {global_batch}: "
+            f"the local batches could not sum to it. Choose a multiple that divides it "
+            f"(e.g. {', '.join(map(str, divisors[:6])) or '1'}) or a global batch that is a "
+            f"multiple of {multiple}"
+        )
+    upper = bounds.upper(global_batch)
+    if upper < multiple:
+        raise PlanError(f"max_batch {upper} is below the batch multiple {multiple}: no rank "
+                        f"could take a batch on the grid; raise max_batch or lower the multiple")
+    return Bounds(max(1, math.ceil(bounds.min_batch / multiple)),
+                  None if bounds.max_batch is None else upper // multiple)
+
+
+class GridPolicy(Policy):
+    """Runs ``inner`` in units of ``multiple`` samples, so every plan is on the grid.
+
+    ``inner`` must have been built for ``global_batch // multiple`` units with
+    ``unit_bounds(...)`` (``make_policy(..., batch_multiple=M)`` does this).
+    A current plan off the grid (the sampler's first equal split, e.g. 43,43,42
+    for 128 samples on 3 ranks with M=8) is snapped to the nearest grid plan
+    before the inner policy sees it, so the first rebalance puts the plan on
+    the grid.
+    """
+
+    def __init__(self, inner: Policy, multiple: int, global_batch: int,
+                 bounds: Bounds = Bounds()) -> None:
+        super().__init__(global_batch, bounds)
+        expected = unit_bounds(global_batch, multiple, bounds)
+        if inner.global_batch * multiple != global_batch or inner.bounds != expected:
+            raise PlanError(
+                f"the inner policy plans {inner.global_batch} units within {inner.bounds}; on a "
+                f"grid of {multiple} it needs {global_batch // multiple} units within {expected}")
+        self.inner = inner
+        self.multiple = int(multiple)
+        self.name = inner.name
+
+    def initial_plan(self, world_size: int) -> Plan:
+        return self._samples(self.inner.initial_plan(world_size))
+
+    def on_grid(self, plan: Plan) -> bool:
+        return all(b % self.multiple == 0 for b in plan.batch_sizes)
+
+    def snap(self, plan: Plan) -> Plan:
+        """``plan`` in units: itself where on the grid, else the nearest grid plan."""
+        if self.on_grid(plan):
+            return Plan(tuple(b // self.multiple for b in plan.batch_sizes))
+        shares = np.maximum(np.asarray(plan.batch_sizes, dtype=float), 1e-9)
+        return Plan(tuple(apportion(shares, self.inner.global_batch, self.inner.bounds)))
+
+    def propose(self, stats: WindowStats, current: Plan) -> Plan:
+        in_units = replace(stats, samples=stats.samples / self.multiple)
+        return self._samples(self.inner.next_plan(in_units, self.snap(current)))
+
+    def _samples(self, plan: Plan) -> Plan:
+        return Plan(tuple(b * self.multiple for b in plan.batch_sizes))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
