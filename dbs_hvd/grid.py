@@ -78,7 +78,24 @@ class GridPolicy(Policy):
         self.name = inner.name
 
     def initial_plan(self, world_size: int) -> Plan:
+        self._check_fits(world_size)
         return self._samples(self.inner.initial_plan(world_size))
+
+    def _check_fits(self, world_size: int) -> None:
+        """PlanError, in samples, where no plan on the grid fits ``world_size`` ranks.
+
+        The inner policy would say so in units, which reads wrongly on the
+        command line ("global batch 1 is smaller than the world size 2").
+        """
+        units, bounds = self.inner.global_batch, self.inner.bounds
+        low, high = bounds.min_batch, bounds.upper(units)
+        if low * world_size > units or high * world_size < units:
+            raise PlanError(
+                f"on a grid of {self.multiple} samples the global batch {self.global_batch} "
+                f"makes {units} multiples for {world_size} ranks, and with every rank's batch "
+                f"between {low * self.multiple} and {high * self.multiple} samples (the bounds "
+                f"rounded to the grid) no plan fits: lower the batch multiple or raise the "
+                f"global batch")
 
     def on_grid(self, plan: Plan) -> bool:
         return all(b % self.multiple == 0 for b in plan.batch_sizes)
@@ -91,6 +108,7 @@ class GridPolicy(Policy):
         return Plan(tuple(apportion(shares, self.inner.global_batch, self.inner.bounds)))
 
     def propose(self, stats: WindowStats, current: Plan) -> Plan:
+        self._check_fits(current.world_size)
         in_units = replace(stats, samples=stats.samples / self.multiple)
         return self._samples(self.inner.next_plan(in_units, self.snap(current)))
 

@@ -33,6 +33,14 @@ def test_bounds_in_units_round_inwards_and_bad_multiples_say_what_to_do():
         unit_bounds(128, 0, Bounds())
 
 
+def test_a_grid_too_coarse_for_the_ranks_is_an_error_in_samples():
+    with pytest.raises(PlanError, match="global batch 64 makes 1 multiples for 2 ranks"):
+        make_policy("dbs", 64, batch_multiple=64).initial_plan(2)
+    with pytest.raises(PlanError, match="between 16 and 16 samples"):
+        make_policy("paper", 64, Bounds(min_batch=9, max_batch=20), batch_multiple=8
+                    ).initial_plan(2)
+
+
 def test_the_first_plan_is_on_the_grid_and_an_off_grid_plan_is_snapped():
     policy = make_policy("dbs", 128, batch_multiple=8)
     assert isinstance(policy, GridPolicy) and policy.name == "dbs"

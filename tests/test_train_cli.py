@@ -120,6 +120,7 @@ def _assert_fails_alike(result, message, ranks):
     (["--slowdown-clock", "cpu", "--threads", "2"], "--slowdown-clock cpu needs --device cpu"),
     (["--batch-multiple", "24"], "batch multiple 24 does not divide the global batch 64"),
     (["--batch-multiple", "8", "--plan", "60,4"], "not on the grid of --batch-multiple 8"),
+    (["--batch-multiple", "64"], "makes 1 multiples for 2 ranks"),
 ])
 def test_bad_input_fails_on_every_rank_without_hanging(args, message):
     result = run_job(DBS_TRAIN + ["--epochs", "1"] + args, np=2, timeout=120)
