@@ -98,12 +98,12 @@ class GridPolicy(Policy):
                 f"global batch")
 
     def on_grid(self, plan: Plan) -> bool:
-        return all(b % self.multiple == 0 for b in plan.batch_sizes)
+        return not np.any(np.asarray(plan.batch_sizes) % self.multiple)
 
     def snap(self, plan: Plan) -> Plan:
         """``plan`` in units: itself where on the grid, else the nearest grid plan."""
         if self.on_grid(plan):
-            return Plan(tuple(b // self.multiple for b in plan.batch_sizes))
+            return Plan(tuple((np.asarray(plan.batch_sizes) // self.multiple).tolist()))
         shares = np.maximum(np.asarray(plan.batch_sizes, dtype=float), 1e-9)
         return Plan(tuple(apportion(shares, self.inner.global_batch, self.inner.bounds)))
 
@@ -113,7 +113,7 @@ class GridPolicy(Policy):
         return self._samples(self.inner.next_plan(in_units, self.snap(current)))
 
     def _samples(self, plan: Plan) -> Plan:
-        return Plan(tuple(b * self.multiple for b in plan.batch_sizes))
+        return Plan(tuple((np.asarray(plan.batch_sizes) * self.multiple).tolist()))
 
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()
