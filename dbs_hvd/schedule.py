@@ -22,6 +22,22 @@ that timed itself at 0.3-0.8 ms lengthened its step by 1.0-1.2 ms on average,
 and with the interval the 2% budget gave, intra-epoch rebalancing cost 3-4%
 over epoch-end rebalancing only (8 interleaved repeats).
 
+The budget prices only what rebalancing costs, not what waiting costs
+when speeds change often. So where the windows show imbalances (a window
+whose slowest rank's step is more than ``loss_threshold`` above the ranks'
+mean, as when a disturbance starts), the interval is also kept at most
+``sqrt(cost / (rate * loss))`` seconds: the length that minimises the
+rebalancing cost per second (``cost / T``) plus the expected loss of
+answering a change late (``rate * loss * T``: a change is answered only
+after the window that shows it, up to a whole interval), with ``rate`` the
+imbalanced windows per second over the last ``change_memory`` seconds and
+``loss`` their mean excess. With no such windows (equal or settled ranks)
+the budget alone decides, as before. Measured on sleep-only devices under
+the paper's disturbances (3 ranks sharing 2 cores, steps of 94-125 ms),
+rebalances took 2-16 ms on the critical path and the budget stretched the
+interval to 4-8 steps, so a disturbance that began an epoch ran that many
+slow steps unanswered (once a whole epoch).
+
 This module is pure arithmetic (no torch, no MPI): rank 0 decides the
 interval from the gathered measurements and broadcasts it with the plan, so
 every rank rebalances at the same step.
@@ -83,12 +99,19 @@ class RebalanceSchedule:
             them apart (paired ratios 0.45-0.69 against 0.50-0.71).
         min_seconds: the shortest interval in wall time (0: none); with
             neither this nor a budget, the interval stays at ``min_steps``.
+        loss_threshold: a window whose slowest step exceeds the ranks' mean
+            by more than this fraction counts as a speed change (module
+            docstring); the default 0.25 leaves out the 10-20% that ranks
+            sharing cores show from window to window.
+        change_memory: the seconds of training over which changes are counted.
     """
 
     min_steps: int
     budget: float | None = None
     cost_window: int = 5
     min_seconds: float = 0.0
+    loss_threshold: float = 0.25
+    change_memory: float = 20.0
 
     def __post_init__(self) -> None:
         if self.min_steps < 1:
@@ -107,21 +130,26 @@ class RebalanceSchedule:
         self.reset()
 
     def reset(self) -> None:
-        """Back to ``min_steps``, with no cost measured yet."""
+        """Back to ``min_steps``, with no cost or change measured yet."""
         self.interval = self.min_steps
         self._costs: collections.deque[float] = collections.deque(maxlen=self.cost_window)
+        self._elapsed = 0.0  # seconds of training seen through update()
+        self._changes: collections.deque[tuple[float, float]] = collections.deque()  # (end, loss)
 
     @property
     def cost(self) -> float | None:
         """The cost of a rebalance the interval is sized by (None until measured)."""
         return statistics.median(self._costs) if self._costs else None
 
-    def update(self, rebalance_seconds: float | None, step_seconds: float | None) -> int:
+    def update(self, rebalance_seconds: float | None, step_seconds: float | None,
+               window_steps: int = 0, imbalance: float | None = None) -> int:
         """Record the last rebalance's cost and the window's step time; return the next interval.
 
         ``rebalance_seconds`` should be the cost on the critical path: the
         smallest duration over ranks (the rank that arrived last did not wait
         for the others, so its duration is the rebalance itself).
+        ``window_steps`` and ``imbalance`` (the window's slowest compute per
+        step over the ranks' mean, minus 1) feed the change rate.
         """
         if self.budget is None and not self.min_seconds:
             return self.interval
@@ -130,9 +158,34 @@ class RebalanceSchedule:
             self._costs.append(rebalance_seconds)
         if step_seconds is None or not step_seconds > 0 or not math.isfinite(step_seconds):
             return self.interval
-        needed = [self.min_steps, math.ceil(self.min_seconds / step_seconds)]
+        self._record_window(step_seconds * max(window_steps, 0), imbalance)
+        floor = max(self.min_steps, math.ceil(self.min_seconds / step_seconds))
         cost = self.cost
-        if self.budget is not None and cost is not None:
-            needed.append(math.ceil(cost / (self.budget * step_seconds)))
-        self.interval = max(needed)
+        if self.budget is None or cost is None:
+            self.interval = floor
+            return self.interval
+        by_budget = math.ceil(cost / (self.budget * step_seconds))
+        by_changes = self.change_bound(cost)
+        if by_changes is not None:
+            by_budget = min(by_budget, math.ceil(by_changes / step_seconds))
+        self.interval = max(floor, by_budget)
         return self.interval
+
+    def _record_window(self, seconds: float, imbalance: float | None) -> None:
+        if not math.isfinite(seconds):
+            return
+        self._elapsed += seconds
+        if imbalance is not None and math.isfinite(imbalance) \
+                and imbalance > self.loss_threshold:
+            self._changes.append((self._elapsed, imbalance))
+        while self._changes and self._changes[0][0] < self._elapsed - self.change_memory:
+            self._changes.popleft()
+
+    def change_bound(self, cost: float) -> float | None:
+        """The interval in seconds that balances ``cost`` against late answers (None: no changes)."""
+        if not self._changes or self._elapsed <= 0:
+            return None
+        span = min(self._elapsed, self.change_memory)
+        rate = len(self._changes) / span
+        loss = statistics.fmean(loss for _, loss in self._changes)
+        return math.sqrt(cost / (rate * loss))

@@ -176,3 +176,46 @@ def test_windows_are_one_interval_except_the_last_of_the_epoch_which_is_at_most_
     assert windows[-1] < 1.5 * interval or windows[-1] == interval
     # The last window is never a short remnant, unless the epoch itself is short.
     assert windows[-1] >= min(steps, interval / 2)
+
+
+def test_imbalanced_windows_keep_the_interval_short_where_the_budget_would_stretch_it():
+    # 8 ms rebalances on 100 ms steps: the 2% budget asks for 4 steps. A window
+    # whose slowest rank ran 80% above the mean (a disturbance starting) makes
+    # answering late the larger cost: sqrt(cost / (rate * loss)) is well under
+    # one step here, so the interval goes back to K.
+    schedule = RebalanceSchedule(2, budget=0.02, cost_window=1)
+    assert schedule.update(0.008, 0.1, window_steps=2, imbalance=0.05) == 4
+    assert schedule.update(0.008, 0.1, window_steps=4, imbalance=0.8) == 2
+    assert schedule.change_bound(0.008) == pytest.approx(math.sqrt(0.008 / (1 / 0.6 * 0.8)))
+
+
+def test_imbalance_within_the_noise_of_shared_cores_leaves_the_budget_alone():
+    schedule = RebalanceSchedule(2, budget=0.02, cost_window=1)
+    for _ in range(20):
+        assert schedule.update(0.008, 0.1, window_steps=4, imbalance=0.2) == 4
+    assert schedule.change_bound(0.008) is None
+
+
+def test_changes_older_than_the_memory_no_longer_count():
+    schedule = RebalanceSchedule(2, budget=0.02, cost_window=1, change_memory=5.0)
+    schedule.update(0.008, 0.1, window_steps=4, imbalance=0.8)
+    assert schedule.interval == 2
+    for _ in range(12):  # 4.8 s of settled windows: the change is still remembered
+        schedule.update(0.008, 0.1, window_steps=4, imbalance=0.0)
+    assert schedule.change_bound(0.008) is not None
+    schedule.update(0.008, 0.1, window_steps=4, imbalance=0.0)  # 5.2 s after it
+    assert schedule.change_bound(0.008) is None and schedule.interval == 4
+
+
+@given(k=st.integers(1, 20), budget=st.floats(0.001, 0.5), min_seconds=st.floats(0, 1),
+       windows=st.lists(st.tuples(st.floats(0, 0.1), st.floats(1e-4, 1), st.integers(1, 50),
+                                  st.floats(0, 5)), min_size=1, max_size=30))
+def test_changes_only_shorten_the_budget_interval_never_below_k_or_the_floor(
+        k, budget, min_seconds, windows):
+    with_changes = RebalanceSchedule(k, budget=budget, min_seconds=min_seconds)
+    budget_only = RebalanceSchedule(k, budget=budget, min_seconds=min_seconds)
+    for cost, step, steps, imbalance in windows:
+        interval = with_changes.update(cost, step, window_steps=steps, imbalance=imbalance)
+        assert interval <= budget_only.update(cost, step, window_steps=steps, imbalance=None)
+        assert interval >= k
+        assert interval * step >= min_seconds * (1 - 1e-9)
