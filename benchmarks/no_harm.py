@@ -30,13 +30,13 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from benchmarks.hetero import GRID_8
 from dbs_hvd.testing import run_job
 
 PLAIN = "horovod"
 CONTROL = "horovod again"
-# dbs with every batch a multiple of 8 samples (--batch-multiple, grid.py): on two
-# equal ranks a move must be of 8 samples, which noise of a few percent never asks.
-GRID_8 = "dbs on a grid of 8"
+# dbs with every batch a multiple of 8 samples (GRID_8, as in the hetero benchmark):
+# on two equal ranks a move must be of 8 samples, which noise of a few percent never asks.
 COPY_SETTINGS = {PLAIN: {"policy": "horovod"}, CONTROL: {"policy": "horovod"},
                  GRID_8: {"policy": "dbs", "batch_multiple": 8}}
 

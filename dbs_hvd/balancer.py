@@ -102,11 +102,8 @@ class Rebalancer:
         if self.schedule is None:
             return self.interval
         costs = [r["rebalance_seconds"] for r in gathered if r.get("rebalance_seconds") is not None]
-        measured = (stats.steps > 0).all()
-        step = stats.step_wall_seconds() if measured else None
-        imbalance = None
-        if measured:
-            per_step = stats.compute_seconds / stats.steps
-            imbalance = float(per_step.max() / per_step.mean() - 1.0)
-        return self.schedule.update(min(costs) if len(costs) == len(gathered) else None, step,
-                                    int(stats.steps.max()), imbalance)
+        cost = min(costs) if len(costs) == len(gathered) else None
+        if not (stats.steps > 0).all():
+            return self.schedule.update(cost, None)
+        return self.schedule.update(cost, stats.step_wall_seconds(), int(stats.steps.max()),
+                                    stats.imbalance())

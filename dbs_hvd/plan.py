@@ -178,6 +178,14 @@ class WindowStats:
             return None
         return float(np.min((self.compute_seconds + self.wait_seconds) / self.steps))
 
+    def imbalance(self) -> float:
+        """The slowest rank's compute per step over the ranks' mean, minus 1 (0: balanced).
+
+        Every rank must have run a step in the window.
+        """
+        per_step = self.compute_seconds / self.steps
+        return float(per_step.max() / per_step.mean() - 1.0)
+
     @property
     def world_size(self) -> int:
         return len(self.samples)

@@ -219,3 +219,14 @@ def test_changes_only_shorten_the_budget_interval_never_below_k_or_the_floor(
         assert interval <= budget_only.update(cost, step, window_steps=steps, imbalance=None)
         assert interval >= k
         assert interval * step >= min_seconds * (1 - 1e-9)
+
+
+def test_window_imbalance_is_the_slowest_compute_per_step_over_the_mean():
+    from dbs_hvd.plan import WindowStats
+    import numpy as np
+
+    stats = WindowStats(samples=np.array([10.0, 10.0, 10.0]), steps=np.array([2.0, 2.0, 2.0]),
+                        compute_seconds=np.array([0.2, 0.2, 0.5]))
+    assert stats.imbalance() == pytest.approx(0.25 / 0.15 - 1.0)
+    balanced = WindowStats(samples=np.ones(2), steps=np.ones(2), compute_seconds=np.ones(2))
+    assert balanced.imbalance() == 0.0
