@@ -109,3 +109,18 @@ def test_an_optimizer_on_the_gpu_leaves_new_batch_sizes_out_of_its_speed_by_defa
     assert resolve_discount_new_sizes(None, on_gpu) is True
     assert resolve_discount_new_sizes(None, on_cpu) is False
     assert resolve_discount_new_sizes(False, on_gpu) is False
+
+
+def test_dbs_on_a_grid_keeps_every_gpu_batch_a_multiple(tmp_path):
+    # --batch-multiple exists for GPUs (fewer distinct sizes, each of which costs
+    # a one-off kernel-planning step): the CUDA path must keep every plan on the grid.
+    if _ranks_possible() < 2:
+        pytest.skip("one GPU and a Horovod with NCCL: two ranks cannot share it")
+    log = tmp_path / "run.jsonl"
+    _train(2, "--model", "cnn", "--slowdown", "1,4", "--epochs", "4", "--global-batch", "64",
+           "--batch-multiple", "8", "--lr", "0.1", "--log", str(log))
+    records = read_jsonl(log)
+    plans = [plan for record in records for plan in record["plans"]]
+    plans += [record["next_batch_sizes"] for record in records]
+    assert all(sum(plan) == 64 and all(size % 8 == 0 for size in plan) for plan in plans), plans
+    assert records[-1]["batch_sizes"][1] < records[-1]["batch_sizes"][0], records[-1]
