@@ -36,7 +36,7 @@ HOROVODRUN = str(Path(sys.executable).parent / "horovodrun")
 GLOBAL_BATCH, EPOCHS, COMMIT_EVERY, FAIL_EPOCH, FAIL_AFTER_STEP = 64, 3, 5, 1, 7
 
 
-def elastic_argv(read_log: Path) -> list[str]:
+def elastic_argv(read_log: Path, extra: tuple[str, ...] = ()) -> list[str]:
     # No "--" before the command: Horovod's elastic launcher passes it on to the
     # shell; so --log, which horovodrun would take for its --log-level, goes in
     # an @file. The timeouts and the cooldown keep the driver from waiting 600 s
@@ -50,7 +50,7 @@ def elastic_argv(read_log: Path) -> list[str]:
         "--blacklist-cooldown-range", "200", "300",
         sys.executable, "-m", "dbs_hvd.cli", "--elastic", "--commit-every", str(COMMIT_EVERY),
         "--virtual-device", "0:2", "--epochs", str(EPOCHS), "--global-batch", str(GLOBAL_BATCH),
-        "--read-log", str(read_log), f"@{options}",
+        "--read-log", str(read_log), *extra, f"@{options}",
     ]
 
 
@@ -78,8 +78,8 @@ def worker_on(host: str, launcher: psutil.Process) -> list[psutil.Process]:
     return found
 
 
-def run_and_kill_one(read_log: Path) -> tuple[int, str]:
-    proc = subprocess.Popen(elastic_argv(read_log), stdout=subprocess.PIPE,
+def run_and_kill_one(read_log: Path, extra: tuple[str, ...] = ()) -> tuple[int, str]:
+    proc = subprocess.Popen(elastic_argv(read_log, extra), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env=rank_environment(), start_new_session=True)
     try:
@@ -103,17 +103,24 @@ def run_and_kill_one(read_log: Path) -> tuple[int, str]:
             proc.communicate()
 
 
-def test_a_killed_rank_mid_epoch_the_run_finishes_on_two_without_losing_a_sample(tmp_path):
+@pytest.mark.parametrize("multiple", [1, 8], ids=["any size", "grid of 8"])
+def test_a_killed_rank_mid_epoch_the_run_finishes_on_two_without_losing_a_sample(
+        tmp_path, multiple):
     from dbs_hvd import data
     from dbs_hvd.sampler import DynamicBatchSampler
 
     read_log = tmp_path / "reads"
-    returncode, output = run_and_kill_one(read_log)
+    returncode, output = run_and_kill_one(read_log, ("--batch-multiple", str(multiple)))
     assert returncode == 0, output[-5000:]
 
     records = read_records(read_log)
     reads = [r for r in records if r["kind"] == "read"]
     commits = [r for r in records if r["kind"] == "commit"]
+    # --batch-multiple: the world of 3 and the world of 2 after the failure both
+    # plan on the grid (the new world starts from the policy's initial plan).
+    assert all(len(r["indices"]) % multiple == 0 for r in reads), \
+        sorted({len(r["indices"]) for r in reads})
+    assert all(size % multiple == 0 for c in commits for size in c["plan"]), commits
     train_set, _ = data.load("digits", flatten=True, seed=0)
     stream = DynamicBatchSampler(len(train_set), GLOBAL_BATCH, rank=0, world_size=1, seed=0)
     steps = stream.steps_per_epoch
