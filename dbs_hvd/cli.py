@@ -71,6 +71,9 @@ def train_parser() -> argparse.ArgumentParser:
                    help="--policy dbs: during the first N steps of a process, move the plan "
                    "only for a predicted gain of 15%%, so first-step slowness (lazy init, "
                    "kernel selection) does not steer it (0: no warm-up)")
+    p.add_argument("--max-deadband", type=float, default=defaults.max_deadband, metavar="F",
+                   help="--policy dbs: a new plan must be predicted to gain twice the measured "
+                   "noise, but never more than F (default 0.03) nor less than 0.01")
     p.add_argument("--discount-new-sizes", choices=["auto", "on", "off"],
                    default=defaults.discount_new_sizes,
                    help="leave each rank's first step at a batch size out of its measured "

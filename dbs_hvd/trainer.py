@@ -50,6 +50,7 @@ class TrainConfig:
     rebalance_budget: float = 0.02  # stretch the interval so rebalancing costs <= 2% (0: exactly K)
     rebalance_min_seconds: float = 0.15  # and keep at least this wall time between rebalances
     warmup_steps: int = 10  # dbs: the first steps move the plan only for a large gain
+    max_deadband: Optional[float] = None  # dbs: the widest noise-following band (policies.py)
     discount_new_sizes: str = "auto"  # "on"/"off"; auto: on for --device cuda (optim.py)
     min_batch: int = 1
     max_batch: Optional[int] = None
@@ -178,8 +179,12 @@ def scales_cpu_time(config: TrainConfig) -> bool:
 
 
 def make_run_policy(config: TrainConfig) -> Policy:
-    """The run's --policy, with --warmup-steps for the one that has a warm-up (dbs)."""
-    options = {"warmup_steps": config.warmup_steps} if config.policy == "dbs" else {}
+    """The run's --policy, with --warmup-steps and --max-deadband for dbs, which has them."""
+    options = {}
+    if config.policy == "dbs":
+        options["warmup_steps"] = config.warmup_steps
+        if config.max_deadband is not None:
+            options["max_deadband"] = config.max_deadband
     return make_policy(config.policy, config.global_batch,
                        Bounds(config.min_batch, config.max_batch),
                        batch_multiple=config.batch_multiple, **options)

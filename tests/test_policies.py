@@ -159,6 +159,12 @@ def test_the_adoption_deadband_follows_the_measured_noise():
     assert steady == 0.01, steady  # steady devices: near-miss plans are not held
     assert noisy == 0.03, noisy  # noisy ones: the full band against oscillation
     assert band_after(0.002, min_deadband=0.03) == 0.03  # a fixed band, when asked for
+    # A wider ceiling lets the band follow noisier measurements further up.
+    wide = band_after(0.05, max_deadband=0.5)
+    assert 0.03 < wide < 0.5, wide
+    assert band_after(0.5, max_deadband=0.08) == 0.08
+    with pytest.raises(PlanError, match="max_deadband"):
+        CostModelPolicy(512, max_deadband=0.02)  # below the 3% band it would widen
 
 
 def test_steady_devices_get_closer_to_balance_than_a_fixed_band_allows():

@@ -117,6 +117,7 @@ def _assert_fails_alike(result, message, ranks):
     (["--rebalance-budget", "2"], "rebalance_budget must be a fraction"),
     (["--rebalance-min-seconds", "-1"], "rebalance_min_seconds must be a number of seconds"),
     (["--warmup-steps", "-1"], "warmup_steps must be a number of steps >= 0"),
+    (["--max-deadband", "0.02"], "starts at the deadband 0.03: give at least 0.03"),
     (["--slowdown-clock", "cpu", "--threads", "2"], "--slowdown-clock cpu needs --device cpu"),
     (["--batch-multiple", "24"], "batch multiple 24 does not divide the global batch 64"),
     (["--batch-multiple", "8", "--plan", "60,4"], "not on the grid of --batch-multiple 8"),
