@@ -39,6 +39,9 @@ class Rebalancer:
     every rank's window figures): enough for epoch summaries, bounded so that a
     run of millions of steps on many ranks does not grow without end.
 
+    With ``record_policy``, each record's ``extra["policy"]`` holds, on rank
+    0, the policy's ``diagnostics()`` for that decision (None on other ranks).
+
     ``schedule`` (when rebalancing inside epochs) sets the steps until the
     next rebalance, ``interval``; rank 0 updates it from every rank's measured
     cost of the previous rebalance and broadcasts it with the plan.
@@ -56,6 +59,9 @@ class Rebalancer:
         self._last_cost: Optional[float] = None  # this rank's previous rebalance, seconds
         self.history: collections.deque[RebalanceRecord] = collections.deque(
             maxlen=history_limit)
+        # Keep the policy's diagnostics in each record (rank 0; --rebalance-log).
+        # Off by default: at thousands of ranks they are lists as long as the world.
+        self.record_policy = False
 
     def rebalance(self, step: int) -> RebalanceRecord:
         """Exchange the window's stats and install the next plan on every rank."""
@@ -65,21 +71,25 @@ class Rebalancer:
         window["rebalance_seconds"] = self._last_cost
         gathered = self.exchange.allgather(window)
         current = self.sampler.plan
+        diagnostics = None  # the policy's view, on rank 0 (where it decides)
 
         def decide() -> tuple[tuple[int, ...], int, Optional[int]]:
+            nonlocal diagnostics
             start = max(record["steps_generated"] for record in gathered)
             if all(record["steps"] == 0 for record in gathered):
                 return current.batch_sizes, start, self.interval  # nothing measured: keep all
             stats = WindowStats.from_records(gathered)
-            return self.policy.next_plan(stats, current).batch_sizes, start, \
-                self._next_interval(gathered, stats)
+            sizes = self.policy.next_plan(stats, current).batch_sizes
+            if self.record_policy:
+                diagnostics = self.policy.diagnostics()
+            return sizes, start, self._next_interval(gathered, stats)
 
         sizes, start, self.interval = decide_on_root(self.exchange, decide)
         self.sampler.set_plan(Plan(sizes), start)
         record = RebalanceRecord(
             epoch=self.sampler.epoch, step=step, ranks=gathered,
             plan_before=current.batch_sizes, plan_after=tuple(sizes), start_step=start,
-            extra={"interval": self.interval},
+            extra={"interval": self.interval, "policy": diagnostics},
         )
         self.history.append(record)
         self.timer.mark_start()

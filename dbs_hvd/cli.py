@@ -108,6 +108,10 @@ def train_parser() -> argparse.ArgumentParser:
                    help="torch threads per rank")
     p.add_argument("--workers", type=int, default=defaults.workers, help="DataLoader workers")
     p.add_argument("--log", help="write one JSON line per epoch here (rank 0)")
+    p.add_argument("--rebalance-log", metavar="FILE",
+                   help="rank 0 writes one JSON line per rebalance here: each rank's window "
+                   "(steps, samples, compute and wait seconds), the plan before and after, the "
+                   "next interval and what the policy saw (dbs: noise, band, fitted costs)")
     p.add_argument("--progress", action="store_true", help="progress bar on rank 0")
     p.add_argument("--timeline", help="write Horovod's timeline (chrome://tracing JSON) here")
     p.add_argument("--stall-timeout", type=float, default=defaults.stall_timeout,

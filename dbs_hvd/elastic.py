@@ -233,6 +233,9 @@ def _check_supported(config: TrainConfig) -> None:
     if config.plan:
         raise ValueError("--plan names one batch size per rank, and an elastic world changes "
                          "size: leave --plan out with --elastic")
+    if config.rebalance_log:
+        raise ValueError("--rebalance-log is not written in elastic mode yet: leave it out with "
+                         "--elastic (--log still records each epoch's plans)")
 
 
 def train_elastic(config: TrainConfig) -> list[EpochRecord]:

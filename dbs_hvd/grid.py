@@ -115,6 +115,13 @@ class GridPolicy(Policy):
     def _samples(self, plan: Plan) -> Plan:
         return Plan(tuple((np.asarray(plan.batch_sizes) * self.multiple).tolist()))
 
+    def diagnostics(self) -> dict[str, Any]:
+        """The inner policy's, with its per-unit costs given per sample."""
+        found = dict(self.inner.diagnostics(), batch_multiple=self.multiple)
+        if "per_sample_seconds" in found:
+            found["per_sample_seconds"] = [c / self.multiple for c in found["per_sample_seconds"]]
+        return found
+
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()
 

@@ -447,6 +447,13 @@ class Policy(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         del state
 
+    def diagnostics(self) -> dict[str, Any]:
+        """What the last decision rested on, for ``--rebalance-log`` (plain JSON types).
+
+        Read on rank 0 right after ``next_plan``, where the decision was made.
+        """
+        return {}
+
 
 class StaticPolicy(Policy):
     """Never changes the plan, whatever the measurements say.

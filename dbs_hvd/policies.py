@@ -303,6 +303,25 @@ class CostModelPolicy(Policy):
             return self.deadband
         return float(np.clip(2.0 * self._noise, self.min_deadband, self.max_deadband))
 
+    def diagnostics(self) -> dict[str, Any]:
+        """The measured noise, the band it set, the fit and each rank's misfit.
+
+        Where a plan wanders (equal ranks on shared cores), these say why: a
+        rank whose window missed the model by more than ``surprise`` was
+        measured afresh, and a fitted overhead of 0 means the split followed
+        seconds per sample (the fit needs a spread of batch sizes).
+        """
+        overhead, per_sample = self.last_model if self.last_model is not None else ((), ())
+        return {
+            "noise": None if self._noise is None else float(self._noise),
+            "band": self.adoption_deadband(),
+            "warming_up": self.warming_up,
+            "hold": int(self._hold),
+            "misfit": [float(m) for m in self._misfit],
+            "overhead_seconds": [float(a) for a in overhead],
+            "per_sample_seconds": [float(c) for c in per_sample],
+        }
+
     def state_dict(self) -> dict[str, Any]:
         return {"batch": self._batch.tolist(), "seconds": self._seconds.tolist()}
 

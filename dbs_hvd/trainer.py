@@ -65,6 +65,7 @@ class TrainConfig:
     threads: int = 1
     workers: int = 0
     log: Optional[str] = None
+    rebalance_log: Optional[str] = None  # rank 0: one JSON line per rebalance (window, plan, policy)
     progress: bool = False
     device: str = "cpu"  # "cuda": one GPU per local rank, NCCL when Horovod has it
     timeline: Optional[str] = None  # Horovod timeline (chrome://tracing JSON), rank 0 writes it
@@ -400,6 +401,9 @@ def train(config: TrainConfig) -> list[EpochRecord]:
     if config.plan and config.policy == "horovod":
         raise ValueError("--plan needs a DBS policy (plain Horovod splits the batch equally); "
                          "use --policy static to keep a plan fixed")
+    if config.rebalance_log and config.policy == "horovod":
+        raise ValueError("--rebalance-log records DBS rebalances, and plain Horovod has none: "
+                         "use --policy dbs, paper or static")
 
     init_horovod(config)
     rank, world = hvd.rank(), hvd.size()
@@ -422,6 +426,10 @@ def train(config: TrainConfig) -> list[EpochRecord]:
     first_epoch = _resume(config, model, run, exchange, plain) if config.resume else 0
     criterion = nn.CrossEntropyLoss()
     log = JsonLinesLog(config.log) if (config.log and rank == 0) else None
+    rebalance_log = None
+    if config.rebalance_log and rank == 0:
+        rebalance_log = JsonLinesLog(config.rebalance_log)
+        run.optimizer.rebalancer.record_policy = True
     if rank == 0:
         emulation = ", ".join(filter(None, [config.slowdown, config.virtual_device,
                                             config.disturb and f"disturb {config.disturb}",
@@ -461,13 +469,18 @@ def train(config: TrainConfig) -> list[EpochRecord]:
                 print(record.line(), flush=True)
                 if log:
                     log.write(record)
+                if rebalance_log:
+                    for rebalance in run.optimizer.rebalancer.history:
+                        if rebalance.epoch == epoch:
+                            rebalance_log.write(rebalance)
                 if config.checkpoint_dir:
                     checkpoint.save(config.checkpoint_dir, epoch,
                                     _checkpoint_payload(config, epoch, model, run, plain),
                                     keep=config.keep_checkpoints)
     finally:
-        if log:
-            log.close()
+        for opened in (log, rebalance_log):
+            if opened:
+                opened.close()
     return records
 
 

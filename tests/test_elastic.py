@@ -212,6 +212,7 @@ def test_a_resized_stream_reads_each_sample_once():
     ({"mode": "average"}, "--mode gradient only"),
     ({"checkpoint_dir": "ckpt"}, "keeps its state in memory"),
     ({"plan": "48,16"}, "leave --plan out with --elastic"),
+    ({"rebalance_log": "r.jsonl"}, "not written in elastic mode yet"),
 ])
 def test_options_elastic_mode_cannot_honour_are_refused_with_the_reason(options, message):
     from dbs_hvd.elastic import _check_supported

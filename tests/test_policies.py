@@ -364,3 +364,26 @@ def test_loaded_windows_replace_the_model_the_policy_had_fitted():
 @given(st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=40))
 def test_median_helper_equals_numpy(values):
     assert _median(np.array(values)) == float(np.median(values))
+
+
+def test_diagnostics_say_what_the_decision_rested_on():
+    # --rebalance-log writes these on rank 0 as JSON: plain types, one entry per rank.
+    import json
+
+    overhead, per_sample = np.zeros(2), np.array([1e-3, 3e-3])
+    policy = CostModelPolicy(64)
+    assert policy.diagnostics()["noise"] is None
+    run(policy, Plan.equal(64, 2), overhead, per_sample, windows=6, noise=0.01,
+        rng=np.random.default_rng(2))
+    seen = json.loads(json.dumps(policy.diagnostics()))
+    assert 0.01 <= seen["band"] <= 0.03 and seen["noise"] is not None
+    assert len(seen["misfit"]) == len(seen["overhead_seconds"]) == 2
+    # The fitted per-sample costs keep the devices' 1:3 ratio.
+    assert seen["per_sample_seconds"][1] / seen["per_sample_seconds"][0] == pytest.approx(3, rel=0.2)
+    on_grid = make_policy("dbs", 64, batch_multiple=8)
+    run(on_grid, on_grid.initial_plan(2), overhead, per_sample, windows=6, noise=0.01,
+        rng=np.random.default_rng(2))
+    grid_seen = on_grid.diagnostics()
+    assert grid_seen["batch_multiple"] == 8
+    # Per sample, not per unit of 8 samples.
+    assert grid_seen["per_sample_seconds"][0] == pytest.approx(1e-3, rel=0.2)

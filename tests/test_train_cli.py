@@ -59,6 +59,33 @@ def test_dbs_answers_a_step_change_within_the_same_epoch(tmp_path):
     np.testing.assert_allclose(np.array(plans[-1]) / 64, [0.75, 0.25], atol=0.06)
 
 
+def test_the_rebalance_log_says_when_and_why_the_plan_moved(tmp_path):
+    # The step change above, with --rebalance-log: one line per rebalance, in
+    # order, each plan following from the one before, and the move that
+    # answered the change explained by the costs the policy fitted.
+    log, rebalances = tmp_path / "run.jsonl", tmp_path / "rebalances.jsonl"
+    train(2, "--virtual-device", "0:2,0:2", "--step-change", "1:10:3", "--epochs", "2",
+          "--global-batch", "64", "--policy", "dbs", "--rebalance-every", "5", "--log", str(log),
+          "--rebalance-log", str(rebalances))
+    epochs, records = read_jsonl(log), read_jsonl(rebalances)
+    assert [r["epoch"] for r in records] == sorted(r["epoch"] for r in records)
+    assert {r["epoch"] for r in records} == {0, 1}
+    assert records[0]["plan_before"] == [32, 32]
+    for before, after in zip(records, records[1:]):
+        assert after["plan_before"] == before["plan_after"], (before, after)
+    for record in records:
+        assert sum(record["plan_after"]) == 64
+        assert len(record["ranks"]) == 2 and all(r["steps"] > 0 for r in record["ranks"])
+        assert record["extra"]["interval"] >= 1
+    last_of_epoch = {r["epoch"]: r["plan_after"] for r in records}
+    assert [last_of_epoch[e["epoch"]] for e in epochs] == [e["next_batch_sizes"] for e in epochs]
+    answer = next(r for r in records if r["plan_after"][1] < r["plan_before"][1])
+    seen = answer["extra"]["policy"]
+    per_sample = seen["per_sample_seconds"]
+    assert per_sample[1] > 2 * per_sample[0], seen  # rank 1 is 3x slower per sample now
+    assert 0.01 <= seen["band"] <= 0.03 and len(seen["misfit"]) == 2, seen
+
+
 def test_static_policy_keeps_the_equal_split(tmp_path):
     log = tmp_path / "run.jsonl"
     train(2, "--policy", "static", "--slowdown", "1,3", "--epochs", "2", "--log", str(log))
@@ -114,6 +141,7 @@ def _assert_fails_alike(result, message, ranks):
     (["--plan", "64"], "plan for 1 ranks in a world of 2"),
     (["--plan", "a,b"], "--plan takes one local batch size per rank"),
     (["--policy", "horovod", "--plan", "32,32"], "--plan needs a DBS policy"),
+    (["--policy", "horovod", "--rebalance-log", "r.jsonl"], "plain Horovod has none"),
     (["--rebalance-budget", "2"], "rebalance_budget must be a fraction"),
     (["--rebalance-min-seconds", "-1"], "rebalance_min_seconds must be a number of seconds"),
     (["--warmup-steps", "-1"], "warmup_steps must be a number of steps >= 0"),
