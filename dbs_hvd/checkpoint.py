@@ -25,12 +25,13 @@ _NAME = re.compile(r"^ckpt-(\d{6})\.pt$")
 # Settings that may change between a run and its resumption without changing
 # what is computed (or that are the resumption itself).
 RESUMABLE_CHANGES = frozenset({
-    "epochs", "log", "checkpoint_dir", "resume", "keep_checkpoints", "progress", "workers",
-    "threads", "device",
+    "epochs", "log", "rebalance_log", "checkpoint_dir", "resume", "keep_checkpoints",
+    "progress", "workers", "threads", "device",
     # When plans change, not what is computed: the update is the global-batch
     # one whatever the plan (invariant 3). Also lets a checkpoint written before
     # a schedule setting existed resume (rebalance_min_seconds is newer).
     "rebalance_every", "rebalance_budget", "rebalance_min_seconds", "warmup_steps",
+    "max_deadband",
 })
 
 

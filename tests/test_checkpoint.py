@@ -77,7 +77,8 @@ def test_rebalance_timing_may_change_on_resume_but_the_policy_may_not():
     saved = {"global_batch": 64, "policy": "dbs", "rebalance_every": None,
              "rebalance_budget": 0.02}
     checkpoint.check_config(saved, saved | {"rebalance_every": 4, "rebalance_budget": 0.05,
-                                            "rebalance_min_seconds": 0.15, "warmup_steps": 0})
+                                            "rebalance_min_seconds": 0.15, "warmup_steps": 0,
+                                            "max_deadband": 0.1, "rebalance_log": "r.jsonl"})
     with pytest.raises(CheckpointError, match="policy: checkpoint 'dbs', now 'paper'"):
         checkpoint.check_config(saved, saved | {"policy": "paper"})
 
