@@ -96,6 +96,10 @@ class Rebalancer:
         self._last_cost = time.perf_counter() - began
         return record
 
+    def records_of_epoch(self, epoch: int) -> list[RebalanceRecord]:
+        """The kept rebalances of ``epoch``, oldest first (epoch summaries, --rebalance-log)."""
+        return [record for record in self.history if record.epoch == epoch]
+
     def restart_schedule(self) -> None:
         """Forget measured costs (after an elastic reset: every worker, old or new, agrees)."""
         if self.schedule is not None:

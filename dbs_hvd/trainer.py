@@ -95,7 +95,7 @@ def evaluate(model: nn.Module, dataset: TensorDataset, batch: int = 1024,
 def _epoch_summary(epoch: int, optimizer, sampler: DynamicBatchSampler, start_plan,
                    loss: float, accuracy: float, seconds: float, policy: str) -> EpochRecord:
     """Sum the epoch's rebalance windows (every rank holds all ranks' figures)."""
-    windows = [r for r in optimizer.rebalancer.history if r.epoch == epoch]
+    windows = optimizer.rebalancer.records_of_epoch(epoch)
     world = sampler.world_size
     samples = np.zeros(world)
     compute = np.zeros(world)
@@ -470,9 +470,8 @@ def train(config: TrainConfig) -> list[EpochRecord]:
                 if log:
                     log.write(record)
                 if rebalance_log:
-                    for rebalance in run.optimizer.rebalancer.history:
-                        if rebalance.epoch == epoch:
-                            rebalance_log.write(rebalance)
+                    for rebalance in run.optimizer.rebalancer.records_of_epoch(epoch):
+                        rebalance_log.write(rebalance)
                 if config.checkpoint_dir:
                     checkpoint.save(config.checkpoint_dir, epoch,
                                     _checkpoint_payload(config, epoch, model, run, plain),

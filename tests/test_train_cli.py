@@ -46,12 +46,16 @@ def test_slow_rank_share_falls_below_nominal_bound_with_real_compute(tmp_path):
     assert all(share < 0.35 for share in slow_shares), slow_shares
 
 
+# Equal virtual devices; rank 1 becomes 3x slower at step 10 of the 22-step
+# first epoch; dbs rebalances every 5 steps.
+STEP_CHANGE_RUN = ["--virtual-device", "0:2,0:2", "--step-change", "1:10:3",
+                   "--global-batch", "64", "--policy", "dbs", "--rebalance-every", "5"]
+
+
 def test_dbs_answers_a_step_change_within_the_same_epoch(tmp_path):
-    # Equal virtual devices; rank 1 becomes 3x slower at step 10 of the 22-step
-    # first epoch. Rebalancing every 5 steps must move the plan inside epoch 0.
+    # The plan must move inside epoch 0.
     log = tmp_path / "run.jsonl"
-    train(2, "--virtual-device", "0:2,0:2", "--step-change", "1:10:3", "--epochs", "1",
-          "--global-batch", "64", "--policy", "dbs", "--rebalance-every", "5", "--log", str(log))
+    train(2, *STEP_CHANGE_RUN, "--epochs", "1", "--log", str(log))
     (record,) = read_jsonl(log)
     plans = record["plans"]
     assert plans[0] == [32, 32]
@@ -64,8 +68,7 @@ def test_the_rebalance_log_says_when_and_why_the_plan_moved(tmp_path):
     # order, each plan following from the one before, and the move that
     # answered the change explained by the costs the policy fitted.
     log, rebalances = tmp_path / "run.jsonl", tmp_path / "rebalances.jsonl"
-    train(2, "--virtual-device", "0:2,0:2", "--step-change", "1:10:3", "--epochs", "2",
-          "--global-batch", "64", "--policy", "dbs", "--rebalance-every", "5", "--log", str(log),
+    train(2, *STEP_CHANGE_RUN, "--epochs", "2", "--log", str(log),
           "--rebalance-log", str(rebalances))
     epochs, records = read_jsonl(log), read_jsonl(rebalances)
     assert [r["epoch"] for r in records] == sorted(r["epoch"] for r in records)
