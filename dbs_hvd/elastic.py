@@ -107,6 +107,8 @@ class ElasticTrainer:
         self.identities: list = []
         self.emulator = None
         self.reads = _ReadLog(config.read_log) if config.read_log else None
+        # Whichever process is rank 0 when an epoch commits writes its rebalances.
+        self.run.optimizer.rebalancer.record_policy = bool(config.rebalance_log)
         self.world = 0
 
     # -- a new world ---------------------------------------------------------------
@@ -135,9 +137,10 @@ class ElasticTrainer:
                                       scales_cpu_time(config))
         previous, self.world, self.identities = self.world, world, identities
         if rank == 0:
-            if config.log and state.epoch == 0 and state.step == 0:
-                Path(config.log).parent.mkdir(parents=True, exist_ok=True)
-                Path(config.log).write_text("")  # a new run (nothing committed yet)
+            if state.epoch == 0 and state.step == 0:  # a new run (nothing committed yet)
+                for path in filter(None, (config.log, config.rebalance_log)):
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                    Path(path).write_text("")
             change = f" (this process was in a world of {previous})" if previous else ""
             print(f"dbs-train: elastic world of {world} ranks{change}: epoch {state.epoch} "
                   f"from step {state.step}, plan {list(self.sampler.plan.batch_sizes)}"
@@ -203,9 +206,19 @@ class ElasticTrainer:
             if hvd.rank() == 0:
                 print(record.line(), flush=True)
                 if self.config.log:
-                    with open(self.config.log, "a", encoding="utf-8") as fh:
-                        fh.write(json.dumps(asdict(record)) + "\n")
+                    _append_json_lines(self.config.log, [record])
+                if self.config.rebalance_log:
+                    # The epoch's rebalances by the world that finished it: a
+                    # reset drops the old world's records of the resumed epoch.
+                    _append_json_lines(self.config.rebalance_log,
+                                       self.run.optimizer.rebalancer.records_of_epoch(record.epoch))
         state.check_host_updates()  # raises HostsUpdatedInterrupt when the world changes
+
+
+def _append_json_lines(path: str, records: list) -> None:
+    """Append dataclass records, one JSON line each: rank 0 may be another process next epoch."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(asdict(record)) + "\n" for record in records)
 
 
 class _ReadLog:
@@ -233,9 +246,6 @@ def _check_supported(config: TrainConfig) -> None:
     if config.plan:
         raise ValueError("--plan names one batch size per rank, and an elastic world changes "
                          "size: leave --plan out with --elastic")
-    if config.rebalance_log:
-        raise ValueError("--rebalance-log is not written in elastic mode yet: leave it out with "
-                         "--elastic (--log still records each epoch's plans)")
 
 
 def train_elastic(config: TrainConfig) -> list[EpochRecord]:

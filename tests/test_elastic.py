@@ -42,7 +42,8 @@ def elastic_argv(read_log: Path, extra: tuple[str, ...] = ()) -> list[str]:
     # an @file. The timeouts and the cooldown keep the driver from waiting 600 s
     # (and ignoring SIGTERM) and keep the killed "host" out for the whole run.
     options = read_log.parent / "options.txt"
-    options.write_text(f"--log\n{read_log.parent / 'epochs.jsonl'}\n")
+    options.write_text(f"--log\n{read_log.parent / 'epochs.jsonl'}\n"
+                       f"--rebalance-log\n{read_log.parent / 'rebalances.jsonl'}\n")
     return [
         HOROVODRUN, "-np", "3", "--min-np", "2", "--max-np", "3",
         "--host-discovery-script", str(ROOT / "launch" / "discover_hosts.sh"),
@@ -138,6 +139,26 @@ def test_a_killed_rank_mid_epoch_the_run_finishes_on_two_without_losing_a_sample
     assert [r["epoch"] for r in logged] == list(range(EPOCHS)), logged
     assert len(logged[0]["batch_sizes"]) == 3 and len(logged[-1]["next_batch_sizes"]) == 2
     assert sum(logged[-1]["next_batch_sizes"]) == GLOBAL_BATCH
+    # --rebalance-log, also written by whichever process was rank 0: every
+    # epoch's rebalances by the world that finished it, in order, each plan
+    # the one the rebalance before it left (but where the world changed), on
+    # the grid, and each with the policy's view of its decision.
+    rebalances = read_jsonl(tmp_path / "rebalances.jsonl")
+    assert [r["epoch"] for r in rebalances] == sorted(r["epoch"] for r in rebalances)
+    assert {r["epoch"] for r in rebalances} == set(range(EPOCHS))
+    for r in rebalances:
+        world = 3 if r["epoch"] < FAIL_EPOCH else 2 if r["epoch"] > FAIL_EPOCH else len(r["ranks"])
+        assert len(r["ranks"]) == len(r["plan_after"]) == world, r
+        assert sum(r["plan_after"]) == GLOBAL_BATCH
+        assert all(size % multiple == 0 for size in r["plan_after"]), r
+        assert r["extra"]["policy"] is not None and r["extra"]["interval"] >= 1
+    assert {len(r["ranks"]) for r in rebalances if r["epoch"] == FAIL_EPOCH} == {2}
+    for before, after in zip(rebalances, rebalances[1:]):
+        if len(before["ranks"]) == len(after["ranks"]):
+            assert after["plan_before"] == before["plan_after"], (before, after)
+    last_of_epoch = {r["epoch"]: r["plan_after"] for r in rebalances}
+    assert [last_of_epoch[e] for e in range(EPOCHS)] == \
+        [r["next_batch_sizes"] for r in logged]
 
     # Each step's pieces, in rank order, are exactly that step's global batch of
     # the stream (whenever every rank of the world logged the step: the killed
@@ -212,7 +233,6 @@ def test_a_resized_stream_reads_each_sample_once():
     ({"mode": "average"}, "--mode gradient only"),
     ({"checkpoint_dir": "ckpt"}, "keeps its state in memory"),
     ({"plan": "48,16"}, "leave --plan out with --elastic"),
-    ({"rebalance_log": "r.jsonl"}, "not written in elastic mode yet"),
 ])
 def test_options_elastic_mode_cannot_honour_are_refused_with_the_reason(options, message):
     from dbs_hvd.elastic import _check_supported
