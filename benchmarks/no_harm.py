@@ -16,6 +16,7 @@ The first round (start-up: allocation, first allreduces) is left out.
 
     python -m benchmarks.no_harm                  # MLP and equal CNN, 2 ranks, about 7 minutes
     python -m benchmarks.no_harm --only mlp --rounds 60
+    python -m benchmarks.no_harm --only mlp --copies "static,static every 2 steps,dbs"
 
 Writes results.json and results.md to --out (default runs/no_harm).
 """
@@ -37,8 +38,19 @@ PLAIN = "horovod"
 CONTROL = "horovod again"
 # dbs with every batch a multiple of 8 samples (GRID_8, as in the hetero benchmark):
 # on two equal ranks a move must be of 8 samples, which noise of a few percent never asks.
+# The "static ..." copies split what dbs costs into its parts: static on dbs's
+# rebalance schedule pays dbs's rebalances without ever moving the plan, and
+# static rebalancing every 2 or 5 steps, whatever they cost, prices one rebalance
+# (their epoch time over static's, per extra rebalance).
 COPY_SETTINGS = {PLAIN: {"policy": "horovod"}, CONTROL: {"policy": "horovod"},
-                 GRID_8: {"policy": "dbs", "batch_multiple": 8}}
+                 GRID_8: {"policy": "dbs", "batch_multiple": 8},
+                 "static on the dbs schedule": {"policy": "static", "rebalance_every": 2},
+                 "static every 2 steps": {"policy": "static", "rebalance_every": 2,
+                                          "rebalance_budget": 0.0, "rebalance_min_seconds": 0.0},
+                 "static every 5 steps": {"policy": "static", "rebalance_every": 5,
+                                          "rebalance_budget": 0.0, "rebalance_min_seconds": 0.0},
+                 "dbs with a 0.5 s floor": {"policy": "dbs", "rebalance_min_seconds": 0.5}}
+KNOWN_COPIES = ("static", "paper", "dbs", *COPY_SETTINGS)
 
 
 @dataclass
@@ -62,6 +74,17 @@ def setups(quick: bool) -> list[Setup]:
         Setup("equal CNN [1,1] 2 ranks", 2, ["--model", "cnn", "--samples", "1280"],
               rounds=40 // scale),
     ]
+
+
+def parse_copies(text: str) -> tuple[str, ...]:
+    """``--copies``: known names, plain Horovod first (every ratio is to it), no repeats."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in KNOWN_COPIES]
+    if unknown or len(set(names)) != len(names):
+        problem = f"unknown copies {unknown}" if unknown else "a copy named twice"
+        raise SystemExit(f"no_harm: --copies {text!r}: {problem}; name each copy once, from: "
+                         f"{', '.join(KNOWN_COPIES)}")
+    return (PLAIN, *[name for name in names if name != PLAIN])
 
 
 def round_order(copies: tuple[str, ...], round_index: int) -> list[str]:
@@ -171,8 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a quarter of the rounds")
     parser.add_argument("--rounds", type=int, help="rounds per setup (default: 150 MLP, 40 CNN)")
     parser.add_argument("--only", help="run only setups whose name contains this text")
+    parser.add_argument("--copies", help="comma-separated copies to train instead of each "
+                        f"setup's own (plain Horovod always runs first); known: {', '.join(KNOWN_COPIES)}")
     parser.add_argument("--out", default="runs/no_harm", help="output folder")
     args = parser.parse_args(argv)
+    copies = parse_copies(args.copies) if args.copies else None
     chosen = [s for s in setups(args.quick)
               if not args.only or args.only.lower() in s.name.lower()]
     out = Path(args.out)
@@ -182,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         for setup in chosen:
             if args.rounds:
                 setup.rounds = args.rounds
+            if copies:
+                setup.copies = copies
             started = time.monotonic()
             results[setup.name] = run_setup(setup, Path(tmp))
             print(f"{setup.name}: {setup.rounds} rounds in {time.monotonic() - started:.0f} s",

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from benchmarks.no_harm import (
-    CONTROL, GRID_8, PLAIN, Setup, markdown, round_order, run_setup, summarise,
+    CONTROL, GRID_8, PLAIN, Setup, markdown, parse_copies, round_order, run_setup, summarise,
 )
 
 
@@ -35,10 +35,21 @@ def test_ratios_are_taken_within_each_round_after_the_first():
 
 def test_a_tiny_job_trains_every_copy_in_every_round(tmp_path):
     setup = Setup("tiny MLP", 2, ["--model", "mlp", "--hidden", "16", "--samples", "640"],
-                  rounds=3, copies=(PLAIN, CONTROL, "static", "dbs", GRID_8))
+                  rounds=3, copies=(PLAIN, CONTROL, "static", "dbs", GRID_8,
+                                    "static every 5 steps"))
     result = run_setup(setup, tmp_path, timeout=120)
     assert len(result["rounds"]) == 3
     for times in result["rounds"]:
         assert set(times) == set(setup.copies) and all(t > 0 for t in times.values())
     assert set(result["summary"]) == set(setup.copies)
     json.dumps(result)  # what main() writes
+
+
+def test_copies_are_chosen_by_name_with_plain_horovod_first():
+    assert parse_copies("static, dbs,static every 2 steps") == \
+        (PLAIN, "static", "dbs", "static every 2 steps")
+    assert parse_copies(f"dbs,{PLAIN}") == (PLAIN, "dbs")
+    with pytest.raises(SystemExit, match=r"unknown copies \['dbs2'\].*static on the dbs schedule"):
+        parse_copies("static,dbs2")
+    with pytest.raises(SystemExit, match="a copy named twice"):
+        parse_copies("dbs,dbs")
