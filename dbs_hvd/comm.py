@@ -119,6 +119,23 @@ class MpiExchange(Exchange):
         return obj if self.rank == root else pickle.loads(payload)
 
 
+WAIT_VARIABLE = "DBS_HVD_EXCHANGE_WAIT"  # auto (default), block or poll: see default_exchange
+
+
+def agreed_wait(choices: list[tuple[str, bool]]) -> str:
+    """The way every rank waits, from each rank's (``DBS_HVD_EXCHANGE_WAIT``, crowded host).
+
+    Every rank gets the same list, so a bad value fails on every rank alike.
+    """
+    bad = {rank: wanted for rank, (wanted, _) in enumerate(choices)
+           if wanted not in ("auto", "block", "poll")}
+    if bad:
+        raise ValueError(f"{WAIT_VARIABLE} must be auto, block or poll; got "
+                         + ", ".join(f"{wanted!r} on rank {rank}" for rank, wanted in bad.items()))
+    polls = [wanted == "poll" or (wanted == "auto" and crowded) for wanted, crowded in choices]
+    return "poll" if any(polls) else "block"
+
+
 def waits_should_sleep(local_ranks: int) -> bool:
     """Whether this host's ranks, each with Horovod's background thread, outnumber its cores.
 
@@ -236,6 +253,9 @@ def default_exchange() -> Exchange:
     Collective under mpi4py: the ranks agree on how to wait (``MpiExchange``),
     polling if any host's ranks outnumber its cores, because a blocking and a
     polling exchange run different collectives and must not be mixed.
+    ``DBS_HVD_EXCHANGE_WAIT=block`` or ``poll`` overrides the guess (a
+    container's CPU quota, for one, is not seen in its core count); if the
+    ranks' choices differ, they poll.
     """
     import horovod.torch as hvd
 
@@ -244,10 +264,8 @@ def default_exchange() -> Exchange:
     if hvd.mpi_enabled() and not hvd.gloo_enabled() and _mpi_owned_by_process:
         exchange = MpiExchange()
         if exchange.size == hvd.size() and exchange.rank == hvd.rank():
-            from mpi4py import MPI
-
-            crowded = exchange.comm.allreduce(waits_should_sleep(hvd.local_size()), op=MPI.LOR)
-            exchange.wait = "poll" if crowded else "block"
+            exchange.wait = agreed_wait(exchange.comm.allgather(
+                (os.environ.get(WAIT_VARIABLE, "auto"), waits_should_sleep(hvd.local_size()))))
             return exchange
     return HorovodExchange()
 

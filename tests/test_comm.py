@@ -23,3 +23,12 @@ def test_waits_sleep_where_ranks_and_their_threads_outnumber_the_cores(
 def test_an_unknown_way_to_wait_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="'block' or 'poll'"):
         comm.MpiExchange(wait="spin")
+
+
+def test_the_ranks_agree_to_poll_if_any_asks_or_is_crowded_and_refuse_bad_values_alike():
+    assert comm.agreed_wait([("auto", False), ("auto", False)]) == "block"
+    assert comm.agreed_wait([("auto", False), ("auto", True)]) == "poll"
+    assert comm.agreed_wait([("block", True), ("block", True)]) == "block"  # told to block
+    assert comm.agreed_wait([("block", False), ("poll", False)]) == "poll"
+    with pytest.raises(ValueError, match=r"auto, block or poll; got 'spin' on rank 1"):
+        comm.agreed_wait([("auto", False), ("spin", False)])

@@ -77,3 +77,17 @@ def test_every_rank_waits_the_same_way(hvd):
     crowded = MPI.COMM_WORLD.allgather(waits_should_sleep(hvd.local_size()))
     assert modes == [("poll" if any(crowded) else "block")] * hvd.size(), (modes, crowded)
     assert exchange.allgather(hvd.rank()) == list(range(hvd.size()))
+
+
+def test_the_wait_can_be_set_and_a_bad_setting_fails_on_every_rank(hvd, monkeypatch):
+    if hvd.gloo_enabled():
+        pytest.skip("under the Gloo controller mpi4py's COMM_WORLD is a singleton")
+    from dbs_hvd.comm import WAIT_VARIABLE, default_exchange
+
+    monkeypatch.setenv(WAIT_VARIABLE, "block")
+    exchange = default_exchange()
+    assert exchange.wait == "block" and exchange.broadcast(hvd.rank()) == 0
+    # Only the last rank has a typo: every rank raises, none waits for the others.
+    monkeypatch.setenv(WAIT_VARIABLE, "blok" if hvd.rank() == hvd.size() - 1 else "block")
+    with pytest.raises(ValueError, match=f"'blok' on rank {hvd.size() - 1}"):
+        default_exchange()
