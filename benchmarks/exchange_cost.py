@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.hetero import rotation
 from dbs_hvd.testing import run_job
 
 STEPS = 50
@@ -103,9 +104,8 @@ def worker(rounds: int, result: str) -> int:
 
     times = []
     for index in range(rounds):
-        shift = index % len(VARIANTS)
         this_round = {}
-        for variant in VARIANTS[shift:] + VARIANTS[:shift]:
+        for variant in rotation(list(VARIANTS), index):
             hvd.allreduce(torch.zeros(1), name="exchange_cost.barrier")
             started = time.perf_counter()
             for step in range(STEPS):

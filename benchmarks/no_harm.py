@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from benchmarks.hetero import GRID_8
+from benchmarks.hetero import GRID_8, rotation
 from dbs_hvd.testing import run_job
 
 PLAIN = "horovod"
@@ -85,12 +85,6 @@ def parse_copies(text: str) -> tuple[str, ...]:
         raise SystemExit(f"no_harm: --copies {text!r}: {problem}; name each copy once, from: "
                          f"{', '.join(KNOWN_COPIES)}")
     return (PLAIN, *[name for name in names if name != PLAIN])
-
-
-def round_order(copies: tuple[str, ...], round_index: int) -> list[str]:
-    """Rotate by one each round, so no copy always runs first or after the same one."""
-    shift = round_index % len(copies)
-    return list(copies[shift:] + copies[:shift])
 
 
 def ratios_to_plain(rounds: list[dict[str, float]], skip: int = 1) -> dict[str, list[float]]:
@@ -167,7 +161,7 @@ def worker(argv: list[str]) -> int:
     rounds = []
     for index in range(own.rounds):
         rounds.append({name: train_epoch(name, index)
-                       for name in round_order(tuple(copies), index)})
+                       for name in rotation(list(copies), index)})
     if rank == 0:
         Path(own.result).write_text(json.dumps(rounds))
     return 0

@@ -53,6 +53,10 @@ class Exchange(ABC):
         """``root``'s ``obj`` on every rank."""
 
 
+WAIT_MODES = ("block", "poll")  # how MpiExchange waits
+WAIT_VARIABLE = "DBS_HVD_EXCHANGE_WAIT"  # auto (default) or one of WAIT_MODES: see default_exchange
+
+
 class MpiExchange(Exchange):
     """mpi4py collectives on COMM_WORLD; ``wait`` says how a rank that arrives first waits.
 
@@ -78,7 +82,7 @@ class MpiExchange(Exchange):
     poll_seconds = 2e-5  # then sleep this long between polls (the OS rounds it up to ~60 us)
 
     def __init__(self, comm: Any = None, wait: str = "block") -> None:
-        if wait not in ("block", "poll"):
+        if wait not in WAIT_MODES:
             raise ValueError(f"wait must be 'block' or 'poll', got {wait!r}")
         from mpi4py import MPI
 
@@ -119,16 +123,13 @@ class MpiExchange(Exchange):
         return obj if self.rank == root else pickle.loads(payload)
 
 
-WAIT_VARIABLE = "DBS_HVD_EXCHANGE_WAIT"  # auto (default), block or poll: see default_exchange
-
-
 def agreed_wait(choices: list[tuple[str, bool]]) -> str:
     """The way every rank waits, from each rank's (``DBS_HVD_EXCHANGE_WAIT``, crowded host).
 
     Every rank gets the same list, so a bad value fails on every rank alike.
     """
     bad = {rank: wanted for rank, (wanted, _) in enumerate(choices)
-           if wanted not in ("auto", "block", "poll")}
+           if wanted != "auto" and wanted not in WAIT_MODES}
     if bad:
         raise ValueError(f"{WAIT_VARIABLE} must be auto, block or poll; got "
                          + ", ".join(f"{wanted!r} on rank {rank}" for rank, wanted in bad.items()))

@@ -49,7 +49,7 @@ from torch.utils.data import Dataset
 
 from .comm import LocalExchange, check_same_on_all_ranks, default_exchange
 from .emulate import make_emulator
-from .metrics import EpochRecord
+from .metrics import EpochRecord, append_json_lines
 from .plan import Plan
 from .trainer import (TrainConfig, _dbs_run, build_data_and_model, epoch_record,
                       freeze_setup_objects, init_horovod, make_run_policy, scales_cpu_time,
@@ -206,19 +206,13 @@ class ElasticTrainer:
             if hvd.rank() == 0:
                 print(record.line(), flush=True)
                 if self.config.log:
-                    _append_json_lines(self.config.log, [record])
+                    append_json_lines(self.config.log, [record])
                 if self.config.rebalance_log:
                     # The epoch's rebalances by the world that finished it: a
                     # reset drops the old world's records of the resumed epoch.
-                    _append_json_lines(self.config.rebalance_log,
-                                       self.run.optimizer.rebalancer.records_of_epoch(record.epoch))
+                    append_json_lines(self.config.rebalance_log,
+                                      self.run.optimizer.rebalancer.records_of_epoch(record.epoch))
         state.check_host_updates()  # raises HostsUpdatedInterrupt when the world changes
-
-
-def _append_json_lines(path: str, records: list) -> None:
-    """Append dataclass records, one JSON line each: rank 0 may be another process next epoch."""
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(asdict(record)) + "\n" for record in records)
 
 
 class _ReadLog:

@@ -65,6 +65,22 @@ def _fmt(values: Iterable[float]) -> str:
     return "[" + " ".join(f"{v:.2f}" for v in values) + "]"
 
 
+def json_line(record: object) -> str:
+    """One JSON line for a dataclass record (or a plain dict)."""
+    payload = asdict(record) if hasattr(record, "__dataclass_fields__") else record
+    return json.dumps(payload) + "\n"
+
+
+def append_json_lines(path: str | Path, records: Iterable[object]) -> None:
+    """Append records to a JSON-lines file, opened only for this write.
+
+    For logs that another process may continue (elastic mode: rank 0 can be
+    another process in the next world).
+    """
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.writelines(json_line(record) for record in records)
+
+
 class JsonLinesLog:
     """Append-only JSON-lines log; each record is flushed so a crash loses nothing written."""
 
@@ -74,8 +90,7 @@ class JsonLinesLog:
         self._fh: IO[str] = open(self.path, "w", encoding="utf-8")
 
     def write(self, record: object) -> None:
-        payload = asdict(record) if hasattr(record, "__dataclass_fields__") else record
-        self._fh.write(json.dumps(payload) + "\n")
+        self._fh.write(json_line(record))
         self._fh.flush()
 
     def close(self) -> None:

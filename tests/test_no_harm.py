@@ -1,20 +1,13 @@
-"""benchmarks/no_harm.py: rotation, ratios, and one real (tiny) job under mpirun."""
+"""benchmarks/no_harm.py: ratios, copies by name, and one real (tiny) job under mpirun."""
 import json
 
 import pytest
-from hypothesis import given, strategies as st
 
 from benchmarks.no_harm import (
-    CONTROL, GRID_8, PLAIN, Setup, markdown, parse_copies, round_order, run_setup, summarise,
+    CONTROL, GRID_8, PLAIN, Setup, markdown, parse_copies, run_setup, summarise,
 )
 
-
-@given(st.integers(min_value=1, max_value=6), st.integers(min_value=0, max_value=20))
-def test_every_copy_takes_every_position_once_per_cycle(n, start):
-    copies = tuple(f"c{i}" for i in range(n))
-    cycle = [round_order(copies, start + i) for i in range(n)]
-    for position in range(n):
-        assert sorted(order[position] for order in cycle) == sorted(copies)
+# The rotation of copies from round to round is hetero.rotation, tested in test_hetero.py.
 
 
 def test_ratios_are_taken_within_each_round_after_the_first():

@@ -3,6 +3,11 @@ import pytest
 import torch
 
 
+def skip_without_mpi4py_world(hvd):
+    if hvd.gloo_enabled():
+        pytest.skip("under the Gloo controller mpi4py's COMM_WORLD is a singleton")
+
+
 def test_horovod_allreduce_sum_and_average(hvd):
     rank, size = hvd.rank(), hvd.size()
     value = torch.tensor([float(rank + 1), 2.0 * rank], dtype=torch.float64)
@@ -21,8 +26,7 @@ def test_horovod_allgather_object_orders_by_rank(hvd):
 
 
 def test_mpi4py_allgather_matches_horovod_ranks(hvd):
-    if hvd.gloo_enabled():
-        pytest.skip("under the Gloo controller mpi4py's COMM_WORLD is a singleton")
+    skip_without_mpi4py_world(hvd)
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
@@ -37,8 +41,7 @@ def test_the_mpi_exchange_moves_objects_of_any_size_between_any_ranks(hvd, wait)
     # collectives: sizes, then pickled bytes): each rank's object a different
     # size, one of 1 MB, numpy inside, broadcasts from every root, in rank
     # order on every rank.
-    if hvd.gloo_enabled():
-        pytest.skip("under the Gloo controller mpi4py's COMM_WORLD is a singleton")
+    skip_without_mpi4py_world(hvd)
     import numpy as np
 
     from dbs_hvd.comm import MpiExchange
@@ -65,8 +68,7 @@ def test_every_rank_waits_the_same_way(hvd):
     # A blocking and a polling exchange run different collectives: the ranks
     # must agree, polling if any host is crowded (this project's 2-core CI
     # machine with 2-4 ranks is).
-    if hvd.gloo_enabled():
-        pytest.skip("under the Gloo controller mpi4py's COMM_WORLD is a singleton")
+    skip_without_mpi4py_world(hvd)
     from mpi4py import MPI
 
     from dbs_hvd.comm import MpiExchange, default_exchange, waits_should_sleep
@@ -80,8 +82,7 @@ def test_every_rank_waits_the_same_way(hvd):
 
 
 def test_the_wait_can_be_set_and_a_bad_setting_fails_on_every_rank(hvd, monkeypatch):
-    if hvd.gloo_enabled():
-        pytest.skip("under the Gloo controller mpi4py's COMM_WORLD is a singleton")
+    skip_without_mpi4py_world(hvd)
     from dbs_hvd.comm import WAIT_VARIABLE, default_exchange
 
     monkeypatch.setenv(WAIT_VARIABLE, "block")
