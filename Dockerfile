@@ -24,7 +24,7 @@
 #       /usr/lib/x86_64-linux-gnu and decides CUDA support from torch.version.cuda
 #       (so no GPU is needed at build time).
 #   Verified on a lent GPU machine (H100, CUDA 13.0, torch 2.11, GCC 13, offline;
-#     docs/gpu_check.md): launch/build_horovod.sh with HOROVOD_GPU_OPERATIONS=NCCL,
+#     benchmarks/results/gpu_check.md): launch/build_horovod.sh with HOROVOD_GPU_OPERATIONS=NCCL,
 #     HOROVOD_NCCL_LINK=SHARED builds Horovod's CUDA kernels and NCCL ops, the
 #     --check-build report lists NCCL, and `dbs-train --device cuda` trains with
 #     the same losses as on the CPU (tests/test_gpu.py, run by launch/gpu_check.sh).

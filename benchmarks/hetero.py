@@ -192,7 +192,7 @@ def scenarios(quick: bool) -> list[Scenario]:
                  note="sleep-only devices: the change alone moves the speeds"),
         # A GPU's steps: short, mostly fixed cost, and 20 ms more at the first
         # step of each batch size (kernel plans for new shapes; 13-35 ms measured
-        # on an H200, docs/gpu_check.md). Balanced at 107,21 (29 ms per step);
+        # on an H200, benchmarks/results/gpu_check.md). Balanced at 107,21 (29 ms per step);
         # --discount-new-sizes on is what --device cuda sets by default.
         Scenario("virtual GPU-like [1,4], 20 ms per new batch size, 2 ranks", 2,
                  VIRTUAL + ["--virtual-device", "2:0.25:20,8:1:20", "--discount-new-sizes", "on"],

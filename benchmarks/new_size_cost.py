@@ -12,7 +12,7 @@ For each batch size, in the order given: the first step (never seen), the
 median of the next five, and one more step after every size has been run
 (seen, but after other sizes: on a CPU the first step after another size is
 slower too, from caches, which this column separates from a one-off cost).
-Results in docs/gpu_check.md.
+Results in benchmarks/results/gpu_check.md.
 """
 from __future__ import annotations
 

@@ -100,7 +100,7 @@ def test_dbs_moves_work_off_a_slowed_rank_on_the_gpu(tmp_path):
 
 
 def test_an_optimizer_on_the_gpu_leaves_new_batch_sizes_out_of_its_speed_by_default():
-    # The first step at a new size builds kernel plans on a GPU (docs/gpu_check.md):
+    # The first step at a new size builds kernel plans on a GPU (benchmarks/results/gpu_check.md):
     # DistributedOptimizer(discount_new_sizes=None) must see the parameters there.
     from dbs_hvd.optim import resolve_discount_new_sizes
 

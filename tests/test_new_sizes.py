@@ -1,7 +1,7 @@
 """A rank's first step at a batch size is left out of its measured speed (--discount-new-sizes).
 
 On a GPU that step builds kernel plans for the new shapes (13-35 ms more than
-the same step once seen, measured on an H200; docs/gpu_check.md). Read as
+the same step once seen, measured on an H200; benchmarks/results/gpu_check.md). Read as
 compute, it makes whichever rank just got a new size look slow after every
 plan change. The pure parts (timer, stats, emulator, the state's bookkeeping)
 are tested here in one process; the whole path under mpirun at the end.
