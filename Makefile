@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 NP ?= 4
 
-.PHONY: install test test-fast demo lint
+.PHONY: install test test-fast demo lint docs
 
 install:
 	bash launch/install.sh
@@ -22,3 +22,8 @@ test-fast: install
 DEMO_FLAGS = --model cnn --slowdown 1,1,1,3 --epochs 15 --global-batch 64 --lr 0.1 --log runs/demo.jsonl
 demo: install
 	LAUNCHER=mpirun bash launch/run_local.sh $(NP) $(DEMO_FLAGS)
+
+# The documentation site (mkdocs, config in mkdocs.yml) into build/site;
+# --strict turns every warning into an error.
+docs: install
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(VENV)/bin/mkdocs build --strict
