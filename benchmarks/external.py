@@ -1,0 +1,315 @@
+"""Real heterogeneity from outside the framework: CPU quotas, pinned cores, noisy neighbours.
+
+Each scenario runs every policy under real mpirun with launch/hetero_ranks.py
+between the launcher and dbs-train, interleaved over repeats (rotated order),
+on the same seed: plain Horovod, the paper's rule, dbs, and fixed plans (a
+sweep around the split by the ranks' nominal shares). Nothing inside dbs-train
+slows any rank.
+
+Reported per policy: time against plain Horovod (median of totals, and the
+median of per-repeat ratios), time against the ideal (the epoch's samples over
+the sum of each rank's standalone speed, measured in the same run under the
+same spec: benchmarks/standalone_speed.py), plan moves per epoch, and CPU
+seconds charged per rank (the wrapper's rusage of the rank).
+
+    python -m benchmarks.hetero --only external     # every external scenario
+    python -m benchmarks.external --quick           # one small scenario, for checks
+
+Writes results.json, results.md and external.png to --out (default
+runs/external).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dbs_hvd.metrics import read_jsonl
+from dbs_hvd.testing import run_job
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "launch" / "hetero_ranks.py"
+# A compute-bound CNN on digits upsampled to 24x24: learnable in a few epochs at
+# this learning rate, with final accuracy stable across seeds.
+WORKLOAD = ["--model", "cnn", "--dataset", "digits", "--image-size", "24", "--lr", "0.05"]
+SPIN = "horovod, Horovod's spin wait"
+SPIN_ENV = {"DBS_HVD_HOROVOD_WAIT": "spin"}
+
+
+@dataclass
+class ExternalScenario:
+    """Ranks under a hetero_ranks.py spec, and the policies compared on them."""
+
+    name: str
+    ranks: int
+    spec: list[str]
+    shares: list[float]  # cores per rank, for the nominal split
+    policies: list[str]
+    epochs: int = 6
+    global_batch: int = 64
+    repeats: int | None = None
+
+    def nominal_plan(self) -> list[int]:
+        """The split of the global batch by nominal shares (largest remainder)."""
+        total = sum(self.shares)
+        raw = [self.global_batch * s / total for s in self.shares]
+        plan = [int(r) for r in raw]
+        for i in sorted(range(len(raw)), key=lambda i: plan[i] - raw[i])[:self.global_batch
+                                                                        - sum(plan)]:
+            plan[i] += 1
+        return plan
+
+
+def train_size() -> int:
+    """Training samples in the workload's data set (every policy trains the same steps)."""
+    from dbs_hvd import data
+
+    return len(data.load("digits", flatten=False, image_size=24)[0])
+
+
+def fixed(plan: list[int]) -> str:
+    return "fixed " + ",".join(map(str, plan))
+
+
+def shifted(plan: list[int], step: int) -> list[int]:
+    """Move ``step`` samples from the last rank to the first (a fixed-plan sweep)."""
+    out = list(plan)
+    step = min(step, out[-1] - 1)
+    out[0] += step
+    out[-1] -= step
+    return out
+
+
+def scenarios(quick: bool) -> list[ExternalScenario]:
+    three = ["horovod", "paper", "dbs"]
+    if quick:
+        return [ExternalScenario("external [1,0.25] 2 ranks, 10 ms period", 2,
+                                 ["--share", "1,0.25", "--core", "0,1", "--period-ms", "10"],
+                                 [1, 0.25], three, epochs=3, repeats=1)]
+    out = []
+    for shares in ([1, 0.25], [1, 0.5]):
+        for period in (10, 100):
+            s = ExternalScenario(
+                f"external [{shares[0]},{shares[1]}] 2 ranks, {period} ms period", 2,
+                ["--share", f"{shares[0]},{shares[1]}", "--core", "0,1",
+                 "--period-ms", str(period)], shares, list(three))
+            if shares[1] == 0.25:
+                nominal = s.nominal_plan()
+                s.policies += [fixed(nominal), fixed(shifted(nominal, 4))]
+            out.append(s)
+    shared = ExternalScenario("external [1,0.5,0.25] 3 ranks, the throttled two share a core", 3,
+                              ["--share", "1,0.5,0.25", "--core", "0,1,1", "--period-ms", "100"],
+                              [1, 0.5, 0.25], three + [SPIN], global_batch=63)
+    shared.policies += [fixed(shared.nominal_plan()), fixed(shifted(shared.nominal_plan(), 3))]
+    out.append(shared)
+    out.append(ExternalScenario("external equal [1,1] 2 ranks", 2, ["--share", "1,1", "--core", "0,1"],
+                                [1, 1], ["horovod", "dbs", "horovod again"]))
+    out.append(ExternalScenario(
+        "external noisy neighbours p=0.3, 2 loops, 2 s segments, 2 ranks", 2,
+        ["--core", "0,1", "--noise", "p=0.3,loops=2,segment=2,epochs=3,seed=4"], [1, 1], three))
+    return out
+
+
+def policy_flags(policy: str) -> list[str]:
+    if policy.startswith("fixed "):
+        return ["--policy", "static", "--plan", policy.split()[1]]
+    if policy in (SPIN, "horovod again"):
+        return ["--policy", "horovod"]
+    return ["--policy", policy]
+
+
+@dataclass
+class Run:
+    scenario: str
+    policy: str
+    repeat: int
+    epochs: list[dict] = field(default_factory=list)
+    ranks: list[dict] = field(default_factory=list)  # hetero_ranks.py reports
+    error: str = ""
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(e["seconds"] for e in self.epochs)
+
+    @property
+    def moves_per_epoch(self) -> float:
+        """Plan changes per epoch after the first (the first leaves the equal split)."""
+        later = self.epochs[1:] or self.epochs
+        return statistics.mean(max(len(e.get("plans") or [0]) - 1, 0) for e in later)
+
+
+def rank_command(scenario: ExternalScenario, tail: list[str], report: Path | None,
+                 rank: int | None = None) -> list[str]:
+    command = [sys.executable, str(TOOL), *scenario.spec]
+    if rank is not None:
+        command += ["--rank", str(rank)]
+    if report is not None:
+        command += ["--report", str(report)]
+    return command + ["--", sys.executable, *tail]
+
+
+def run_once(scenario: ExternalScenario, policy: str, repeat: int, workdir: Path) -> Run:
+    tag = f"{abs(hash((scenario.name, policy, repeat)))}"
+    log, report = workdir / f"{tag}.jsonl", workdir / tag
+    tail = ["-m", "dbs_hvd.cli", *WORKLOAD, *policy_flags(policy), "--epochs",
+            str(scenario.epochs), "--global-batch", str(scenario.global_batch), "--seed", "0",
+            "--log", str(log)]
+    job = run_job(rank_command(scenario, tail, report), np=scenario.ranks, timeout=900,
+                  env=SPIN_ENV if policy == SPIN else None)
+    run = Run(scenario.name, policy, repeat)
+    if not job.ok:
+        run.error = job.describe(tail_lines=15)
+        return run
+    run.epochs = read_jsonl(log)
+    run.ranks = [json.loads((report / f"rank{r}.json").read_text()) for r in range(scenario.ranks)]
+    return run
+
+
+def standalone_speeds(scenario: ExternalScenario) -> list[float]:
+    """Each rank's samples per second alone, under its spec, at its nominal batch."""
+    speeds = []
+    for rank, batch in enumerate(scenario.nominal_plan()):
+        tail = ["-m", "benchmarks.standalone_speed", *WORKLOAD, "--batch", str(batch)]
+        job = run_job(rank_command(scenario, tail, None, rank=rank), np=1, timeout=600,
+                      cwd=str(ROOT))
+        if not job.ok:
+            raise RuntimeError(job.describe())
+        speeds.append(float(re.search(r"SAMPLES_PER_SECOND ([0-9.]+)", job.output).group(1)))
+    return speeds
+
+
+def summarise(scenario: ExternalScenario, runs: list[Run], speeds: list[float]) -> dict:
+    mine = [r for r in runs if r.scenario == scenario.name and not r.error]
+    plain = [r for r in mine if r.policy == "horovod"]
+    base = statistics.median(r.total_seconds for r in plain)
+    per_repeat = {r.repeat: r.total_seconds for r in plain}
+    rows = {}
+    for policy in scenario.policies:
+        these = [r for r in mine if r.policy == policy]
+        if not these:
+            continue
+        samples = len(these[0].epochs) * scenario.global_batch * (
+            train_size() // scenario.global_batch)
+        ideal = samples / sum(speeds)
+        totals = [r.total_seconds for r in these]
+        paired = [r.total_seconds / per_repeat[r.repeat] for r in these if r.repeat in per_repeat]
+        rows[policy] = {
+            "time_vs_horovod": statistics.median(totals) / base,
+            "paired_vs_horovod": statistics.median(paired) if paired else None,
+            "paired_range": [min(paired), max(paired)] if paired else None,
+            "time_vs_ideal": statistics.median(totals) / ideal,
+            "moves_per_epoch": statistics.median(r.moves_per_epoch for r in these),
+            "cpu_seconds": [statistics.median(r.ranks[i]["cpu_seconds"] for r in these)
+                            for i in range(scenario.ranks)],
+            "final_plan": these[-1].epochs[-1]["next_batch_sizes"],
+            "final_accuracy": statistics.median(r.epochs[-1]["accuracy"] for r in these),
+            "totals": totals,
+        }
+    fixed_rows = [row["time_vs_horovod"] for p, row in rows.items() if p.startswith("fixed ")]
+    if fixed_rows:
+        best = min(fixed_rows)
+        for row in rows.values():
+            row["time_vs_best_fixed"] = row["time_vs_horovod"] / best
+    return rows
+
+
+def markdown(summary: dict, speeds: dict) -> str:
+    lines = ["| scenario | policy | time vs plain Horovod | paired (lowest-highest) | vs best "
+             "fixed plan | vs ideal | plan moves per epoch | CPU s per rank | final plan | "
+             "final accuracy |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, rows in summary.items():
+        for policy, row in rows.items():
+            span = row["paired_range"]
+            vs_fixed = row.get("time_vs_best_fixed")
+            lines.append(
+                f"| {name} | {policy} | {row['time_vs_horovod']:.3f} | "
+                f"{row['paired_vs_horovod']:.3f} ({span[0]:.3f}-{span[1]:.3f}) | "
+                f"{'n/a' if vs_fixed is None else f'{vs_fixed:.3f}'} | {row['time_vs_ideal']:.3f} | "
+                f"{row['moves_per_epoch']:.1f} | {', '.join(f'{c:.1f}' for c in row['cpu_seconds'])}"
+                f" | {row['final_plan']} | {100 * row['final_accuracy']:.1f}% |")
+    lines.append("")
+    lines.append("Standalone speeds (samples/s, each rank alone under its spec): " + "; ".join(
+        f"{name}: {', '.join(f'{v:.0f}' for v in values)}" for name, values in speeds.items()))
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[Run], scenario_list: list[ExternalScenario], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(scenario_list), 2, figsize=(11, 3.0 * len(scenario_list)),
+                             squeeze=False)
+    for row, scenario in enumerate(scenario_list):
+        sizes_ax, time_ax = axes[row]
+        for run in runs:
+            if run.scenario != scenario.name or run.repeat != 0 or run.error:
+                continue
+            epochs = [e["epoch"] for e in run.epochs]
+            time_ax.plot(epochs, [e["seconds"] for e in run.epochs], marker="o", label=run.policy)
+            if run.policy == "dbs":
+                for rank, sizes in enumerate(zip(*[e["batch_sizes"] for e in run.epochs])):
+                    sizes_ax.step(epochs, sizes, where="post", label=f"rank {rank}")
+        sizes_ax.set_title(f"{scenario.name}: dbs batch sizes", fontsize=8)
+        sizes_ax.set_xlabel("epoch")
+        sizes_ax.legend(fontsize=6)
+        time_ax.set_title(f"{scenario.name}: epoch seconds", fontsize=8)
+        time_ax.set_xlabel("epoch")
+        time_ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def rotation(policies: list[str], repeat: int) -> list[str]:
+    shift = repeat % len(policies)
+    return policies[shift:] + policies[:shift]
+
+
+def run_all(scenario_list: list[ExternalScenario], repeats: int, out: Path) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    runs: list[Run] = []
+    speeds: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for scenario in scenario_list:
+            speeds[scenario.name] = standalone_speeds(scenario)
+            print(f"{scenario.name}: standalone speeds {speeds[scenario.name]}", flush=True)
+            for repeat in range(scenario.repeats or repeats):
+                for policy in rotation(scenario.policies, repeat):
+                    run = run_once(scenario, policy, repeat, Path(tmp))
+                    status = "FAILED" if run.error else f"{run.total_seconds:.1f}s"
+                    print(f"{scenario.name:60s} {policy:30s} repeat {repeat}: {status}", flush=True)
+                    if run.error:
+                        print(run.error, file=sys.stderr)
+                    runs.append(run)
+            summary = {s.name: summarise(s, runs, speeds[s.name]) for s in scenario_list
+                       if s.name in speeds}
+            table = markdown(summary, speeds)
+            (out / "results.md").write_text(table)
+            (out / "results.json").write_text(json.dumps({
+                "summary": summary, "speeds": speeds, "runs": [r.__dict__ for r in runs],
+                "scenarios": [s.__dict__ for s in scenario_list]}, indent=1))
+    plot(runs, scenario_list, out / "external.png")
+    print(table)
+    return 1 if any(r.error for r in runs) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one small scenario")
+    parser.add_argument("--repeats", type=int, default=None, help="default 3 (1 with --quick)")
+    parser.add_argument("--only", help="run only scenarios whose name contains this text")
+    parser.add_argument("--out", default="runs/external", help="output folder")
+    args = parser.parse_args(argv)
+    chosen = [s for s in scenarios(args.quick) if not args.only or args.only in s.name]
+    return run_all(chosen, args.repeats or (1 if args.quick else 3), Path(args.out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

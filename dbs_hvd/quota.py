@@ -1,0 +1,126 @@
+"""The CPU quota this process runs under, read from its own cgroup.
+
+A rank in a container or a cgroup with a CPU limit (a Kubernetes CPU limit,
+``docker run --cpus``, a cgroup's ``cpu.max``) runs until it has used its quota
+for the current period, then is frozen until the next period begins. Two things
+follow for timing a rank:
+
+* A rank frozen by its own quota while it waits in a collective is slow, not
+  waiting for others: its quota ran out on its own work. The time it spent
+  throttled inside a wait belongs to its compute (``timing.StepTimer``'s
+  ``frozen_clock``), or the policy would read a throttled rank as fast.
+* Within one quota period a throttled rank runs at full speed and then stops,
+  so a measurement window shorter than a few periods sees bursts rather than
+  the rank's speed. :func:`min_window_seconds` gives the shortest window worth
+  measuring.
+
+Both cgroup v1 (``cpu.cfs_quota_us``, ``cpu.cfs_period_us``, ``throttled_time``
+in ns) and v2 (``cpu.max``, ``throttled_usec``) are read; the nearest group on
+the path from the process's own group to the root that sets a quota counts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+#: Periods per measurement window below which a quota's bursts dominate.
+PERIODS_PER_WINDOW = 3
+
+
+@dataclass(frozen=True)
+class CpuQuota:
+    """A cgroup CPU limit: ``share`` cores per ``period`` seconds, and where to read its stats."""
+
+    share: float
+    period: float
+    stat_path: Path
+    version: int
+
+    def throttled_seconds(self) -> float:
+        """Seconds the group has been throttled so far (0.0 where the file cannot be read)."""
+        try:
+            text = self.stat_path.read_text()
+        except OSError:
+            return 0.0
+        key = "throttled_time" if self.version == 1 else "throttled_usec"
+        scale = 1e-9 if self.version == 1 else 1e-6
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value) * scale
+        return 0.0
+
+
+def _mounts(text: str) -> tuple[Optional[Path], Optional[Path]]:
+    v1 = v2 = None
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        if parts[2] == "cgroup" and "cpu" in parts[3].split(","):
+            v1 = Path(parts[1])
+        elif parts[2] == "cgroup2" and v2 is None:
+            v2 = Path(parts[1])
+    return v1, v2
+
+
+def _quota_at(group: Path, version: int) -> Optional[tuple[float, float]]:
+    try:
+        if version == 1:
+            quota = int((group / "cpu.cfs_quota_us").read_text())
+            period = int((group / "cpu.cfs_period_us").read_text())
+            if quota <= 0:
+                return None
+        else:
+            quota_text, period_text = (group / "cpu.max").read_text().split()
+            if quota_text == "max":
+                return None
+            quota, period = int(quota_text), int(period_text)
+    except (OSError, ValueError):
+        return None
+    return quota / period, period / 1e6
+
+
+def own_quota(cgroup_text: Optional[str] = None, mounts_text: Optional[str] = None
+              ) -> Optional[CpuQuota]:
+    """The CPU quota of this process's cgroup (or its nearest ancestor with one), or None.
+
+    Args:
+        cgroup_text: the text of ``/proc/self/cgroup`` (read when None).
+        mounts_text: the text of ``/proc/mounts`` (read when None).
+
+    Returns:
+        The quota, or None where no group on the path sets one or nothing can be read.
+    """
+    try:
+        if cgroup_text is None:
+            cgroup_text = Path("/proc/self/cgroup").read_text()
+        if mounts_text is None:
+            mounts_text = Path("/proc/mounts").read_text()
+    except OSError:
+        return None
+    v1_mount, v2_mount = _mounts(mounts_text)
+    for line in cgroup_text.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if controllers and "cpu" in controllers.split(",") and v1_mount is not None:
+            mount, version = v1_mount, 1
+        elif hierarchy == "0" and not controllers and v2_mount is not None:
+            mount, version = v2_mount, 2
+        else:
+            continue
+        group = mount / path.lstrip("/")
+        while True:
+            found = _quota_at(group, version)
+            if found is not None:
+                return CpuQuota(found[0], found[1], group / "cpu.stat", version)
+            if group == mount or mount not in group.parents:
+                break
+            group = group.parent
+    return None
+
+
+def min_window_seconds(quota: Optional[CpuQuota]) -> float:
+    """The shortest measurement window that averages over a quota's bursts (0 without one)."""
+    return 0.0 if quota is None else PERIODS_PER_WINDOW * quota.period
