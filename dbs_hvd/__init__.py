@@ -1,30 +1,50 @@
 """dbs_hvd: Dynamic Batch Size for synchronous data-parallel training on Horovod.
 
-The public API, for a Horovod script:
+Each rank gets a local batch proportional to its measured speed while the
+global batch stays fixed, and gradients are weighted by local batch size, so
+every update equals one process's update on the whole global batch. A
+Horovod script changes three lines:
 
-* ``DynamicBatchSampler``: which samples each rank reads at each step.
-* ``DistributedOptimizer``: Horovod's optimizer with gradients weighted by local
-  batch size, step timing and automatic rebalancing.
-* ``Plan``, ``Bounds`` and the policies (``make_policy``) for custom setups.
+* ``DynamicBatchSampler``: the DataLoader's ``batch_sampler``; which samples
+  each rank reads at each step.
+* ``DistributedOptimizer``: Horovod's optimizer with gradients weighted by
+  local batch size, step timing and automatic rebalancing (or
+  ``ModelAveragingOptimizer`` for local SGD with weighted averaging).
+* ``sampler.set_epoch(epoch)`` at the start of every epoch.
+
+``RebalanceOptions`` sets when plans move (the defaults are the recommended
+ones); ``make_policy``/``POLICIES`` name the policies ("dbs", "paper",
+"static"); ``Plan`` and ``Bounds`` describe plans and their limits.
+``DbsError`` is raised alike on every rank (mismatched settings, bad
+measurements); ``PlanError`` for a configuration no plan can meet.
+
+Importing dbs_hvd has one side effect: under an MPI launcher (mpirun), it
+initialises MPI through mpi4py (``claim_mpi``) so that MPI outlives
+Horovod's background thread; import dbs_hvd before calling ``hvd.init()``.
+Outside MPI it does nothing. The torch-dependent names load on first use,
+so the pure policy code imports without torch.
 """
 from .comm import DbsError, claim_mpi
 from .grid import GridPolicy
+from .options import RebalanceOptions
 from .plan import Bounds, Plan, PlanError, Policy, ProportionalPolicy, StaticPolicy, WindowStats
 from .policies import POLICIES, CostModelPolicy, make_policy
 
+_LAZY = {
+    "DistributedOptimizer": "optim",
+    "DynamicBatchSampler": "sampler",
+    "ModelAveragingOptimizer": "averaging",
+}
+
 
 def __getattr__(name: str):
-    # The torch-dependent parts load on first use, so the pure policy code
-    # (plan, policies, the scale simulator) imports without torch.
-    if name == "DistributedOptimizer":
-        from .optim import DistributedOptimizer
+    # The torch-dependent parts load on first use.
+    if name in _LAZY:
+        import importlib
 
-        return DistributedOptimizer
-    if name == "DynamicBatchSampler":
-        from .sampler import DynamicBatchSampler
-
-        return DynamicBatchSampler
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'dbs_hvd' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
@@ -34,6 +54,6 @@ claim_mpi()
 
 __all__ = [
     "Bounds", "CostModelPolicy", "DbsError", "DistributedOptimizer", "DynamicBatchSampler",
-    "GridPolicy", "POLICIES", "Plan", "PlanError", "Policy", "ProportionalPolicy", "StaticPolicy",
-    "WindowStats", "make_policy",
+    "GridPolicy", "ModelAveragingOptimizer", "POLICIES", "Plan", "PlanError", "Policy",
+    "ProportionalPolicy", "RebalanceOptions", "StaticPolicy", "WindowStats", "make_policy",
 ]

@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 
 from .comm import Exchange
-from .optim import dynamic_batch_state, resolve_discount_new_sizes
+from .optim import bind, dynamic_batch_state, resolve_discount_new_sizes
+from .options import RebalanceOptions, resolve_options
 from .plan import Policy
 from .sampler import DynamicBatchSampler
 
@@ -64,32 +65,57 @@ def ModelAveragingOptimizer(
     named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
     average_every: int = 8,
     policy: Union[str, Policy] = "dbs",
-    rebalance_every: Optional[int] = None,
-    rebalance_budget: Optional[float] = None,
-    rebalance_min_seconds: float = 0.0,
+    rebalance: Optional[RebalanceOptions] = None,
     exchange: Optional[Exchange] = None,
     device_sync: Optional[Callable[[], None]] = None,
     discount_new_sizes: Optional[bool] = None,
     batch_multiple: int = 1,
+    rebalance_every: Optional[int] = None,
+    rebalance_budget: Optional[float] = None,
+    rebalance_min_seconds: Optional[float] = None,
 ) -> torch.optim.Optimizer:
     """Wrap a local optimizer for local SGD with sample-weighted model averaging.
 
-    The same sampler, timing and rebalancing as ``dbs_hvd.DistributedOptimizer``;
-    the time spent in the averaging allreduce counts as wait, not compute
-    (``rebalance_every``, ``rebalance_budget``, ``rebalance_min_seconds``,
-    ``discount_new_sizes`` and ``batch_multiple`` as there).
+    The same sampler, timing and rebalancing as ``dbs_hvd.DistributedOptimizer``
+    (``policy``, ``rebalance``, ``exchange``, ``device_sync``,
+    ``discount_new_sizes``, ``batch_multiple`` and the older
+    ``rebalance_every``/``rebalance_budget``/``rebalance_min_seconds`` as
+    there); the time spent in the averaging allreduce counts as wait, not
+    compute.
+
+    Args:
+        optimizer: the local optimizer; its state (momentum) stays local.
+        sampler: the DynamicBatchSampler that feeds the training loop.
+        named_parameters: the parameters to average, with unique names.
+        average_every: average the parameters every this many steps (and at
+            the end of each epoch).
+
+    Returns:
+        ``optimizer`` itself, with ``step`` wrapped (a bound method, so LR
+        schedulers work) and ``optimizer.dbs``/``optimizer.rebalancer`` set.
+
+    Raises:
+        ValueError: for an ``average_every`` below 1 or bad rebalance options.
+        DbsError: on every rank, when the ranks' settings differ.
+
+    Example::
+
+        optimizer = dbs_hvd.ModelAveragingOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), sampler,
+            model.named_parameters(), average_every=4)
     """
-    if average_every < 1:
-        raise ValueError(f"average_every must be a positive number of steps, got {average_every}")
-    state = dynamic_batch_state(sampler, policy, rebalance_every, exchange, device_sync,
-                                rebalance_budget, rebalance_min_seconds,
+    if isinstance(average_every, bool) or not isinstance(average_every, int) or average_every < 1:
+        raise ValueError(f"average_every= must be a positive number of steps, got {average_every!r}")
+    state = dynamic_batch_state(sampler, policy, resolve_options(
+                                    rebalance, rebalance_every, rebalance_budget,
+                                    rebalance_min_seconds), exchange, device_sync,
                                 discount_new_sizes=resolve_discount_new_sizes(
                                     discount_new_sizes, optimizer),
                                 batch_multiple=batch_multiple)
     averager = _Averager(list(named_parameters), sampler.global_batch, average_every)
     local_step = optimizer.step
 
-    def averaging_step(closure: Optional[Callable[[], float]] = None) -> Any:
+    def averaging_step(self: Any, closure: Optional[Callable[[], float]] = None) -> Any:
         if sampler.iteration_started_at is None:
             # No batch drawn yet: this is set-up, such as Horovod's
             # broadcast_optimizer_state creating the optimizer's state with a
@@ -104,7 +130,8 @@ def ModelAveragingOptimizer(
         state.finish_step(batch)
         return result
 
-    optimizer.step = averaging_step
+    bind(optimizer, "step", averaging_step)
+    bind(optimizer, "zero_grad", state.wrap_zero_grad(optimizer.zero_grad))
     optimizer.dbs = state
     optimizer.rebalancer = state.rebalancer
     return optimizer

@@ -19,6 +19,8 @@ from typing import Any, Mapping
 
 import torch
 
+from .options import CONFIG_KEYS  # the rebalance options under dbs-train's names
+
 FORMAT = 1
 _NAME = re.compile(r"^ckpt-(\d{6})\.pt$")
 
@@ -30,8 +32,7 @@ RESUMABLE_CHANGES = frozenset({
     # When plans change, not what is computed: the update is the global-batch
     # one whatever the plan (invariant 3). Also lets a checkpoint written before
     # a schedule setting existed resume (rebalance_min_seconds is newer).
-    "rebalance_every", "rebalance_budget", "rebalance_min_seconds", "warmup_steps",
-    "max_deadband",
+    *CONFIG_KEYS.values(), "warmup_steps", "max_deadband",
 })
 
 

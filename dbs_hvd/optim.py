@@ -26,21 +26,44 @@ order the batches were handed out, which is the order a DataLoader delivers
 them even when it prefetches.
 
 The same wrapper also times each step (compute vs. waiting in ``synchronize``)
-and triggers rebalancing at the end of every epoch and, if asked, every K
-steps, so a user script needs no extra call.
+and triggers rebalancing at the end of every epoch and every few steps
+(``RebalanceOptions``), so a user script needs no extra call.
+
+What a Horovod script does keeps working:
+
+* LR schedulers: ``step`` is a bound method, as torch's schedulers expect.
+* Gradient accumulation (``backward_passes_per_step=k``): each backward pass
+  is one micro-batch, one batch from the sampler, and its gradient is
+  weighted by its own size as it is accumulated (per-parameter gradient
+  hooks, or the output hook with ``model=``), so plans may move at any step
+  and the update stays the single-process one on the same global batches.
+  Rebalancing happens only at optimizer steps.
+* The Horovod clipping and mixed-precision recipe (``synchronize()``, unscale,
+  clip, ``with skip_synchronize(): scaler.step(optimizer)``): when
+  ``torch.amp.GradScaler`` skips ``step()`` after an overflow (the overflow is
+  in the allreduced gradients, so every rank skips alike), the step is closed
+  at the next sign of training (``zero_grad``, a forward, a new
+  ``synchronize``): its batches count as trained, its time ends where its
+  ``synchronize`` ended, and a rebalance due there runs on every rank.
+  ``step()`` after an explicit ``synchronize()`` skips the second allreduce
+  on its own.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Union
+import dataclasses
+import types
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
 from .balancer import RebalanceRecord, Rebalancer
 from .comm import Exchange, check_same_on_all_ranks, default_exchange
-from .plan import Policy
+from .options import RebalanceOptions, resolve_options
+from .plan import Bounds, PlanError, Policy
 from .policies import make_policy
+from .quota import min_window_seconds, own_quota
 from .sampler import DynamicBatchSampler, StepBatch
-from .schedule import RebalanceSchedule, rebalance_due
+from .schedule import rebalance_due
 from .timing import StepTimer
 
 
@@ -67,9 +90,10 @@ class DynamicBatchState:
     """What the wrapper adds to Horovod's optimizer: step timing, weights, rebalancing.
 
     It is attached to the optimizer instance (``optimizer.dbs``) and its
-    ``synchronize``/``step`` wrap the instance's own methods. Horovod's optimizer
-    class calls ``super(self.__class__, self)``, so its class must not be
-    subclassed or swapped; instance attributes leave it untouched.
+    ``synchronize``/``step``/``zero_grad`` wrap the instance's own methods.
+    Horovod's optimizer class calls ``super(self.__class__, self)``, so its
+    class must not be subclassed or swapped; instance attributes (bound
+    methods, so torch's LR schedulers can wrap ``step``) leave it untouched.
     """
 
     def __init__(self, sampler: DynamicBatchSampler, rebalancer: Rebalancer,
@@ -82,6 +106,15 @@ class DynamicBatchState:
         self.discount_new_sizes = discount_new_sizes
         self._sizes_seen: set[int] = set()
         self._batch: StepBatch | None = None
+        # Gradient accumulation: backward passes (micro-batches) per optimizer step.
+        self.backward_passes_per_step = 1
+        self._passes: dict[int, int] = {}  # per parameter: backward passes seen this step
+        self._forwards = 0  # model=: forwards recording gradients this step
+        self._synced_at: float | None = None  # synchronize() returned, no step() yet
+        self._in_step = False
+        self._param_hooks: list = []
+        sampler._on_take = timer.taken
+        sampler._weighted = True
 
     def restart(self, exchange: Exchange, policy: Policy) -> None:
         """Continue in a new world after an elastic reset.
@@ -95,59 +128,159 @@ class DynamicBatchState:
         self.rebalancer.policy = policy
         self.rebalancer.restart_schedule()  # joining workers start with the first interval
         self._batch = None
+        self._passes.clear()
+        self._forwards = 0
+        self._synced_at = None
         self.timer.take_window()
         self.timer.mark_start()
 
+    @property
+    def accumulating(self) -> bool:
+        return self.backward_passes_per_step > 1
+
     def current_batch(self) -> StepBatch:
         """The batch this step trains on (taken from the sampler at first need)."""
+        self.close_skipped_step()
         if self._batch is None:
             self._batch = self.sampler.pop_consumed()
+            self.timer.activity()
         return self._batch
 
     def weight(self) -> float:
         """This step's gradient weight ``N * b_i / B`` (exactly 1 for an equal split)."""
         return self.weight_of(self.current_batch())
 
+    def allreduce_weight(self) -> float:
+        """The weight the compressor applies: 1 when micro-batches were weighted one by one."""
+        return 1.0 if self.accumulating else self.weight()
+
     def weight_of(self, batch: StepBatch) -> float:
         return batch.batch_size * self.sampler.world_size / self.sampler.global_batch
 
-    def wrap_synchronize(self, synchronize: Callable[[], None]) -> Callable[[], None]:
-        def timed_synchronize() -> None:
+    def micro_batch_weight(self, index: int) -> float:
+        """The weight of this optimizer step's micro-batch ``index`` (not yet consumed)."""
+        self.close_skipped_step()
+        self.timer.activity()
+        batch = self.sampler.peek_consumed(index)
+        if batch is None:
+            raise RuntimeError(
+                f"dbs_hvd: backward pass {index + 1} of this optimizer step has no batch "
+                "from the DynamicBatchSampler waiting: with backward_passes_per_step, draw "
+                "one batch from the sampler per backward pass and call optimizer.step() "
+                "after at most backward_passes_per_step of them")
+        return self.weight_of(batch)
+
+    def step_batches(self) -> list[StepBatch]:
+        """The batches this optimizer step trained on, taken from the sampler."""
+        if not self.accumulating:
+            return [self.current_batch()]
+        passes = max(max(self._passes.values(), default=0), self._forwards, 1)
+        self._passes.clear()
+        self._forwards = 0
+        return [self.sampler.pop_consumed() for _ in range(passes)]
+
+    def wrap_synchronize(self, synchronize: Callable[[], None]) -> Callable[[Any], None]:
+        def timed_synchronize(optimizer: Any) -> None:
+            if not self._in_step:
+                self.close_skipped_step()
             with self.timer.waiting():
                 synchronize()
+            self._synced_at = self.timer._clock()
 
         return timed_synchronize
+
+    def wrap_zero_grad(self, zero_grad: Callable[..., None]) -> Callable[..., None]:
+        def zero_grad_and_note(optimizer: Any, *args: Any, **kwargs: Any) -> None:
+            self.close_skipped_step()
+            self.timer.activity()
+            return zero_grad(*args, **kwargs)
+
+        return zero_grad_and_note
+
+    def close_skipped_step(self) -> None:
+        """Close a step whose gradients were synchronized but whose ``step()`` was skipped.
+
+        ``torch.amp.GradScaler`` skips ``optimizer.step()`` when the gradients
+        hold an inf or NaN; they are the allreduced ones, so every rank skips
+        the same step and reaches this call at the same point. The step's
+        batches count as trained and its time ends where ``synchronize``
+        returned.
+        """
+        if self._synced_at is None or self._in_step:
+            return
+        end, self._synced_at = self._synced_at, None
+        self.finish_step(self.step_batches(), end=end)
 
     def is_last_of_epoch(self, batch: StepBatch) -> bool:
         return batch.step == self.sampler.steps_per_epoch - 1
 
-    def finish_step(self, batch: StepBatch) -> None:
+    def finish_step(self, batches: Union[StepBatch, Sequence[StepBatch]],
+                    end: float | None = None) -> None:
         """Close the step's timing; rebalance at epoch ends and every ``interval`` steps.
 
         Every rank runs the same steps and holds the same interval (rank 0
         broadcasts it with the plan), so all reach each rebalance together. The
         steps since the last rebalance are the timer's open window; one that
         comes due just before the epoch ends runs on to it (``rebalance_due``).
+        With gradient accumulation, ``batches`` are the step's micro-batches.
         """
+        batches = [batches] if isinstance(batches, StepBatch) else list(batches)
         self._batch = None
-        new_size = self.discount_new_sizes and batch.batch_size not in self._sizes_seen
-        if new_size:
-            self._sizes_seen.add(batch.batch_size)
-        self.timer.end_step(batch.batch_size, start_hint=self.sampler.iteration_started_at,
-                            new_size=new_size)
-        steps_left = self.sampler.steps_per_epoch - 1 - batch.step
-        if steps_left == 0 or rebalance_due(
+        news = []
+        for batch in batches:
+            new_size = self.discount_new_sizes and batch.batch_size not in self._sizes_seen
+            if new_size:
+                self._sizes_seen.add(batch.batch_size)
+            news.append(new_size)
+            self.sampler.mark_trained(batch)
+        self.timer.end_step([b.batch_size for b in batches],
+                            start_hint=self.sampler.iteration_started_at, new_size=news,
+                            end=end)
+        last = batches[-1]
+        steps_left = self.sampler.steps_per_epoch - 1 - last.step
+        if any(self.is_last_of_epoch(b) for b in batches) or rebalance_due(
                 self.timer.window.steps, self.rebalancer.interval, steps_left):
-            self.rebalancer.rebalance(batch.step)
+            self.rebalancer.rebalance(last.step)
 
     def wrap_step(self, step: Callable[..., Any]) -> Callable[..., Any]:
-        def dynamic_batch_step(closure: Optional[Callable[[], float]] = None):
-            batch = self.current_batch()
-            result = step(closure)
-            self.finish_step(batch)
+        def dynamic_batch_step(optimizer: Any, closure: Optional[Callable[[], float]] = None):
+            # A synchronize() already made (_synced_at) belongs to this step.
+            self._in_step = True
+            try:
+                batches = self.step_batches()
+                if self._synced_at is not None and getattr(optimizer, "_should_synchronize",
+                                                           False):
+                    # synchronize() already ran for this step: do not allreduce twice.
+                    with optimizer.skip_synchronize():
+                        result = step(closure)
+                else:
+                    result = step(closure)
+            finally:
+                self._in_step = False
+            self._synced_at = None
+            self.finish_step(batches)
             return result
 
         return dynamic_batch_step
+
+    def weight_parameter_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        """With gradient accumulation, weight each micro-batch's gradient as it arrives.
+
+        A leaf's gradient hook sees one backward pass's gradient before it is
+        added to ``.grad``; the ``j``-th pass of an optimizer step is the
+        step's ``j``-th batch from the sampler. A pass of weight 1 is left as is.
+        """
+        for parameter in parameters:
+            if not parameter.requires_grad:
+                continue
+
+            def scale(grad: torch.Tensor, key: int = id(parameter)) -> Optional[torch.Tensor]:
+                index = self._passes.get(key, 0)
+                self._passes[key] = index + 1
+                weight = self.micro_batch_weight(index)
+                return None if weight == 1.0 else grad * weight
+
+            self._param_hooks.append(parameter.register_hook(scale))
 
     def weight_model_output(self, model: torch.nn.Module) -> None:
         """Apply the weight to the gradient at ``model``'s output instead of to parameter grads.
@@ -157,23 +290,39 @@ class DynamicBatchState:
         global-batch ones (times ``N``, which the Average allreduce divides
         out, as the backward is linear in the output gradient) if every rank's
         output gradient already carries its weight. A step whose weight is 1
-        (an equal split) registers nothing.
+        (an equal split) registers nothing. With gradient accumulation, the
+        ``j``-th forward that records gradients in an optimizer step is
+        weighted by the step's ``j``-th batch.
         """
 
-        def scale(grad: torch.Tensor) -> torch.Tensor:
-            return grad * self.weight()
-
         def register(module: torch.nn.Module, inputs: Any, output: Any) -> None:
-            # The step's batch without consuming it: a forward outside a
-            # training step must not take the next step's batch.
-            batch = self._batch if self._batch is not None else self.sampler.peek_consumed()
-            if batch is not None and self.weight_of(batch) == 1.0:
+            tensors = [tensor for tensor in (
+                output.values() if isinstance(output, dict) else (
+                    output if isinstance(output, (tuple, list)) else (output,)))
+                if isinstance(tensor, torch.Tensor) and tensor.requires_grad]
+            if not tensors:
+                return  # evaluation (no_grad): not part of a training step
+            if self.accumulating:
+                index = self._forwards
+                self._forwards += 1
+                weight = self.micro_batch_weight(index)
+            else:
+                # The step's batch without consuming it: a forward outside a
+                # training step must not take the next step's batch.
+                self.close_skipped_step()
+                self.timer.activity()
+                batch = self._batch if self._batch is not None else self.sampler.peek_consumed()
+                if batch is not None and self.weight_of(batch) == 1.0:
+                    return
+                weight = None  # read when the gradient arrives (the batch popped then)
+            if weight == 1.0:
                 return
-            tensors = output.values() if isinstance(output, dict) else (
-                output if isinstance(output, (tuple, list)) else (output,))
+
+            def scale(grad: torch.Tensor) -> torch.Tensor:
+                return grad * (self.weight() if weight is None else weight)
+
             for tensor in tensors:
-                if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-                    tensor.register_hook(scale)
+                tensor.register_hook(scale)
 
         self._output_hook = model.register_forward_hook(register)
 
@@ -188,76 +337,175 @@ def DistributedOptimizer(
     sampler: DynamicBatchSampler,
     named_parameters: Optional[Iterable[tuple[str, torch.nn.Parameter]]] = None,
     policy: Union[str, Policy] = "dbs",
-    rebalance_every: Optional[int] = None,
-    rebalance_budget: Optional[float] = None,
-    rebalance_min_seconds: float = 0.0,
+    rebalance: Optional[RebalanceOptions] = None,
     compression: Any = None,
     exchange: Optional[Exchange] = None,
     device_sync: Optional[Callable[[], None]] = None,
     model: Optional[torch.nn.Module] = None,
     discount_new_sizes: Optional[bool] = None,
     batch_multiple: int = 1,
+    rebalance_every: Optional[int] = None,
+    rebalance_budget: Optional[float] = None,
+    rebalance_min_seconds: Optional[float] = None,
     **horovod_kwargs: Any,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` for dynamic batch sizes; a drop-in for ``hvd.DistributedOptimizer``.
+
+    Each rank's gradient is weighted by its share of the global batch before
+    Horovod's allreduce, so every update equals one process's update on the
+    whole global batch; each step is timed (compute apart from allreduce
+    wait) and the plan is rebalanced on the schedule of ``rebalance``.
 
     Args:
         optimizer: the local optimizer, as for Horovod.
         sampler: the DynamicBatchSampler that feeds the training loop.
         named_parameters: as for Horovod (names make allreduce matching robust).
-        policy: a Policy, or a registered name ("dbs", our default; "paper"; "static").
-        rebalance_every: also rebalance every K steps inside an epoch (default:
-            only at the end of each epoch).
-        rebalance_budget: with ``rebalance_every``, stretch the interval so the
-            measured cost of a rebalance stays within this fraction of the
-            step time (0.02 is dbs-train's default; short steps then rebalance
-            less often, see schedule.py). Default: exactly every K steps.
-        rebalance_min_seconds: with ``rebalance_every``, also keep at least this
-            much wall time between rebalances (dbs-train's default: 0.15 s).
+        policy: a Policy, or a registered name ("dbs", the default; "paper";
+            "static").
+        rebalance: when to rebalance (``RebalanceOptions``); default the
+            recommended schedule (every 2 steps for "dbs", stretched to cost
+            at most 2% and to at least 0.15 s apart).
         compression: a Horovod compressor applied after the weighting.
         exchange: how per-rank stats travel (default: mpi4py under MPI,
             Horovod's object collectives under Gloo).
         device_sync: called before timing the allreduce wait (use
             ``torch.cuda.synchronize`` on GPUs, see timing.py).
-        model: give the model when it uses ``hvd.SyncBatchNorm``: the weight is
-            then applied at the model's output (see ``weight_model_output``).
-            Cheaper too where parameters outnumber outputs: one small tensor
-            is scaled per step instead of every gradient.
+        model: the model. Give it when it uses ``hvd.SyncBatchNorm`` (the
+            weight is then applied at the model's output, see
+            ``weight_model_output``) or plain BatchNorm (the smallest local
+            batch is then raised to 2: a batch of one sample cannot be
+            normalised in training). Cheaper too where parameters outnumber
+            outputs: one small tensor is scaled per step instead of every
+            gradient.
         discount_new_sizes: leave each rank's first step at a batch size out
             of its measured speed (default: where the parameters are on a
             GPU, whose first step at a new size builds kernel plans).
         batch_multiple: keep every local batch a multiple of this many
             samples (grid.py; with ``policy`` given by name). On a GPU a
             multiple such as 8 leaves fewer new sizes to pay for.
-        horovod_kwargs: passed to ``hvd.DistributedOptimizer`` (``op`` is fixed to Average).
+        rebalance_every: older form of ``rebalance``: exactly every K steps
+            (no budget or time floor unless ``rebalance_budget`` and
+            ``rebalance_min_seconds`` say so); not together with ``rebalance``.
+        rebalance_budget: older form of ``RebalanceOptions(budget=...)``.
+        rebalance_min_seconds: older form of ``RebalanceOptions(min_seconds=...)``.
+        horovod_kwargs: passed to ``hvd.DistributedOptimizer``
+            (``backward_passes_per_step``, ``gradient_predivide_factor``,
+            ``groups``, ...); ``op`` is fixed to Average.
 
-    Every rank checks, collectively, that all ranks use the same global batch,
-    seed, data set size, bounds and policy; a mismatch is a DbsError on all ranks.
+    Returns:
+        Horovod's optimizer with ``step``, ``synchronize`` and ``zero_grad``
+        wrapped; ``optimizer.dbs`` and ``optimizer.rebalancer`` expose the
+        state.
+
+    Raises:
+        TypeError: for ``op=`` (the weighting needs Average).
+        ValueError: for bad rebalance options or ``backward_passes_per_step``.
+        PlanError: when the bounds (with the BatchNorm floor) fit no plan.
+        DbsError: on every rank, when the ranks' settings differ (a
+            collective check of global batch, seed, data set size, bounds,
+            policy and rebalance options).
+
+    Example::
+
+        sampler = dbs_hvd.DynamicBatchSampler(len(train_set), global_batch=256)
+        loader = DataLoader(train_set, batch_sampler=sampler)
+        optimizer = dbs_hvd.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), sampler,
+            named_parameters=model.named_parameters())
     """
     import horovod.torch as hvd
 
     if "op" in horovod_kwargs:
-        raise TypeError("op is fixed to hvd.Average: each rank's gradient is pre-weighted by "
-                        "N * b_i / B (its share of the global batch)")
-    state = dynamic_batch_state(sampler, policy, rebalance_every, exchange, device_sync,
-                                rebalance_budget, rebalance_min_seconds,
+        raise TypeError("op= is fixed to hvd.Average: each rank's gradient is pre-weighted by "
+                        "N * b_i / B (its share of the global batch); leave op= out")
+    passes = horovod_kwargs.get("backward_passes_per_step", 1)
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise ValueError(f"backward_passes_per_step= must be a positive integer, got {passes!r}")
+    if model is not None:
+        require_batch_norm_floor(model, sampler, policy)
+    state = dynamic_batch_state(sampler, policy, resolve_options(
+                                    rebalance, rebalance_every, rebalance_budget,
+                                    rebalance_min_seconds), exchange, device_sync,
                                 discount_new_sizes=resolve_discount_new_sizes(
                                     discount_new_sizes, optimizer),
                                 batch_multiple=batch_multiple)
+    state.backward_passes_per_step = passes
     if model is not None:
         state.weight_model_output(model)  # the gradients arrive weighted: nothing to scale
         compression = compression if compression is not None else hvd.Compression.none
     else:
-        compression = LocalBatchWeighting(state.weight, compression)
+        compression = LocalBatchWeighting(state.allreduce_weight, compression)
+        if passes > 1:
+            state.weight_parameter_gradients(
+                p for group in optimizer.param_groups for p in group["params"])
     wrapped = hvd.DistributedOptimizer(
         optimizer, named_parameters=named_parameters, compression=compression, op=hvd.Average,
         **horovod_kwargs,
     )
     wrapped.dbs = state
     wrapped.rebalancer = state.rebalancer
-    wrapped.synchronize = state.wrap_synchronize(wrapped.synchronize)
-    wrapped.step = state.wrap_step(wrapped.step)
+    set_passes = wrapped.set_backward_passes_per_step
+
+    def set_backward_passes_per_step(self: Any, passes: int) -> None:
+        if (passes > 1) != state.accumulating:
+            raise ValueError(
+                "dbs_hvd: give backward_passes_per_step= to dbs_hvd.DistributedOptimizer "
+                "when it is built; switching between 1 and more passes later is not supported")
+        set_passes(passes)
+        state.backward_passes_per_step = passes
+
+    bind(wrapped, "set_backward_passes_per_step", set_backward_passes_per_step)
+    bind(wrapped, "synchronize", state.wrap_synchronize(wrapped.synchronize))
+    bind(wrapped, "zero_grad", state.wrap_zero_grad(wrapped.zero_grad))
+    bind(wrapped, "step", state.wrap_step(wrapped.step))
     return wrapped
+
+
+def bind(optimizer: torch.optim.Optimizer, name: str, function: Callable[..., Any]) -> None:
+    """Set ``function(optimizer, ...)`` as the instance's method ``name``.
+
+    A bound method rather than a plain function: torch's LR schedulers wrap
+    ``optimizer.step`` through its ``__func__`` to count the steps taken.
+    """
+    setattr(optimizer, name, types.MethodType(function, optimizer))
+
+
+def has_plain_batch_norm(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has BatchNorm layers that normalise each rank's batch alone."""
+    return any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+               and "SyncBatchNorm" not in type(module).__name__
+               for module in model.modules())
+
+
+def require_batch_norm_floor(model: torch.nn.Module, sampler: DynamicBatchSampler,
+                             policy: Union[str, Policy]) -> None:
+    """Raise the sampler's smallest local batch to 2 where ``model`` has plain BatchNorm.
+
+    In training, BatchNorm over a batch of one sample fails ("Expected more
+    than 1 value per channel"); a slow rank could otherwise be planned down
+    to one sample.
+    """
+    if not has_plain_batch_norm(model) or sampler.bounds.min_batch >= 2:
+        return
+    floor = Bounds(2, sampler.bounds.max_batch)
+    if sampler.global_batch < 2 * sampler.world_size:
+        raise PlanError(
+            f"the model has BatchNorm layers, which need at least 2 samples per rank, but "
+            f"global_batch={sampler.global_batch} on {sampler.world_size} ranks leaves fewer: "
+            f"pass global_batch= of at least {2 * sampler.world_size}, or use hvd.SyncBatchNorm")
+    if not isinstance(policy, str) and policy.bounds.min_batch < 2:
+        raise PlanError(
+            "the model has BatchNorm layers, which need at least 2 samples per rank: build "
+            "the policy with Bounds(min_batch=2) (and the sampler with bounds=Bounds("
+            "min_batch=2)), or use hvd.SyncBatchNorm")
+    floor.check(sampler.global_batch, sampler.world_size)
+    for _, plan in sampler._schedule:
+        if min(plan.batch_sizes) < 2:
+            raise PlanError(
+                f"the model has BatchNorm layers, which need at least 2 samples per rank, "
+                f"but the sampler's plan {list(plan.batch_sizes)} gives a rank fewer: pass "
+                "a plan= with at least 2 per rank")
+    sampler.bounds = floor
 
 
 def resolve_discount_new_sizes(choice: Optional[bool], optimizer: torch.optim.Optimizer) -> bool:
@@ -269,24 +517,22 @@ def resolve_discount_new_sizes(choice: Optional[bool], optimizer: torch.optim.Op
 
 
 def dynamic_batch_state(sampler: DynamicBatchSampler, policy: Union[str, Policy],
-                        rebalance_every: Optional[int], exchange: Optional[Exchange],
+                        rebalance: Optional[RebalanceOptions], exchange: Optional[Exchange],
                         device_sync: Optional[Callable[[], None]],
-                        rebalance_budget: Optional[float] = None,
-                        rebalance_min_seconds: float = 0.0,
                         discount_new_sizes: bool = False,
                         batch_multiple: int = 1) -> DynamicBatchState:
     """The timing, policy and rebalancing shared by the gradient and averaging modes.
 
     Collective: every rank checks that all ranks use the same global batch,
-    seed, data set size, bounds and policy; a mismatch is a DbsError on all ranks.
+    seed, data set size, bounds, policy and rebalance options; a mismatch is
+    a DbsError on all ranks.
     """
-    schedule = None if rebalance_every is None else RebalanceSchedule(
-        rebalance_every, rebalance_budget, min_seconds=rebalance_min_seconds)
+    rebalance = rebalance if rebalance is not None else RebalanceOptions()
     if isinstance(policy, str):
         policy = make_policy(policy, sampler.global_batch, sampler.bounds,
                              batch_multiple=batch_multiple)
     elif batch_multiple != 1:
-        raise ValueError("batch_multiple applies to a policy given by name; build a Policy "
+        raise ValueError("batch_multiple= applies to a policy given by name; build a Policy "
                          "object on the grid with make_policy(name, global_batch, bounds, "
                          "batch_multiple=M)")
     exchange = exchange or default_exchange()
@@ -299,14 +545,21 @@ def dynamic_batch_state(sampler: DynamicBatchSampler, policy: Union[str, Policy]
         "max_batch": sampler.bounds.max_batch,
         "policy": policy.name,
         "batch_multiple": getattr(policy, "multiple", 1),
-        "rebalance_every": rebalance_every,
-        "rebalance_budget": rebalance_budget,
-        "rebalance_min_seconds": rebalance_min_seconds,
+        "rebalance": rebalance.resolved(policy.name),
         "shuffle": sampler.shuffle,
     })
-    timer = StepTimer(device_sync=device_sync)
+    schedule = rebalance.schedule_for(policy.name)
+    every = rebalance.interval_for(policy.name)
+    # A rank under a CPU quota: frozen time inside a wait is its own slowness,
+    # and windows shorter than a few quota periods see its bursts, not its speed.
+    quota = own_quota()
+    floor = max(exchange.allgather(min_window_seconds(quota)))
+    if schedule is not None and floor > schedule.min_seconds:
+        schedule = dataclasses.replace(schedule, min_seconds=floor)
+    timer = StepTimer(device_sync=device_sync,
+                      frozen_clock=quota.throttled_seconds if quota is not None else None)
     # Room for two epochs of rebalances (epoch summaries read the last one), at least 4096.
-    per_epoch = sampler.steps_per_epoch // (rebalance_every or sampler.steps_per_epoch) + 1
+    per_epoch = sampler.steps_per_epoch // (every or sampler.steps_per_epoch) + 1
     rebalancer = Rebalancer(sampler, policy, exchange, timer,
                             history_limit=max(4096, 2 * per_epoch), schedule=schedule)
     return DynamicBatchState(sampler, rebalancer, timer, discount_new_sizes)

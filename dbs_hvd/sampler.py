@@ -18,18 +18,28 @@ The sampler is a ``batch_sampler`` for torch's DataLoader (workers included).
 Batches are generated ahead of their use when the DataLoader prefetches, so a
 new plan takes effect at a step the sampler has not yet handed out
 (``set_plan(plan, start_step)``); the gradient weighting learns each consumed
-batch's size from ``pop_consumed`` in the order the batches were yielded.
+batch's size from ``pop_consumed`` in the order the batches were yielded, and
+reports each trained batch back (``mark_trained``), so that ``state_dict``
+records the steps trained on, not the steps a DataLoader prefetched.
+
+An uneven plan is only correct with dbs_hvd's optimizer wrapper, which
+weights each rank's gradient by its batch size: under Horovod with more than
+one rank, a sampler no wrapper is attached to refuses to hand out a step of
+an uneven plan (plain ``hvd.DistributedOptimizer`` would average unequal
+batches with equal weights).
 """
 from __future__ import annotations
 
 import collections
 import time
+import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from torch.utils.data import Sampler
 
+from .comm import DbsError
 from .plan import Bounds, Plan, PlanError
 
 
@@ -45,14 +55,38 @@ class StepBatch:
 class DynamicBatchSampler(Sampler[list]):
     """Yields this rank's sample indices for each step of an epoch, following the plan.
 
+    Use it as the DataLoader's ``batch_sampler`` and wrap the optimizer with
+    ``dbs_hvd.DistributedOptimizer(optimizer, sampler, ...)``; call
+    ``set_epoch(epoch)`` at the start of every epoch, as with torch's
+    ``DistributedSampler``. A pass over the sampler without ``set_epoch``
+    after a complete pass moves to the next epoch with a warning (once), so
+    the learned plan is kept and each epoch is shuffled anew.
+
     Args:
         dataset_size: number of samples in the data set (``len(dataset)``).
         global_batch: samples per step over all ranks (``B``); fixed for the run.
-        rank, world_size: this rank and the number of ranks; default to Horovod's.
+        rank: this rank; defaults to Horovod's.
+        world_size: the number of ranks; defaults to Horovod's.
         seed: seeds the per-epoch permutation; must be equal on every rank.
         shuffle: permute each epoch (``False`` reads the data in order).
-        bounds: per-rank limits on the local batch size.
+        bounds: per-rank limits on the local batch size. With plain
+            ``nn.BatchNorm`` layers, a batch of one sample fails in training:
+            give ``Bounds(min_batch=2)`` (the optimizer wrapper raises the
+            floor itself when it is given ``model=``).
         plan: the initial plan; default the equal split.
+
+    Raises:
+        PlanError: for a global batch smaller than the world size or than the
+            data set, a rank outside the world, or bounds no plan can meet.
+
+    Example::
+
+        sampler = dbs_hvd.DynamicBatchSampler(len(train_set), global_batch=256)
+        loader = DataLoader(train_set, batch_sampler=sampler)
+        for epoch in range(epochs):
+            sampler.set_epoch(epoch)
+            for x, y in loader:
+                ...
     """
 
     def __init__(
@@ -73,11 +107,19 @@ class DynamicBatchSampler(Sampler[list]):
             world_size = hvd.size() if world_size is None else world_size
         if not 0 <= rank < world_size:
             raise PlanError(f"rank {rank} is outside a world of {world_size}")
+        if (isinstance(global_batch, int) and not isinstance(global_batch, bool)
+                and 0 < global_batch < world_size):
+            raise PlanError(
+                f"global_batch={global_batch} is smaller than the world size {world_size}: "
+                f"every rank needs at least one sample per step; pass global_batch= of at "
+                f"least {world_size} or launch fewer ranks"
+            )
         bounds.check(global_batch, world_size)
         if dataset_size < global_batch:
             raise PlanError(
                 f"the data set has {dataset_size} samples, fewer than the global batch "
-                f"{global_batch}: not one step could run. Lower --global-batch to at most "
+                f"(global_batch={global_batch}): not one step could run. Pass global_batch= "
+                f"of at most "
                 f"{dataset_size} or use more data"
             )
         self.dataset_size = int(dataset_size)
@@ -97,6 +139,12 @@ class DynamicBatchSampler(Sampler[list]):
         self._perm_cache: tuple[int, np.ndarray] | None = None
         self._yielded: collections.deque[StepBatch] = collections.deque()
         self.iteration_started_at: float | None = None
+        self._trained = 0  # steps of this epoch trained on (reported by the optimizer)
+        self._pass_complete = False  # every step of this epoch was handed out
+        self._warned_set_epoch = False
+        # Set by dbs_hvd's optimizer wrappers: called when a batch is taken.
+        self._on_take: Callable[[], None] | None = None
+        self._weighted = False  # a wrapper weights gradients by local batch size
 
     # -- the epoch's layout --------------------------------------------------------
 
@@ -152,25 +200,61 @@ class DynamicBatchSampler(Sampler[list]):
     # -- iteration -------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[list]:
+        if self._pass_complete:
+            self._next_epoch_without_set_epoch()
         # A new iteration discards batches an earlier iterator prefetched but
         # never delivered.
         self._yielded.clear()
         self.iteration_started_at = time.perf_counter()
         self._generated = self._start_step
+        return self._batches()
+
+    def _batches(self) -> Iterator[list]:
         for step in range(self._start_step, self.steps_per_epoch):
+            # Resumed by the DataLoader asking for a batch: the training loop moved on.
+            if self._on_take is not None:
+                self._on_take()
+            if not self._weighted:
+                self._refuse_unweighted(self.plan_at(step))
             batch = self.indices(step)
             self._generated = step + 1
             self._yielded.append(StepBatch(self.epoch, step, len(batch)))
             yield batch
+        self._pass_complete = True
+
+    def _next_epoch_without_set_epoch(self) -> None:
+        """A new pass after a complete one, without ``set_epoch``: move on to the next epoch."""
+        if not self._warned_set_epoch:
+            self._warned_set_epoch = True
+            warnings.warn(
+                f"DynamicBatchSampler: a new pass began after epoch {self.epoch} ended without "
+                f"sampler.set_epoch(epoch); continuing with epoch {self.epoch + 1} and the "
+                "newest plan. Call sampler.set_epoch(epoch) at the start of every epoch",
+                stacklevel=3)
+        self.set_epoch(self.epoch + 1)
+
+    def _refuse_unweighted(self, plan: Plan) -> None:
+        """Refuse an uneven plan under multi-rank Horovod when no wrapper weights the gradients."""
+        if len(set(plan.batch_sizes)) <= 1 or _horovod_size() <= 1:
+            return
+        raise DbsError(
+            f"the plan {list(plan.batch_sizes)} gives the ranks different batch sizes, but no "
+            "dbs_hvd optimizer weights their gradients: hvd.DistributedOptimizer would average "
+            "unequal batches with equal weights. Wrap the optimizer with "
+            "dbs_hvd.DistributedOptimizer(optimizer, sampler, ...) (or "
+            "dbs_hvd.ModelAveragingOptimizer) before iterating, or, for plain Horovod, use "
+            "a global_batch divisible by the world size and the equal plan"
+        )
 
     @property
     def steps_generated(self) -> int:
         """Steps of this epoch already handed out; a new plan can start no earlier."""
         return self._generated
 
-    def peek_consumed(self) -> StepBatch | None:
-        """The batch ``pop_consumed`` would return next, left in place (None if none waits)."""
-        return self._yielded[0] if self._yielded else None
+    def peek_consumed(self, index: int = 0) -> StepBatch | None:
+        """The batch ``pop_consumed`` would return ``index`` calls from now, left in place
+        (None if none waits there)."""
+        return self._yielded[index] if index < len(self._yielded) else None
 
     def pop_consumed(self) -> StepBatch:
         """The oldest batch handed out and not yet trained on (for gradient weighting)."""
@@ -182,13 +266,29 @@ class DynamicBatchSampler(Sampler[list]):
             )
         return self._yielded.popleft()
 
+    def mark_trained(self, batch: StepBatch) -> None:
+        """An optimizer step trained on ``batch`` (called by dbs_hvd's optimizer wrappers)."""
+        if batch.epoch == self.epoch:
+            self._trained = max(self._trained, batch.step + 1)
+
+    @property
+    def steps_trained(self) -> int:
+        """Steps of the current epoch trained on, counted from its start."""
+        return self._trained
+
     def set_epoch(self, epoch: int) -> None:
-        """Start epoch ``epoch``: a new permutation, the newest plan from step 0."""
-        if epoch != self.epoch:
+        """Start epoch ``epoch``: a new permutation, the newest plan from step 0.
+
+        Calling it again with the current epoch keeps the position, so a run
+        resumed mid-epoch (``load_state_dict``) continues where it stopped.
+        """
+        if epoch != self.epoch or self._pass_complete:
             self._start_step = 0
+            self._trained = 0
         self.epoch = int(epoch)
         self._schedule = [(0, self.plan)]
         self._generated = self._start_step
+        self._pass_complete = False
 
     def set_plan(self, plan: Plan, start_step: int | None = None) -> None:
         """Use ``plan`` from ``start_step`` of this epoch on (default: the next step not handed out).
@@ -239,8 +339,10 @@ class DynamicBatchSampler(Sampler[list]):
         """Read ``epoch`` from step ``position`` on with ``plan``; forget undelivered batches."""
         self.epoch = int(epoch)
         self._start_step = int(position)
+        self._trained = self._start_step
         self._schedule = [(0, plan)]
         self._generated = self._start_step
+        self._pass_complete = False
         self._yielded.clear()
 
     def _check_plan(self, plan: Plan, world_size: int | None = None) -> None:
@@ -252,8 +354,18 @@ class DynamicBatchSampler(Sampler[list]):
     # -- checkpoints -----------------------------------------------------------------
 
     def state_dict(self, position: int | None = None) -> dict[str, Any]:
-        """Where the stream stands: epoch, the step to resume from, and the plan in force there."""
-        position = self._start_step if position is None else int(position)
+        """Where the stream stands: epoch, the step to resume from, and the plan in force there.
+
+        Args:
+            position: the step to resume from; default the steps of this epoch
+                trained on so far (optimizer steps through dbs_hvd's wrapper,
+                not batches a DataLoader prefetched), or, with no wrapper, the
+                step this pass started at.
+
+        Returns:
+            A dict of plain values for ``load_state_dict`` (and ``torch.save``).
+        """
+        position = self._trained if position is None else int(position)
         return {
             "epoch": self.epoch,
             "position": position,
@@ -274,3 +386,13 @@ class DynamicBatchSampler(Sampler[list]):
         plan = Plan(tuple(state["plan"]))
         self._check_plan(plan)
         self._restart(state["epoch"], state["position"], plan)
+
+
+def _horovod_size() -> int:
+    """The number of Horovod ranks, or 1 where Horovod is not running."""
+    try:
+        import horovod.torch as hvd
+
+        return hvd.size() if hvd.is_initialized() else 1
+    except (ImportError, ValueError):
+        return 1

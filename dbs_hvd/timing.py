@@ -12,6 +12,22 @@ On CUDA, kernels run asynchronously, so the host would see the backward's tail
 as "waiting"; pass ``device_sync=torch.cuda.synchronize`` so the wait clock
 only starts once the rank's own kernels are done.
 
+Only the training step itself counts. A step starts at the first sign of
+training after the previous step ended: the sampler handing out a batch (the
+DataLoader asking for the next one, ``taken``), else the first other
+activity (``zero_grad``, a forward pass that records gradients, the first
+gradient weighting), else the previous step's end. It ends when
+``optimizer.step()`` returns. Evaluation, checkpoint writing or logging
+between ``step()`` and the next batch therefore do not count, so a rank that
+evaluates alone does not look like a slow device. The earliest batch taken
+is used (a step with several micro-batches starts at its first), and
+taking a batch outranks ``zero_grad`` because scripts that call
+``zero_grad()`` right after ``step()`` would otherwise start the next step
+before their evaluation. Where DataLoader workers prefetch, the sampler is
+asked for a batch when the loop takes an earlier one, which is still a sign
+that the loop moved on; in an epoch's last few steps nothing more is asked
+for and the other signs decide.
+
 A step at a batch size the rank has not run before is also counted apart
 (``new_size_*``) when the caller says so: on a GPU that step builds and caches
 kernel plans for the new shapes (on an H200, 13-35 ms more than the same step
@@ -24,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 
 @dataclass
@@ -59,54 +75,95 @@ class WindowTotals:
 class StepTimer:
     """Splits each step's wall time into compute and allreduce wait.
 
-    ``end_step`` closes a step: its wall time runs from the end of the previous
-    step (or from ``mark_start``, or from a later ``start_hint`` such as the
-    moment the data loader's iterator was created, so that evaluation between
-    epochs is not charged to the first step).
+    ``end_step`` closes a step. Its wall time starts at the earliest batch
+    ``taken`` since the previous step ended, else at the first other
+    ``activity``, else where the previous step (or ``mark_start``) ended;
+    ``start_hint``, a moment before which the step cannot have started (such
+    as the creation of the data loader's iterator), moves a fallback start
+    later. See the module docstring for why.
     """
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter,
-                 device_sync: Optional[Callable[[], None]] = None) -> None:
+                 device_sync: Optional[Callable[[], None]] = None,
+                 frozen_clock: Optional[Callable[[], float]] = None) -> None:
         self._clock = clock
         self._device_sync = device_sync
+        # Seconds this rank has been frozen by its own CPU quota (quota.py);
+        # frozen time inside a wait is the rank's slowness, so it counts as compute.
+        self._frozen_clock = frozen_clock
         self._step_start: float | None = None
+        # Times of the signals since the last step ended, oldest first.
+        self._taken: list[float] = []
+        self._active: list[float] = []
         self._wait_in_step = 0.0
         self.window = WindowTotals()
 
     def mark_start(self) -> None:
-        """The next step's wall time starts now."""
+        """The next step's wall time starts no earlier than now."""
         self._step_start = self._clock()
+        self._taken, self._active = [], []
         self._wait_in_step = 0.0
+
+    def taken(self) -> None:
+        """A batch was taken for training now (the first since the last step counts)."""
+        if len(self._taken) < 2:  # a late-closed step's first and the next step's first
+            self._taken.append(self._clock())
+
+    def activity(self) -> None:
+        """Training work began now (the first since the last step counts)."""
+        if len(self._active) < 2:
+            self._active.append(self._clock())
 
     @contextlib.contextmanager
     def waiting(self) -> Iterator[None]:
         """Count the time inside the block as allreduce wait, not compute.
 
         The device is synchronised first, so this rank's own queued kernels
-        finish before the wait clock starts.
+        finish before the wait clock starts. Time the rank spent frozen by its
+        own CPU quota inside the block (``frozen_clock``) stays compute.
         """
         if self._device_sync is not None:
             self._device_sync()
+        frozen = self._frozen_clock() if self._frozen_clock is not None else 0.0
         started = self._clock()
         try:
             yield
         finally:
-            self._wait_in_step += self._clock() - started
+            waited = self._clock() - started
+            if self._frozen_clock is not None:
+                waited -= min(max(self._frozen_clock() - frozen, 0.0), waited)
+            self._wait_in_step += waited
 
-    def end_step(self, batch_size: int, start_hint: float | None = None,
-                 new_size: bool = False) -> None:
-        """Close a step of ``batch_size`` samples (``new_size``: the rank's first at that size)."""
-        now = self._clock()
-        start = self._step_start
-        if start_hint is not None and (start is None or start_hint > start):
-            start = start_hint
+    def end_step(self, batch_size: Union[int, Sequence[int]], start_hint: float | None = None,
+                 new_size: Union[bool, Sequence[bool]] = False, end: float | None = None) -> None:
+        """Close a step of ``batch_size`` samples (``new_size``: the rank's first at that size).
+
+        A step of several micro-batches (gradient accumulation) gives one size
+        per micro-batch: each counts as one step of its size, with an equal
+        share of the step's time. ``end`` closes the step at an earlier moment
+        than now (a step that ended without ``optimizer.step()``).
+        """
+        now = self._clock() if end is None else end
+        taken = [t for t in self._taken if t <= now]
+        active = [t for t in self._active if t <= now]
+        start = taken[0] if taken else (active[0] if active else None)
+        if start is None:
+            start = self._step_start
+            if start_hint is not None and (start is None or start_hint > start):
+                start = start_hint
         if start is None:
             start = now
         wall = max(now - start, 0.0)
         wait = min(self._wait_in_step, wall)
         compute = wall - wait
-        self.window.add(batch_size, compute, wait, new_size)
+        sizes = [batch_size] if isinstance(batch_size, int) else list(batch_size)
+        news = [new_size] * len(sizes) if isinstance(new_size, bool) else list(new_size)
+        for size, new in zip(sizes, news):
+            self.window.add(size, compute / len(sizes), wait / len(sizes), new)
         self._step_start = now
+        # Signals after a late ``end`` belong to the next step.
+        self._taken = [t for t in self._taken if t > now]
+        self._active = [t for t in self._active if t > now]
         self._wait_in_step = 0.0
 
     def take_window(self) -> WindowTotals:

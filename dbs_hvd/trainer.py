@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -26,7 +27,9 @@ from .optim import DistributedOptimizer
 from .grid import GridPolicy
 from .plan import Bounds, Plan, PlanError, Policy
 from .policies import make_policy
+from .options import RebalanceOptions
 from .sampler import DynamicBatchSampler
+from .waiting import install_quiet_wait
 
 
 @dataclass
@@ -46,9 +49,10 @@ class TrainConfig:
     policy: str = "dbs"
     mode: str = "gradient"  # or "average": local SGD, parameters averaged every average_every steps
     average_every: int = 8
+    # The rebalance schedule, flat for the command line: RebalanceOptions (options.py).
     rebalance_every: Optional[int] = None  # None: every 2 steps for dbs, epoch ends otherwise
-    rebalance_budget: float = 0.02  # stretch the interval so rebalancing costs <= 2% (0: exactly K)
-    rebalance_min_seconds: float = 0.15  # and keep at least this wall time between rebalances
+    rebalance_budget: float = RebalanceOptions.budget  # interval stretched to cost <= this (0: exactly K)
+    rebalance_min_seconds: float = RebalanceOptions.min_seconds  # and at least this apart
     warmup_steps: int = 10  # dbs: the first steps move the plan only for a large gain
     max_deadband: Optional[float] = None  # dbs: the widest noise-following band (policies.py)
     discount_new_sizes: str = "auto"  # "on"/"off"; auto: on for --device cuda (optim.py)
@@ -132,9 +136,12 @@ class _Run:
 def _dbs_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset, exchange,
              device: torch.device) -> _Run:
     policy = make_run_policy(config)
-    sampler = DynamicBatchSampler(len(train_set), config.global_batch, seed=config.seed,
-                                  bounds=Bounds(config.min_batch, config.max_batch),
-                                  plan=parse_plan(config.plan) if config.plan else None)
+    try:
+        sampler = DynamicBatchSampler(len(train_set), config.global_batch, seed=config.seed,
+                                      bounds=Bounds(config.min_batch, config.max_batch),
+                                      plan=parse_plan(config.plan) if config.plan else None)
+    except PlanError as error:  # the library names its arguments; dbs-train, its flags
+        raise PlanError(flag_names(str(error))) from None
     if isinstance(policy, GridPolicy) and not policy.on_grid(sampler.plan):
         if config.plan:
             raise PlanError(f"--plan {config.plan} is not on the grid of --batch-multiple "
@@ -147,9 +154,8 @@ def _dbs_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset, ex
     # CUDA kernels run asynchronously: finish this rank's own work before
     # the allreduce wait is timed, or compute would be counted as waiting.
     device_sync = torch.cuda.synchronize if device.type == "cuda" else None
-    shared = dict(policy=policy, rebalance_every=effective_rebalance_every(config),
-                  rebalance_budget=config.rebalance_budget or None,
-                  rebalance_min_seconds=config.rebalance_min_seconds, exchange=exchange,
+    shared = dict(policy=policy, rebalance=RebalanceOptions.from_config(asdict(config)),
+                  exchange=exchange,
                   device_sync=device_sync,
                   discount_new_sizes={"auto": None, "on": True, "off": False}[
                       config.discount_new_sizes])
@@ -234,19 +240,13 @@ def parse_plan(text: str) -> Plan:
                         f"(e.g. 100,28), got {text!r}") from None
 
 
-def effective_rebalance_every(config: TrainConfig) -> Optional[int]:
-    """Our policy rebalances inside epochs by default; the paper's rule once per epoch."""
-    if config.rebalance_every is not None:
-        return config.rebalance_every
-    return DEFAULT_REBALANCE_EVERY if config.policy == "dbs" else None
-
-
-# Every 2 steps, stretched by --rebalance-budget and --rebalance-min-seconds where
-# steps are short (schedule.py). Measured against 5 (hetero scenarios,
-# interleaved): disturbances 0.605 vs 0.649 of plain Horovod's time, [1,1,1,4]
-# 0.479 vs 0.597, [1,2,4] 0.496 vs 0.505, equal ranks 0.972 vs 0.958 (noise
-# level), a step change 0.588 vs 0.592.
-DEFAULT_REBALANCE_EVERY = 2
+def flag_names(message: str) -> str:
+    """A library error's argument names (``global_batch=``) as dbs-train's flags."""
+    for argument, flag in (("global_batch", "--global-batch"), ("min_batch", "--min-batch"),
+                           ("max_batch", "--max-batch"), ("plan", "--plan")):
+        message = re.sub(rf"\b{argument}=(?=\d)", f"{flag} ", message)
+        message = re.sub(rf"\b{argument}= ?", f"{flag} ", message)
+    return message
 
 
 def _plain_summary(epoch: int, world: int, global_batch: int, loss: float, accuracy: float,
@@ -305,9 +305,14 @@ def configure_stall_shutdown(seconds: float) -> None:
 
 
 def init_horovod(config: TrainConfig) -> None:
-    """Set what Horovod reads at init (stall shutdown, timeline), then ``hvd.init()``."""
+    """Set what Horovod reads at init (stall shutdown, timeline), then ``hvd.init()``.
+
+    Horovod's collectives are made to wait without spinning (dbs_hvd.waiting),
+    unless ``DBS_HVD_HOROVOD_WAIT=spin`` asks for Horovod's own wait.
+    """
     import horovod.torch as hvd
 
+    install_quiet_wait()
     configure_stall_shutdown(config.stall_timeout)
     if config.timeline:
         # Read by Horovod at init; it records every collective (negotiation,
