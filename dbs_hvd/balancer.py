@@ -1,16 +1,16 @@
 """One rebalance: measure, exchange, plan on rank 0, broadcast, apply.
 
-This is the loop of DESIGN.md in one place: timing -> comm (allgather) ->
+This is the loop of docs/design.md in one place: timing -> comm (allgather) ->
 plan (rank 0, then broadcast) -> sampler. It is triggered by the optimizer
 wrapper at the end of every epoch and, optionally, every K steps, which all
 ranks reach at the same step because they run the same number of steps.
 """
+
 from __future__ import annotations
 
 import collections
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 from .comm import Exchange, decide_on_root
 from .plan import Plan, Policy, WindowStats
@@ -47,18 +47,23 @@ class Rebalancer:
     cost of the previous rebalance and broadcasts it with the plan.
     """
 
-    def __init__(self, sampler: DynamicBatchSampler, policy: Policy, exchange: Exchange,
-                 timer: StepTimer, history_limit: int = 4096,
-                 schedule: Optional[RebalanceSchedule] = None) -> None:
+    def __init__(
+        self,
+        sampler: DynamicBatchSampler,
+        policy: Policy,
+        exchange: Exchange,
+        timer: StepTimer,
+        history_limit: int = 4096,
+        schedule: RebalanceSchedule | None = None,
+    ) -> None:
         self.sampler = sampler
         self.policy = policy
         self.exchange = exchange
         self.timer = timer
         self.schedule = schedule
-        self.interval: Optional[int] = schedule.interval if schedule else None
-        self._last_cost: Optional[float] = None  # this rank's previous rebalance, seconds
-        self.history: collections.deque[RebalanceRecord] = collections.deque(
-            maxlen=history_limit)
+        self.interval: int | None = schedule.interval if schedule else None
+        self._last_cost: float | None = None  # this rank's previous rebalance, seconds
+        self.history: collections.deque[RebalanceRecord] = collections.deque(maxlen=history_limit)
         # Keep the policy's diagnostics in each record (rank 0; --rebalance-log).
         # Off by default: at thousands of ranks they are lists as long as the world.
         self.record_policy = False
@@ -73,7 +78,7 @@ class Rebalancer:
         current = self.sampler.plan
         diagnostics = None  # the policy's view, on rank 0 (where it decides)
 
-        def decide() -> tuple[tuple[int, ...], int, Optional[int]]:
+        def decide() -> tuple[tuple[int, ...], int, int | None]:
             nonlocal diagnostics
             start = max(record["steps_generated"] for record in gathered)
             if all(record["steps"] == 0 for record in gathered):
@@ -87,8 +92,12 @@ class Rebalancer:
         sizes, start, self.interval = decide_on_root(self.exchange, decide)
         self.sampler.set_plan(Plan(sizes), start)
         record = RebalanceRecord(
-            epoch=self.sampler.epoch, step=step, ranks=gathered,
-            plan_before=current.batch_sizes, plan_after=tuple(sizes), start_step=start,
+            epoch=self.sampler.epoch,
+            step=step,
+            ranks=gathered,
+            plan_before=current.batch_sizes,
+            plan_after=tuple(sizes),
+            start_step=start,
             extra={"interval": self.interval, "policy": diagnostics},
         )
         self.history.append(record)
@@ -107,7 +116,7 @@ class Rebalancer:
             self.interval = self.schedule.interval
         self._last_cost = None
 
-    def _next_interval(self, gathered: list[dict], stats: WindowStats) -> Optional[int]:
+    def _next_interval(self, gathered: list[dict], stats: WindowStats) -> int | None:
         """Rank 0: the schedule's next interval from the ranks' rebalance costs and step time.
 
         The rank that reached the previous rebalance last waited for nobody, so
@@ -119,5 +128,6 @@ class Rebalancer:
         cost = min(costs) if len(costs) == len(gathered) else None
         if not (stats.steps > 0).all():
             return self.schedule.update(cost, None)
-        return self.schedule.update(cost, stats.step_wall_seconds(), int(stats.steps.max()),
-                                    stats.imbalance())
+        return self.schedule.update(
+            cost, stats.step_wall_seconds(), int(stats.steps.max()), stats.imbalance()
+        )

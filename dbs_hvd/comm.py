@@ -20,6 +20,7 @@ Horovod does (``claim_mpi``): Horovod then leaves MPI alone and mpi4py
 finalizes it at process exit. If Horovod got there first, the stats travel
 through Horovod's own collectives instead, which a shutdown cannot cut short.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,7 +28,8 @@ import pickle
 import sys
 import time
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Mapping, TypeVar
+from collections.abc import Mapping
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
@@ -64,18 +66,26 @@ class MpiExchange(Exchange):
     wait. ``"poll"``: the pickled bytes move by non-blocking collectives
     (their sizes first, then the bytes), and the wait polls, sleeping between
     polls after a short spin. Spinning takes a core that a slower rank, or
-    Horovod's background thread, may need; sleeping adds latency. Measured
-    with ``python -m benchmarks.exchange_cost`` (one gather + broadcast every
-    2 steps of a plain-Horovod MLP; extra training time per call):
+    Horovod's background thread, may need; sleeping adds latency. So polling
+    costs less where the host's ranks, with their Horovod threads, outnumber
+    its cores, and blocking costs less where cores are free
+    (``python -m benchmarks.exchange_cost`` measures both; docs/results.md,
+    "What one rebalance's exchange costs"). ``default_exchange`` chooses
+    accordingly (``waits_should_sleep``).
 
-    * 2 ranks on this project's 2-core machine: blocking 1.05-2.74 ms in 10
-      jobs (it times itself at 0.16-0.34 ms), polling 0.48-0.83 ms in 4;
-    * 2 and 4 ranks on 16 cores (an H200 host): blocking 0.26 and 0.59 ms,
-      polling 0.56 and 0.73 ms.
+    Args:
+        comm: an mpi4py communicator (default: ``MPI.COMM_WORLD``).
+        wait: ``"block"`` or ``"poll"``; every rank must use the same mode,
+            since the two run different collectives.
 
-    So ``default_exchange`` polls where the host's ranks, with their Horovod
-    threads, outnumber its cores (``waits_should_sleep``), and blocks
-    otherwise.
+    Raises:
+        ValueError: for any other ``wait``.
+
+    Examples:
+        Under ``mpirun -np 2``, with MPI initialised by mpi4py:
+
+            exchange = MpiExchange(wait="poll")
+            exchange.allgather({"rank": exchange.rank})  # [{"rank": 0}, {"rank": 1}]
     """
 
     spin_seconds = 5e-5  # poll without sleeping this long first: a quick collective pays no sleep
@@ -107,32 +117,59 @@ class MpiExchange(Exchange):
         offsets = np.concatenate(([0], np.cumsum(lengths)[:-1]))
         gathered = np.empty(int(lengths.sum()), dtype=np.uint8)
         self._wait(self.comm.Iallgatherv(payload, [gathered, (lengths, offsets), self._byte]))
-        return [pickle.loads(gathered[start:start + length])
-                for start, length in zip(offsets, lengths)]
+        return [
+            pickle.loads(gathered[start : start + length].data) for start, length in zip(offsets, lengths)
+        ]
 
     def broadcast(self, obj: Any, root: int = 0) -> Any:
         if self.wait == "block":
             return self.comm.bcast(obj, root=root)
-        payload = np.frombuffer(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL), dtype=np.uint8) \
-            if self.rank == root else None
+        payload = (
+            np.frombuffer(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
+            if self.rank == root
+            else None
+        )
         length = np.array([payload.size if payload is not None else 0], dtype=np.int64)
         self._wait(self.comm.Ibcast(length, root=root))
         if payload is None:
             payload = np.empty(int(length[0]), dtype=np.uint8)
         self._wait(self.comm.Ibcast(payload, root=root))
-        return obj if self.rank == root else pickle.loads(payload)
+        return obj if self.rank == root else pickle.loads(payload.data)
 
 
 def agreed_wait(choices: list[tuple[str, bool]]) -> str:
     """The way every rank waits, from each rank's (``DBS_HVD_EXCHANGE_WAIT``, crowded host).
 
     Every rank gets the same list, so a bad value fails on every rank alike.
+
+    Args:
+        choices: per rank, the value of ``DBS_HVD_EXCHANGE_WAIT`` and
+            whether its host is crowded (``waits_should_sleep``).
+
+    Returns:
+        ``"poll"`` if any rank asks for it or is crowded under ``"auto"``,
+        else ``"block"``.
+
+    Raises:
+        ValueError: naming every rank with a value other than auto, block
+            or poll.
+
+    Examples:
+        >>> agreed_wait([("auto", False), ("auto", True)])
+        'poll'
+        >>> agreed_wait([("auto", False), ("block", False)])
+        'block'
     """
-    bad = {rank: wanted for rank, (wanted, _) in enumerate(choices)
-           if wanted != "auto" and wanted not in WAIT_MODES}
+    bad = {
+        rank: wanted
+        for rank, (wanted, _) in enumerate(choices)
+        if wanted != "auto" and wanted not in WAIT_MODES
+    }
     if bad:
-        raise ValueError(f"{WAIT_VARIABLE} must be auto, block or poll; got "
-                         + ", ".join(f"{wanted!r} on rank {rank}" for rank, wanted in bad.items()))
+        raise ValueError(
+            f"{WAIT_VARIABLE} must be auto, block or poll; got "
+            + ", ".join(f"{wanted!r} on rank {rank}" for rank, wanted in bad.items())
+        )
     polls = [wanted == "poll" or (wanted == "auto" and crowded) for wanted, crowded in choices]
     return "poll" if any(polls) else "block"
 
@@ -265,14 +302,33 @@ def default_exchange() -> Exchange:
     if hvd.mpi_enabled() and not hvd.gloo_enabled() and _mpi_owned_by_process:
         exchange = MpiExchange()
         if exchange.size == hvd.size() and exchange.rank == hvd.rank():
-            exchange.wait = agreed_wait(exchange.comm.allgather(
-                (os.environ.get(WAIT_VARIABLE, "auto"), waits_should_sleep(hvd.local_size()))))
+            exchange.wait = agreed_wait(
+                exchange.comm.allgather(
+                    (os.environ.get(WAIT_VARIABLE, "auto"), waits_should_sleep(hvd.local_size()))
+                )
+            )
             return exchange
     return HorovodExchange()
 
 
 def decide_on_root(exchange: Exchange, decide: Callable[[], T]) -> T:
-    """Run ``decide`` on rank 0 and give its result, or its error, to every rank."""
+    """Run ``decide`` on rank 0 and give its result, or its error, to every rank.
+
+    Args:
+        exchange: the collectives of the job.
+        decide: called on rank 0 only.
+
+    Returns:
+        What ``decide`` returned, on every rank (invariant 4).
+
+    Raises:
+        DbsError: on every rank, if ``decide`` raised a ValueError (such as
+            PlanError) on rank 0; its message is kept.
+
+    Examples:
+        >>> decide_on_root(LocalExchange(), lambda: (48, 40, 40))
+        (48, 40, 40)
+    """
     outcome: tuple[str, Any] | None = None
     if exchange.rank == 0:
         try:
@@ -291,11 +347,19 @@ def check_same_on_all_ranks(exchange: Exchange, settings: Mapping[str, Any]) -> 
     Ranks started with different global batch or seed would read overlapping
     samples and weight gradients wrongly without any visible failure; this
     turns that launch mistake into an immediate, named error.
+
+    Args:
+        exchange: the collectives of the job.
+        settings: the settings to compare, by name (picklable values).
+
+    Raises:
+        DbsError: naming each differing setting and every rank's value.
+
+    Examples:
+        >>> check_same_on_all_ranks(LocalExchange(), {"global_batch": 128, "seed": 0})
     """
     gathered = exchange.allgather(dict(settings))
-    differing = sorted(
-        key for key in settings if any(g.get(key) != gathered[0].get(key) for g in gathered)
-    )
+    differing = sorted(key for key in settings if any(g.get(key) != gathered[0].get(key) for g in gathered))
     if differing:
         detail = "; ".join(
             f"{key}: " + ", ".join(f"rank {r}={g.get(key)!r}" for r, g in enumerate(gathered))

@@ -5,6 +5,7 @@ ship inside scikit-learn, so the default run needs no download; the synthetic
 set is for throughput work; CIFAR-10 is read from the python-pickle batches of
 a folder the user already has (``data_batch_1`` ... ``test_batch``).
 """
+
 from __future__ import annotations
 
 import pickle
@@ -15,8 +16,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 
-def digits(flatten: bool, seed: int = 0, test_fraction: float = 0.2,
-           image_size: int = 8) -> tuple[TensorDataset, TensorDataset]:
+def digits(
+    flatten: bool, seed: int = 0, test_fraction: float = 0.2, image_size: int = 8
+) -> tuple[TensorDataset, TensorDataset]:
     """scikit-learn's 1797 8x8 digits, scaled to [0, 1], split with a fixed seed.
 
     ``image_size`` > 8 upsamples the images (bilinear). On 8x8 inputs a small CNN
@@ -31,8 +33,9 @@ def digits(flatten: bool, seed: int = 0, test_fraction: float = 0.2,
     y = torch.tensor(bunch.target, dtype=torch.long)
     x = x.view(-1, 1, 8, 8)
     if image_size != 8:
-        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear",
-                                            align_corners=False)
+        x = torch.nn.functional.interpolate(
+            x, size=(image_size, image_size), mode="bilinear", align_corners=False
+        )
     if flatten:
         x = x.flatten(1)
     order = torch.from_numpy(np.random.default_rng(seed).permutation(len(x)))
@@ -41,8 +44,9 @@ def digits(flatten: bool, seed: int = 0, test_fraction: float = 0.2,
     return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])
 
 
-def synthetic(samples: int, shape: tuple[int, ...], classes: int = 10,
-              seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+def synthetic(
+    samples: int, shape: tuple[int, ...], classes: int = 10, seed: int = 0
+) -> tuple[TensorDataset, TensorDataset]:
     """Gaussian images labelled by a fixed random linear teacher: learnable, any size."""
     gen = torch.Generator().manual_seed(seed)
     n_test = max(samples // 8, classes)
@@ -76,12 +80,17 @@ def cifar10(folder: str | Path) -> tuple[TensorDataset, TensorDataset]:
     x_test, y_test = load(["test_batch"])
     mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
     std = x_train.std(dim=(0, 2, 3), keepdim=True)
-    return (TensorDataset((x_train - mean) / std, y_train),
-            TensorDataset((x_test - mean) / std, y_test))
+    return (TensorDataset((x_train - mean) / std, y_train), TensorDataset((x_test - mean) / std, y_test))
 
 
-def load(name: str, flatten: bool, seed: int = 0, samples: int = 4096,
-         data_dir: str | None = None, image_size: int = 8) -> tuple[TensorDataset, TensorDataset]:
+def load(
+    name: str,
+    flatten: bool,
+    seed: int = 0,
+    samples: int = 4096,
+    data_dir: str | None = None,
+    image_size: int = 8,
+) -> tuple[TensorDataset, TensorDataset]:
     """Dispatch on the --dataset name."""
     if name == "digits":
         return digits(flatten, seed, image_size=image_size)

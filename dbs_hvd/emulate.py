@@ -10,17 +10,15 @@ Which clock measures the step's real compute matters where ranks share
 cores. Wall time (the default) also holds the time a rank waited for a core
 while other ranks computed, and scaling that by ``f - 1`` multiplies
 contention by the slowdown factor, which no slower device does, so the
-emulated speeds depend on the plan. Measured on [1,2,4] (3 ranks on 2 cores),
-the same `dbs` code reached 0.48 of plain Horovod's time with a final plan of
-[77, 40, 9] in one benchmark run and 0.69 with [76, 26, 24] (the 2x rank given
-about as much as the 4x one) in a 2-repeat A/B an hour later. With
-``cpu_time`` (``--slowdown-clock cpu``) the thread's CPU time is scaled
-(``time.thread_time``: torch on one CPU thread runs forward and backward on
-the calling thread), so waiting is not multiplied; in that A/B it settled at
-[69-71, 40-42, 15] in both repeats. It is not the default yet: one full
-benchmark run with it, on a machine that was noisy at the time, could not
-separate its effect from the noise. On CUDA, or with several torch threads,
-the calling thread's CPU time is not the work, so it is refused there.
+emulated speeds depend on the plan, and runs of the same code can settle on
+different plans. With ``cpu_time`` (``--slowdown-clock cpu``) the thread's
+CPU time is scaled (``time.thread_time``: torch on one CPU thread runs
+forward and backward on the calling thread), so waiting is not multiplied
+and the plans settle alike from run to run. Wall time stays the default
+until a benchmark separates the effect from the noise (docs/design.md,
+"Measurements behind the defaults"). On CUDA, or with several torch
+threads, the calling thread's CPU time is not the work, so it is refused
+there.
 
 The delay must happen *before* the backward pass: Horovod submits each
 gradient to the allreduce from a hook during backward, so a rank that slept
@@ -28,6 +26,7 @@ after backward would already have joined the allreduce and would not slow
 anybody down. The trainer therefore calls ``before_backward`` with the forward
 time; the backward time is predicted from the measured backward/forward ratio.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,8 +58,9 @@ class Disturbances(SpeedChanges):
     benchmark) sees the same disturbances.
     """
 
-    def __init__(self, world_size: int, probability: float, factor: float = 3.0,
-                 max_epochs: int = 3, seed: int = 0) -> None:
+    def __init__(
+        self, world_size: int, probability: float, factor: float = 3.0, max_epochs: int = 3, seed: int = 0
+    ) -> None:
         if not 0 <= probability <= 1 or factor < 1 or max_epochs < 1:
             raise ValueError("disturbances need 0 <= p <= 1, factor >= 1 and max_epochs >= 1")
         self.world_size, self.probability = world_size, probability
@@ -102,9 +102,13 @@ class DeviceEmulator(ABC):
     emulators that scale real compute (see the module notes).
     """
 
-    def __init__(self, rank: int = 0, changes: SpeedChanges | None = None,
-                 sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        rank: int = 0,
+        changes: SpeedChanges | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.rank = rank
         self.clock = clock
         self.changes = changes or NoChanges()
@@ -125,11 +129,14 @@ class DeviceEmulator(ABC):
         """Seconds to sleep for a step of ``batch_size`` samples."""
 
     def before_backward(self, batch_size: int, forward_seconds: float) -> None:
+        """Sleep for this step's emulated extra cost; called between forward and backward."""
         seconds = self.delay(batch_size, forward_seconds)
         if seconds > 0:
             self._sleep(seconds)
 
-    def after_backward(self, forward_seconds: float, backward_seconds: float) -> None:
+    def after_backward(  # noqa: B027 (an optional hook: doing nothing is the default)
+        self, forward_seconds: float, backward_seconds: float
+    ) -> None:
         """Learn from the real backward time (used by emulators that scale real compute)."""
 
 
@@ -139,11 +146,32 @@ class Slowdown(DeviceEmulator):
     Real compute of a step is forward + backward; backward is predicted as the
     running backward/forward ratio times this step's forward time. Speed
     changes multiply the factor.
+
+    Args:
+        factor: the slowdown, a finite number >= 1 (1: this device).
+        rank: this rank, for the speed changes.
+        changes: speed changes over time (default: none).
+        sleep: how to wait (tests pass a recorder).
+        clock: what the trainer times forward and backward with
+            (``time.thread_time`` for ``--slowdown-clock cpu``).
+
+    Raises:
+        ValueError: for a factor below 1 or not finite.
+
+    Examples:
+        >>> slow = Slowdown(3.0)
+        >>> slow.delay(batch_size=32, forward_seconds=0.01)  # 2 x (0.01 + 2 x 0.01)
+        0.06
     """
 
-    def __init__(self, factor: float = 1.0, rank: int = 0, changes: SpeedChanges | None = None,
-                 sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        factor: float = 1.0,
+        rank: int = 0,
+        changes: SpeedChanges | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         super().__init__(rank, changes, sleep, clock)
         if not math.isfinite(factor) or factor < 1:
             raise ValueError(f"a slowdown factor must be a finite number >= 1, got {factor}")
@@ -165,11 +193,36 @@ class VirtualDevice(DeviceEmulator):
     """A device whose step costs exactly ``overhead + per_sample * batch_size`` seconds
     (times any speed change), plus ``new_size`` seconds at the first step of each
     batch size: a GPU's first step at a new size builds kernel plans for its
-    shapes (13-35 ms measured on an H200, docs/gpu_check.md)."""
+    shapes (docs/deployment/gpu.md).
 
-    def __init__(self, overhead: float, per_sample: float, rank: int = 0,
-                 changes: SpeedChanges | None = None,
-                 sleep: Callable[[float], None] = time.sleep, new_size: float = 0.0) -> None:
+    Args:
+        overhead: seconds per step, whatever the batch.
+        per_sample: seconds per sample.
+        rank: this rank, for the speed changes.
+        changes: speed changes over time (default: none).
+        sleep: how to wait (tests pass a recorder).
+        new_size: extra seconds at the first step of each batch size.
+
+    Raises:
+        ValueError: for a negative cost.
+
+    Examples:
+        >>> device = VirtualDevice(overhead=0.001, per_sample=0.0005, new_size=0.02)
+        >>> round(device.delay(32, forward_seconds=0.0), 6)
+        0.037
+        >>> round(device.delay(32, forward_seconds=0.0), 6)
+        0.017
+    """
+
+    def __init__(
+        self,
+        overhead: float,
+        per_sample: float,
+        rank: int = 0,
+        changes: SpeedChanges | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        new_size: float = 0.0,
+    ) -> None:
         super().__init__(rank, changes, sleep)
         if overhead < 0 or per_sample < 0 or new_size < 0:
             raise ValueError("virtual device costs must be non-negative")
@@ -217,7 +270,8 @@ def parse_virtual_devices(text: str, world_size: int) -> list[tuple[float, float
         except ValueError:
             raise ValueError(
                 "--virtual-device takes OVERHEAD_MS:PER_SAMPLE_MS[:NEW_SIZE_MS] per rank, "
-                f"each a number >= 0, got {part!r}") from None
+                f"each a number >= 0, got {part!r}"
+            ) from None
         devices.append((costs[0], costs[1], costs[2] if len(costs) == 3 else 0.0))
     if len(devices) == 1:
         devices *= world_size
@@ -249,14 +303,38 @@ def parse_step_change(text: str, world_size: int) -> StepChange:
     return change
 
 
-def make_emulator(rank: int, world_size: int, slowdown: str | None = None,
-                  virtual_device: str | None = None, disturb: str | None = None,
-                  step_change: str | None = None, seed: int = 0,
-                  cpu_time: bool = False) -> DeviceEmulator:
+def make_emulator(
+    rank: int,
+    world_size: int,
+    slowdown: str | None = None,
+    virtual_device: str | None = None,
+    disturb: str | None = None,
+    step_change: str | None = None,
+    seed: int = 0,
+    cpu_time: bool = False,
+) -> DeviceEmulator:
     """The emulator for ``rank`` from the dbs-train flags.
 
-    ``cpu_time``: scale the calling thread's CPU time instead of wall time
-    (torch on one CPU thread only; see the module notes).
+    Args:
+        rank: this rank.
+        world_size: the number of ranks, which the per-rank lists must match.
+        slowdown: ``--slowdown``, e.g. ``"1,1,1,4"``.
+        virtual_device: ``--virtual-device``, e.g. ``"0:1,0:3"`` (milliseconds).
+        disturb: ``--disturb``, e.g. ``"p=0.2,factor=3,epochs=3"``.
+        step_change: ``--step-change``, e.g. ``"1:100:4"``.
+        seed: seeds the disturbances, so every rank draws the same ones.
+        cpu_time: scale the calling thread's CPU time instead of wall time
+            (torch on one CPU thread only; see the module notes).
+
+    Returns:
+        A ``VirtualDevice`` or a ``Slowdown`` (factor 1 when neither flag is given).
+
+    Raises:
+        ValueError: for conflicting or malformed flags (the message names the flag).
+
+    Examples:
+        >>> make_emulator(rank=3, world_size=4, slowdown="1,1,1,4").factor
+        4.0
     """
     if slowdown and virtual_device:
         raise ValueError("use either --slowdown or --virtual-device, not both")

@@ -1,8 +1,8 @@
 """Batch sizes on a grid: every rank's batch a multiple of M samples.
 
 Why: on a GPU the first step at a batch size a rank has not run before
-builds kernel plans for the new shapes, a one-off 13-35 ms where such steps
-take 2-4 ms (docs/gpu_check.md). A policy free to pick any size visits many
+builds kernel plans for the new shapes, a one-off cost several times a short
+step (docs/deployment/gpu.md). A policy free to pick any size visits many
 sizes while it converges and whenever noise nudges the plan, and pays that
 cost at each. On a grid of M samples there are M times fewer sizes to visit,
 and a move smaller than M samples rounds back to the current plan, so small
@@ -19,6 +19,7 @@ ones), then multiplies its plan by M. Every policy works unchanged on the
 grid, with its history, deadband and rounding all in units. Pure numpy, like
 plan.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,10 +32,26 @@ from .plan import Bounds, Plan, PlanError, Policy, WindowStats, apportion
 
 
 def unit_bounds(global_batch: int, multiple: int, bounds: Bounds) -> Bounds:
-    """``bounds`` in whole units of ``multiple`` samples; PlanError where none fit.
+    """``bounds`` in whole units of ``multiple`` samples.
 
     The lower bound rounds up and the upper bound down, so every plan on the
     grid also meets the bounds in samples.
+
+    Args:
+        global_batch: the global batch in samples.
+        multiple: the grid M, in samples.
+        bounds: per-rank limits in samples.
+
+    Returns:
+        The limits in units of M samples.
+
+    Raises:
+        PlanError: if M is not a positive integer dividing ``global_batch``
+            or exceeds ``max_batch`` (the message suggests divisors).
+
+    Examples:
+        >>> unit_bounds(128, 8, Bounds(min_batch=12, max_batch=60))
+        Bounds(min_batch=2, max_batch=7)
     """
     if not isinstance(multiple, (int, np.integer)) or multiple < 1:
         raise PlanError(f"the batch multiple must be a positive integer, got {multiple!r}")
@@ -48,10 +65,14 @@ def unit_bounds(global_batch: int, multiple: int, bounds: Bounds) -> Bounds:
         )
     upper = bounds.upper(global_batch)
     if upper < multiple:
-        raise PlanError(f"max_batch {upper} is below the batch multiple {multiple}: no rank "
-                        f"could take a batch on the grid; raise max_batch or lower the multiple")
-    return Bounds(max(1, math.ceil(bounds.min_batch / multiple)),
-                  None if bounds.max_batch is None else upper // multiple)
+        raise PlanError(
+            f"max_batch {upper} is below the batch multiple {multiple}: no rank "
+            f"could take a batch on the grid; raise max_batch or lower the multiple"
+        )
+    return Bounds(
+        max(1, math.ceil(bounds.min_batch / multiple)),
+        None if bounds.max_batch is None else upper // multiple,
+    )
 
 
 class GridPolicy(Policy):
@@ -63,16 +84,34 @@ class GridPolicy(Policy):
     for 128 samples on 3 ranks with M=8) is snapped to the nearest grid plan
     before the inner policy sees it, so the first rebalance puts the plan on
     the grid.
+
+    Args:
+        inner: the policy that plans in units.
+        multiple: the grid M, in samples.
+        global_batch: the global batch in samples (a multiple of M).
+        bounds: per-rank limits in samples.
+
+    Raises:
+        PlanError: if ``inner`` was not built for this grid.
+
+    Examples:
+        >>> from dbs_hvd.plan import ProportionalPolicy
+        >>> units = unit_bounds(128, 8, Bounds())
+        >>> policy = GridPolicy(ProportionalPolicy(16, units), 8, 128)
+        >>> stats = WindowStats(np.array([43.0, 43.0, 42.0]), np.array([1.0, 1.0, 2.0]),
+        ...                     np.array([1.0, 1.0, 1.0]))
+        >>> policy.next_plan(stats, Plan((43, 43, 42))).batch_sizes
+        (56, 48, 24)
     """
 
-    def __init__(self, inner: Policy, multiple: int, global_batch: int,
-                 bounds: Bounds = Bounds()) -> None:
+    def __init__(self, inner: Policy, multiple: int, global_batch: int, bounds: Bounds = Bounds()) -> None:
         super().__init__(global_batch, bounds)
         expected = unit_bounds(global_batch, multiple, bounds)
         if inner.global_batch * multiple != global_batch or inner.bounds != expected:
             raise PlanError(
                 f"the inner policy plans {inner.global_batch} units within {inner.bounds}; on a "
-                f"grid of {multiple} it needs {global_batch // multiple} units within {expected}")
+                f"grid of {multiple} it needs {global_batch // multiple} units within {expected}"
+            )
         self.inner = inner
         self.multiple = int(multiple)
         self.name = inner.name
@@ -95,9 +134,11 @@ class GridPolicy(Policy):
                 f"makes {units} multiples for {world_size} ranks, and with every rank's batch "
                 f"between {low * self.multiple} and {high * self.multiple} samples (the bounds "
                 f"rounded to the grid) no plan fits: lower the batch multiple or raise the "
-                f"global batch")
+                f"global batch"
+            )
 
     def on_grid(self, plan: Plan) -> bool:
+        """True if every batch of ``plan`` is a multiple of the grid."""
         return not np.any(np.asarray(plan.batch_sizes) % self.multiple)
 
     def snap(self, plan: Plan) -> Plan:

@@ -1,16 +1,18 @@
 """Per-epoch records: balance efficiency, summaries, JSON lines."""
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Iterable, Sequence
+from typing import IO, Any, cast
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
-def balance_efficiency(samples: Sequence[float], compute: Sequence[float],
-                       wall: Sequence[float]) -> float:
+def balance_efficiency(samples: ArrayLike, compute: ArrayLike, wall: ArrayLike) -> float:
     """Ideal / actual time for the work the ranks did (1.0 = perfectly balanced).
 
     Ideal: the total samples divided by the sum of the ranks' measured speeds
@@ -23,16 +25,30 @@ def balance_efficiency(samples: Sequence[float], compute: Sequence[float],
     the previous epoch's evaluation early waits in the first allreduce for the
     others to begin; that wait is on its wall but is no part of the epoch's
     training. The rank that began last waited for nobody at the start, so its
-    wall is the time in which all ranks trained. The longest wall counted the
-    evaluation skew as imbalance: on [1,2,4] it came to 1.05 s on a 0.94 s epoch.
+    wall is the time in which all ranks trained. The longest wall would count
+    the evaluation skew as imbalance, which on a short epoch can be as long as
+    the epoch itself.
+
+    Args:
+        samples: samples each rank processed.
+        compute: each rank's compute seconds over the same steps.
+        wall: each rank's compute + allreduce-wait seconds.
+
+    Returns:
+        The efficiency, or NaN where a rank has no positive samples, compute
+        or wall time.
+
+    Examples:
+        >>> balance_efficiency([100, 100], [1.0, 2.0], [2.0, 2.0])
+        0.6666666666666666
     """
-    samples = np.asarray(samples, float)
-    compute = np.asarray(compute, float)
-    wall = np.asarray(wall, float)
-    if np.any(compute <= 0) or np.any(samples <= 0) or wall.min() <= 0:
+    samples_ = np.asarray(samples, float)
+    compute_ = np.asarray(compute, float)
+    wall_ = np.asarray(wall, float)
+    if np.any(compute_ <= 0) or np.any(samples_ <= 0) or wall_.min() <= 0:
         return float("nan")
-    ideal = samples.sum() / (samples / compute).sum()
-    return float(ideal / wall.min())
+    ideal = samples_.sum() / (samples_ / compute_).sum()
+    return float(ideal / wall_.min())
 
 
 @dataclass
@@ -53,6 +69,7 @@ class EpochRecord:
     plans: list[list[int]] = field(default_factory=list)  # every plan used in the epoch
 
     def line(self) -> str:
+        """The record as one human-readable line (dbs-train's per-epoch output)."""
         return (
             f"epoch {self.epoch:3d}  loss {self.loss:.4f}  acc {100 * self.accuracy:5.2f}%  "
             f"{self.seconds:6.2f}s  batch {self.batch_sizes} -> {self.next_batch_sizes}  "
@@ -67,7 +84,7 @@ def _fmt(values: Iterable[float]) -> str:
 
 def json_line(record: object) -> str:
     """One JSON line for a dataclass record (or a plain dict)."""
-    payload = asdict(record) if hasattr(record, "__dataclass_fields__") else record
+    payload = asdict(cast(Any, record)) if hasattr(record, "__dataclass_fields__") else record
     return json.dumps(payload) + "\n"
 
 
@@ -98,5 +115,6 @@ class JsonLinesLog:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """Every record of a JSON-lines file, in order; blank lines are skipped."""
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]

@@ -1,4 +1,5 @@
 """Small models for dbs-train and the benchmarks."""
+
 from __future__ import annotations
 
 import torch
@@ -19,10 +20,17 @@ def mlp(in_features: int, classes: int = 10, hidden: int = 128, depth: int = 2) 
 def small_cnn(in_channels: int, image_size: int, classes: int = 10, width: int = 32) -> nn.Module:
     """Two conv blocks and a linear head (about 60k parameters at 3x32x32, width 32)."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, classes),
+        nn.Conv2d(in_channels, width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, classes),
     )
 
 

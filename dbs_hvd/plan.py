@@ -11,12 +11,14 @@ into the next plan. Keeping this module free of torch and MPI lets the policies
 be unit-tested, property-tested and simulated at thousands of workers
 (benchmarks/scale_sim.py) without launching anything.
 """
+
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -29,9 +31,19 @@ class PlanError(ValueError):
 class Bounds:
     """Per-rank limits on the local batch size.
 
-    ``min_batch`` keeps a slow rank from falling to an empty batch (the paper's
-    rule has no floor); ``max_batch`` caps memory on a fast rank.
-    ``max_batch=None`` means no cap beyond the global batch itself.
+    Args:
+        min_batch: keeps a slow rank from falling to an empty batch (the
+            paper's rule has no floor).
+        max_batch: caps memory on a fast rank; ``None`` means no cap beyond
+            the global batch itself.
+
+    Examples:
+        >>> Bounds(min_batch=4).upper(128)
+        128
+        >>> Bounds(max_batch=8).check(global_batch=64, world_size=4)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        dbs_hvd.plan.PlanError: max_batch 8 x 4 ranks = 32 is below the global batch 64: ...
     """
 
     min_batch: int = 1
@@ -43,9 +55,7 @@ class Bounds:
     def check(self, global_batch: int, world_size: int) -> None:
         """Raise PlanError unless some plan for ``world_size`` ranks meets the bounds."""
         if not isinstance(global_batch, (int, np.integer)) or global_batch <= 0:
-            raise PlanError(
-                f"the global batch must be a positive integer, got {global_batch!r}"
-            )
+            raise PlanError(f"the global batch must be a positive integer, got {global_batch!r}")
         if world_size <= 0:
             raise PlanError(f"the world size must be positive, got {world_size}")
         if self.min_batch < 1:
@@ -78,7 +88,22 @@ class Bounds:
 
 @dataclass(frozen=True)
 class Plan:
-    """Local batch sizes, one per rank, in rank order; they sum to the global batch."""
+    """Local batch sizes, one per rank, in rank order; they sum to the global batch.
+
+    Rank i reads the contiguous piece ``[offset(i), offset(i) + b_i)`` of
+    every global batch and weights its gradient by ``weight(i)``.
+
+    Args:
+        batch_sizes: the local batch sizes (converted to ``int``).
+
+    Raises:
+        PlanError: for an empty plan or a negative size.
+
+    Examples:
+        >>> plan = Plan((48, 40, 40))
+        >>> plan.global_batch, plan.offset(2), plan.weight(0)
+        (128, 88, 1.125)
+    """
 
     batch_sizes: tuple[int, ...]
 
@@ -91,7 +116,7 @@ class Plan:
         object.__setattr__(self, "batch_sizes", sizes)
 
     @classmethod
-    def equal(cls, global_batch: int, world_size: int, bounds: Bounds = Bounds()) -> "Plan":
+    def equal(cls, global_batch: int, world_size: int, bounds: Bounds = Bounds()) -> Plan:
         """The static split plain Horovod uses (remainder to the lowest ranks)."""
         bounds.check(global_batch, world_size)
         return cls(tuple(apportion(np.ones(world_size), global_batch, bounds)))
@@ -138,7 +163,21 @@ class WindowStats:
     """What every rank measured over one window of steps, gathered in rank order.
 
     ``compute_seconds`` excludes time blocked waiting for the gradient allreduce
-    (timing.py): that time is an effect of imbalance, not a property of the rank.
+    (timing.py): that time is an effect of imbalance, not a property of the rank
+    (invariant 5).
+
+    Args:
+        samples: samples each rank processed in the window.
+        compute_seconds: each rank's compute time in the window.
+        steps: steps each rank ran in the window.
+        wait_seconds: each rank's time blocked in the allreduce, when known.
+
+    Examples:
+        >>> stats = WindowStats(samples=np.array([64.0, 64.0]),
+        ...                     compute_seconds=np.array([1.0, 4.0]),
+        ...                     steps=np.array([2.0, 2.0]))
+        >>> stats.speeds().tolist()
+        [64.0, 16.0]
     """
 
     samples: np.ndarray
@@ -147,7 +186,7 @@ class WindowStats:
     wait_seconds: np.ndarray | None = None  # time blocked in the allreduce, when known
 
     @classmethod
-    def from_records(cls, records: Sequence[dict]) -> "WindowStats":
+    def from_records(cls, records: Sequence[dict]) -> WindowStats:
         """Build from one dict per rank with keys samples, compute_seconds, steps
         (and optionally wait_seconds).
 
@@ -171,8 +210,11 @@ class WindowStats:
         Steps end for all ranks together, when their allreduce does, so the
         ranks' compute + wait differ only in where each began: a window that
         opens an epoch holds, on the ranks that finished evaluating first, a
-        wait in the first allreduce for the others (67 ms of a 200 ms window,
-        measured on [1,2,4]). The smallest sum is the time all ranks trained.
+        wait in the first allreduce for the others, which can be a large part
+        of a short window. The smallest sum is the time all ranks trained.
+
+        Returns:
+            Seconds per step, or ``None`` when the wait times are not known.
         """
         if self.wait_seconds is None:
             return None
@@ -228,6 +270,24 @@ def apportion(weights: np.ndarray, global_batch: int, bounds: Bounds) -> np.ndar
     rest is shared among the others in proportion (water-filling); then the
     real-valued sizes are rounded by largest remainder, so the sum is exact and
     a larger weight never gets a smaller batch.
+
+    Args:
+        weights: one positive, finite weight per rank (speeds, shares).
+        global_batch: the sum of the sizes.
+        bounds: the per-rank limits.
+
+    Returns:
+        Integer sizes (``int64``), one per rank.
+
+    Raises:
+        PlanError: for empty, non-finite or non-positive weights, or bounds
+            no plan can meet.
+
+    Examples:
+        >>> apportion(np.array([1.0, 4.0]), 100, Bounds()).tolist()
+        [20, 80]
+        >>> apportion(np.array([1.0, 100.0]), 100, Bounds(min_batch=10)).tolist()
+        [10, 90]
     """
     weights = np.asarray(weights, dtype=float)
     if weights.ndim != 1 or len(weights) == 0:
@@ -241,9 +301,13 @@ def apportion(weights: np.ndarray, global_batch: int, bounds: Bounds) -> np.ndar
     return round_to_total(targets, global_batch, bounds)
 
 
-def solve_clipped_linear(slope: np.ndarray | float, offset: np.ndarray | float,
-                         lower: np.ndarray | float, upper: np.ndarray | float,
-                         total: float) -> np.ndarray:
+def solve_clipped_linear(
+    slope: np.ndarray | float,
+    offset: np.ndarray | float,
+    lower: np.ndarray | float,
+    upper: np.ndarray | float,
+    total: float,
+) -> np.ndarray:
     """Real sizes ``clip(slope * level + offset, lower, upper)`` summing to ``total``.
 
     Every water-filling family here has this form: proportional shares
@@ -257,7 +321,8 @@ def solve_clipped_linear(slope: np.ndarray | float, offset: np.ndarray | float,
     every other rank waits for the plan.
     """
     slope, offset, lower, upper = np.broadcast_arrays(
-        *(np.asarray(v, dtype=float) for v in (slope, offset, lower, upper)))
+        *(np.asarray(v, dtype=float) for v in (slope, offset, lower, upper))
+    )
     if np.any(slope <= 0) or np.any(lower > upper):
         raise PlanError("solve_clipped_linear needs positive slopes and lower <= upper")
     if not lower.sum() <= total <= upper.sum():
@@ -290,9 +355,14 @@ def solve_clipped_linear(slope: np.ndarray | float, offset: np.ndarray | float,
     return sizes_at(kinks[lo] + fraction * (kinks[hi] - kinks[lo]))
 
 
-def round_to_total(targets: np.ndarray, global_batch: int, bounds: Bounds,
-                   lower: np.ndarray | None = None, upper: np.ndarray | None = None,
-                   step_cost: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+def round_to_total(
+    targets: np.ndarray,
+    global_batch: int,
+    bounds: Bounds,
+    lower: np.ndarray | None = None,
+    upper: np.ndarray | None = None,
+    step_cost: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
     """Round real sizes to integers summing to ``global_batch``, within bounds.
 
     ``lower``/``upper`` optionally tighten the bounds per rank (integer arrays
@@ -305,15 +375,36 @@ def round_to_total(targets: np.ndarray, global_batch: int, bounds: Bounds,
     b``, each unit goes where the step after it is shortest (min-max
     rounding), which is what a synchronous step, as long as its slowest rank,
     asks for. Largest remainder gives a unit to a slow rank with remainder 0.6
-    before a fast one with 0.5 whose step grows less; with about 32 samples
-    per rank that makes the slowest predicted step 1-2% longer than needed,
-    and in the scale simulation (4096 workers, 1% noise) min-max rounding
-    raised the cost-model policy's efficiency from 0.949 to 0.956.
+    before a fast one with 0.5 whose step grows less; with a few tens of
+    samples per rank that makes the slowest predicted step measurably longer
+    than needed (docs/design.md, "Measurements behind the defaults").
+
+    Args:
+        targets: real-valued sizes, one per rank.
+        global_batch: the sum the integer sizes must reach.
+        bounds: the per-rank limits.
+        lower: optional per-rank lower bounds, tighter than ``bounds``.
+        upper: optional per-rank upper bounds, tighter than ``bounds``.
+        step_cost: optional ``(overhead, per_sample)`` per rank, for
+            min-max rounding.
+
+    Returns:
+        Integer sizes (``int64``) summing to ``global_batch``.
+
+    Raises:
+        PlanError: if the bounds leave no way to reach ``global_batch``.
+
+    Examples:
+        >>> round_to_total(np.array([10.6, 10.5, 10.9]), 32, Bounds()).tolist()
+        [11, 10, 11]
     """
     n = len(targets)
     low = np.full(n, bounds.min_batch) if lower is None else np.maximum(lower, bounds.min_batch)
-    high = (np.full(n, bounds.upper(global_batch)) if upper is None
-            else np.minimum(upper, bounds.upper(global_batch)))
+    high = (
+        np.full(n, bounds.upper(global_batch))
+        if upper is None
+        else np.minimum(upper, bounds.upper(global_batch))
+    )
     sizes = np.clip(np.floor(targets), low, high).astype(np.int64)
     deficit = int(global_batch - sizes.sum())
     if step_cost is not None:
@@ -340,9 +431,14 @@ def round_to_total(targets: np.ndarray, global_batch: int, bounds: Bounds,
     return sizes
 
 
-def equalise_step_times(overhead: np.ndarray, per_sample: np.ndarray, global_batch: int,
-                        bounds: Bounds, lower: np.ndarray | None = None,
-                        upper: np.ndarray | None = None) -> np.ndarray:
+def equalise_step_times(
+    overhead: np.ndarray,
+    per_sample: np.ndarray,
+    global_batch: int,
+    bounds: Bounds,
+    lower: np.ndarray | None = None,
+    upper: np.ndarray | None = None,
+) -> np.ndarray:
     """Integer sizes summing to ``global_batch`` whose predicted steps are as equal as can be.
 
     A step of ``b`` samples on rank i is predicted to take ``overhead[i] +
@@ -353,16 +449,26 @@ def equalise_step_times(overhead: np.ndarray, per_sample: np.ndarray, global_bat
     bounds per rank (a trust region).
     """
     low = np.full(len(per_sample), float(bounds.min_batch)) if lower is None else lower
-    high = (np.full(len(per_sample), float(bounds.upper(global_batch))) if upper is None
-            else upper)
-    targets = solve_clipped_linear(1.0 / per_sample, -overhead / per_sample, low, high,
-                                   global_batch)
-    return round_to_total(targets, global_batch, bounds, np.asarray(low, dtype=np.int64),
-                          np.asarray(high, dtype=np.int64), step_cost=(overhead, per_sample))
+    high = np.full(len(per_sample), float(bounds.upper(global_batch))) if upper is None else upper
+    targets = solve_clipped_linear(1.0 / per_sample, -overhead / per_sample, low, high, global_batch)
+    return round_to_total(
+        targets,
+        global_batch,
+        bounds,
+        np.asarray(low, dtype=np.int64),
+        np.asarray(high, dtype=np.int64),
+        step_cost=(overhead, per_sample),
+    )
 
 
-def _min_max_units(sizes: np.ndarray, deficit: int, low: np.ndarray, high: np.ndarray,
-                   overhead: np.ndarray, per_sample: np.ndarray) -> int:
+def _min_max_units(
+    sizes: np.ndarray,
+    deficit: int,
+    low: np.ndarray,
+    high: np.ndarray,
+    overhead: np.ndarray,
+    per_sample: np.ndarray,
+) -> int:
     """Add (or take away) ``deficit`` units in place so the longest predicted step is shortest.
 
     Adding: the optimum holds the ``deficit`` cheapest units, a rank's units
@@ -371,19 +477,26 @@ def _min_max_units(sizes: np.ndarray, deficit: int, low: np.ndarray, high: np.nd
     first. Returns what could not be placed (0 unless the bounds leave no
     room). Ties go to lower ranks (stable sorts).
     """
+
     def step(batch: np.ndarray) -> np.ndarray:
         return overhead + per_sample * batch
 
     while deficit > 0:
-        chosen = _sure_units(np.where(sizes + 1 <= high, step(sizes + 1), np.inf),
-                             np.where(sizes + 2 <= high, step(sizes + 2), np.inf), deficit)
+        chosen = _sure_units(
+            np.where(sizes + 1 <= high, step(sizes + 1), np.inf),
+            np.where(sizes + 2 <= high, step(sizes + 2), np.inf),
+            deficit,
+        )
         if len(chosen) == 0:
             break
         sizes[chosen] += 1
         deficit -= len(chosen)
     while deficit < 0:
-        chosen = _sure_units(np.where(sizes - 1 >= low, -step(sizes), np.inf),
-                             np.where(sizes - 2 >= low, -step(sizes - 1), np.inf), -deficit)
+        chosen = _sure_units(
+            np.where(sizes - 1 >= low, -step(sizes), np.inf),
+            np.where(sizes - 2 >= low, -step(sizes - 1), np.inf),
+            -deficit,
+        )
         if len(chosen) == 0:
             break
         sizes[chosen] -= 1
@@ -413,7 +526,21 @@ class Policy(ABC):
     state travels in checkpoints through ``state_dict``/``load_state_dict``.
     Implementations must be deterministic: given the same stats and state,
     every rank would compute the same plan (rank 0 computes it and broadcasts
-    it anyway, see comm.py).
+    it anyway, see comm.py). A subclass implements ``propose``; callers use
+    ``next_plan``, which validates what goes in and comes out (invariant 1).
+
+    Args:
+        global_batch: the global batch B every plan sums to.
+        bounds: per-rank limits on the local batch.
+
+    Examples:
+        >>> class Fixed(Policy):
+        ...     name = "fixed"
+        ...     def propose(self, stats, current):
+        ...         return Plan((40, 24))
+        >>> stats = WindowStats(np.array([32.0, 32.0]), np.array([1.0, 2.0]), np.array([1.0, 1.0]))
+        >>> Fixed(64).next_plan(stats, Plan((32, 32))).batch_sizes
+        (40, 24)
     """
 
     name: str = "policy"
@@ -427,11 +554,21 @@ class Policy(ABC):
         return Plan.equal(self.global_batch, world_size, self.bounds)
 
     def next_plan(self, stats: WindowStats, current: Plan) -> Plan:
-        """Validate the inputs, ask the policy, and check what it returns."""
+        """Validate the inputs, ask the policy, and check what it returns.
+
+        Args:
+            stats: every rank's measurements over the last window.
+            current: the plan in force during that window.
+
+        Returns:
+            The next plan, summing to ``global_batch`` within ``bounds``.
+
+        Raises:
+            PlanError: for stats of another world size, timings no plan can
+                be made from, or a plan that breaks invariant 1.
+        """
         if stats.world_size != current.world_size:
-            raise PlanError(
-                f"stats from {stats.world_size} ranks for a plan of {current.world_size}"
-            )
+            raise PlanError(f"stats from {stats.world_size} ranks for a plan of {current.world_size}")
         stats.validate()
         plan = self.propose(stats, current)
         plan.check(self.global_batch, self.bounds)
@@ -481,4 +618,3 @@ class ProportionalPolicy(Policy):
 
     def propose(self, stats: WindowStats, current: Plan) -> Plan:
         return Plan(tuple(apportion(stats.speeds(), self.global_batch, self.bounds)))
-

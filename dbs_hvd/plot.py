@@ -4,12 +4,13 @@ Three panels over epochs: each rank's local batch size (the plan in force at
 the epoch's start), each rank's compute and allreduce-wait seconds, and the
 balance efficiency. matplotlib is an optional dependency (extra "plot").
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from .metrics import read_jsonl
 
@@ -27,13 +28,21 @@ def plot_run(records: list[dict], path: str | Path, title: str = "") -> Path:
     world = len(records[0]["batch_sizes"])
     fig, (sizes_ax, time_ax, eff_ax) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
     for rank in range(world):
-        sizes_ax.step(epochs, [r["batch_sizes"][rank] for r in records], where="post",
-                      label=f"rank {rank}")
+        sizes_ax.step(epochs, [r["batch_sizes"][rank] for r in records], where="post", label=f"rank {rank}")
         if records[0]["compute_seconds"]:
-            line, = time_ax.plot(epochs, [r["compute_seconds"][rank] for r in records],
-                                 marker="o", label=f"rank {rank} compute")
-            time_ax.plot(epochs, [r["wait_seconds"][rank] for r in records], linestyle="--",
-                         color=line.get_color(), label=f"rank {rank} wait")
+            (line,) = time_ax.plot(
+                epochs,
+                [r["compute_seconds"][rank] for r in records],
+                marker="o",
+                label=f"rank {rank} compute",
+            )
+            time_ax.plot(
+                epochs,
+                [r["wait_seconds"][rank] for r in records],
+                linestyle="--",
+                color=line.get_color(),
+                label=f"rank {rank} wait",
+            )
     time_ax.plot(epochs, [r["seconds"] for r in records], color="black", label="epoch wall")
     eff_ax.plot(epochs, [r["efficiency"] for r in records], marker="o")
     eff_ax.axhline(1.0, color="grey", linewidth=0.8)
@@ -53,7 +62,7 @@ def plot_run(records: list[dict], path: str | Path, title: str = "") -> Path:
     return path
 
 
-def plot_main(argv: Optional[Sequence[str]] = None) -> int:
+def plot_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dbs-plot", description=__doc__.splitlines()[0])
     parser.add_argument("log", help="a dbs-train --log file (JSON lines)")
     parser.add_argument("-o", "--output", help="PNG to write (default: LOG with .png)")

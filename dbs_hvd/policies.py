@@ -8,8 +8,8 @@
   the step by more than twice the measured noise, within [1%, 3%]:
   measurement noise does not make batch sizes oscillate, and steady devices
   are not held on near-miss plans. ``max_deadband`` raises the ceiling; a
-  ceiling of 10% measured no better on this project's noisy 2-core machine
-  (README, Results), so 3% stays the default.
+  wider ceiling did not do better where ranks share cores (docs/design.md),
+  so 3% stays the default.
 * **A trust region.** No rank's batch changes by more than a factor
   ``max_change`` (3) per rebalance. A wrong estimate (one noisy window, a fit from
   too little data) can cost a little speed, never a swing from 1 sample to
@@ -27,16 +27,16 @@
 
 * **A warm-up.** The first steps of a process are slow in ways that say
   nothing about the device: lazy initialisation, allocator growth, kernel
-  selection for each new input shape. Measured here (2 equal ranks, CNN), one
-  rank's first 8 steps ran 84-90 ms against the other's 75 ms, and 63-67 ms
-  for both afterwards; a policy that believed them moved to [61, 67] and held
-  that plan for an epoch. So during the first ``warmup_steps`` steps a change
-  must be predicted to gain ``warmup_deadband`` (15%): a 4x slower rank is
-  answered at once, warm-up jitter is not. If the plan never moved during
-  warm-up, what it measured is only warm-up and is forgotten when it ends. If
-  a large imbalance moved it, those windows are kept: they hold the spread of
-  batch sizes the overhead fit needs (forgetting them cost 2-3% on [1,4],
-  where the plan then stayed near the speed split).
+  selection for each new input shape. Between equal ranks those first steps
+  differ by more than the deadband, and a policy that believed them would
+  move to an unequal plan and hold it. So during the first ``warmup_steps``
+  steps a change must be predicted to gain ``warmup_deadband`` (15%): a 4x
+  slower rank is answered at once, warm-up jitter is not. If the plan never
+  moved during warm-up, what it measured is only warm-up and is forgotten
+  when it ends. If a large imbalance moved it, those windows are kept: they
+  hold the spread of batch sizes the overhead fit needs (without them the
+  plan stays near the speed split, which overshoots where small batches are
+  slower per sample).
 
 * **Checked changes.** The model assumes a rank's speed does not depend on
   the others' load; where ranks share cores that is false. So each change is
@@ -53,29 +53,59 @@ more than ``surprise`` replaces that rank's history at once (the old windows
 describe a device that is gone),
 and with rebalancing every K steps (dbs-train's default for this policy) a
 disturbance is answered within the epoch instead of one epoch late.
+
+The measurements behind these defaults are in docs/design.md ("The ``dbs``
+policy" and "Measurements behind the defaults").
 """
+
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from .grid import GridPolicy, unit_bounds
 from .plan import (
-    Bounds, Plan, PlanError, Policy, ProportionalPolicy, StaticPolicy, WindowStats,
+    Bounds,
+    Plan,
+    PlanError,
+    Policy,
+    ProportionalPolicy,
+    StaticPolicy,
+    WindowStats,
     equalise_step_times,
 )
 
 
-def fit_step_costs(batch: np.ndarray, seconds: np.ndarray, weights: np.ndarray,
-                   min_spread: float) -> tuple[np.ndarray, np.ndarray]:
+def fit_step_costs(
+    batch: np.ndarray, seconds: np.ndarray, weights: np.ndarray, min_spread: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-rank weighted least squares ``seconds ~ a + c * batch``, vectorised over ranks.
 
-    ``batch`` and ``seconds`` have one row per window and one column per rank;
-    ``weights`` one entry per row. A rank gets an overhead only when the
-    relative spread of its batch sizes is at least ``min_spread`` and the fit
-    is physical (``a >= 0``, ``c > 0``, ``a`` below the mean step time);
-    otherwise ``a = 0`` and ``c`` is the weighted seconds per sample.
+    A rank gets an overhead only when the relative spread of its batch sizes
+    is at least ``min_spread`` and the fit is physical (``a >= 0``, ``c > 0``,
+    ``a`` below 0.9 of the mean step time); otherwise ``a = 0`` and ``c`` is
+    the weighted seconds per sample, the fit through the origin.
+
+    Args:
+        batch: mean batch size per step, one row per window and one column
+            per rank.
+        seconds: compute seconds per step, shaped like ``batch``.
+        weights: one non-negative weight per window (row).
+        min_spread: the smallest relative standard deviation of a rank's
+            batch sizes for which its overhead is fitted.
+
+    Returns:
+        ``(overhead, per_sample)``: seconds per step and seconds per sample,
+        one entry per rank.
+
+    Examples:
+        >>> import numpy as np
+        >>> batch = np.array([[10.0], [30.0]])
+        >>> overhead, per_sample = fit_step_costs(batch, 0.002 + 0.001 * batch,
+        ...                                       np.ones(2), min_spread=0.25)
+        >>> [round(float(overhead[0]), 6), round(float(per_sample[0]), 6)]
+        [0.002, 0.001]
     """
     w = (weights / weights.sum())[:, None]
     mean_b = (w * batch).sum(0)
@@ -95,8 +125,8 @@ def fit_step_costs(batch: np.ndarray, seconds: np.ndarray, weights: np.ndarray,
 def _median(values: np.ndarray) -> float:
     """``np.median`` of a 1-d array, equal to it, without its generic machinery.
 
-    Planning runs on rank 0 while every rank waits; on 2-4 ranks np.median's
-    overhead was an eighth of a plan's time.
+    Planning runs on rank 0 while every rank waits, and on a few ranks
+    ``np.median``'s generic overhead is a noticeable part of a plan's time.
     """
     n, k = len(values), len(values) // 2
     if n % 2:
@@ -106,16 +136,73 @@ def _median(values: np.ndarray) -> float:
 
 
 class CostModelPolicy(Policy):
-    """Equalise predicted step times, smoothed, with a deadband and a trust region."""
+    """Equalise predicted step times, smoothed, with a deadband and a trust region.
+
+    The ``dbs`` policy of dbs-train (module notes above, and docs/design.md).
+    Every plan it returns sums to ``global_batch`` and respects ``bounds``.
+
+    Args:
+        global_batch: the global batch B the plans split.
+        bounds: per-rank limits on the local batch.
+        decay: the weight of a window relative to the next newer one, in (0, 1].
+        deadband: the largest predicted gain a new plan must beat, and the
+            slowdown past which a change is reverted.
+        surprise: the relative misfit to the model past which a rank's
+            history is replaced by its newest window.
+        history: the windows kept per rank.
+        max_change: the trust region, the largest factor by which a rank's
+            batch may change in one rebalance.
+        min_spread: the relative spread of batch sizes a rank needs before
+            its per-step overhead is fitted.
+        min_deadband: the floor of the adoption band (default: 1%, or
+            ``deadband`` if that is smaller).
+        max_deadband: the ceiling of the adoption band (default: ``deadband``).
+        surprise_change: the trust region of a rank whose speed visibly
+            changed (default: 5, or ``max_change`` if that is larger).
+        warmup_steps: the steps during which ``warmup_deadband`` applies.
+        warmup_deadband: the predicted gain a change must beat during warm-up.
+
+    Raises:
+        PlanError: for parameters out of range (each message names the
+            parameter and the range).
+
+    Examples:
+        >>> import numpy as np
+        >>> policy = CostModelPolicy(global_batch=64)
+        >>> stats = WindowStats(samples=np.array([320.0, 320.0]),
+        ...                     compute_seconds=np.array([1.0, 4.0]),
+        ...                     steps=np.array([10.0, 10.0]))
+        >>> policy.next_plan(stats, Plan((32, 32))).batch_sizes
+        (52, 12)
+    """
 
     name = "dbs"
 
-    def __init__(self, global_batch: int, bounds: Bounds = Bounds(), decay: float = 0.5,
-                 deadband: float = 0.03, surprise: float = 0.25, history: int = 6,
-                 max_change: float = 3.0, min_spread: float = 0.25,
-                 min_deadband: float | None = None, max_deadband: float | None = None,
-                 surprise_change: float | None = None,
-                 warmup_steps: int = 10, warmup_deadband: float = 0.15) -> None:
+    # The learnt state, set by _forget() and the methods that learn.
+    _batch: np.ndarray
+    _seconds: np.ndarray
+    _noise: float | None
+    _trial: tuple[Plan, float] | None
+    _misfit: np.ndarray
+    _hold: int
+    _model_is_current: bool
+
+    def __init__(
+        self,
+        global_batch: int,
+        bounds: Bounds = Bounds(),
+        decay: float = 0.5,
+        deadband: float = 0.03,
+        surprise: float = 0.25,
+        history: int = 6,
+        max_change: float = 3.0,
+        min_spread: float = 0.25,
+        min_deadband: float | None = None,
+        max_deadband: float | None = None,
+        surprise_change: float | None = None,
+        warmup_steps: int = 10,
+        warmup_deadband: float = 0.15,
+    ) -> None:
         super().__init__(global_batch, bounds)
         if not 0 < decay <= 1:
             raise PlanError(f"decay must be in (0, 1], got {decay}")
@@ -124,24 +211,27 @@ class CostModelPolicy(Policy):
         max_deadband = deadband if max_deadband is None else max_deadband
         surprise_change = max(5.0, max_change) if surprise_change is None else surprise_change
         if surprise_change < max_change:
-            raise PlanError(f"surprise_change ({surprise_change}) must be at least max_change "
-                            f"({max_change})")
+            raise PlanError(f"surprise_change ({surprise_change}) must be at least max_change ({max_change})")
         if not 0 <= min_deadband <= deadband:
             raise PlanError(f"need 0 <= min_deadband <= deadband, got {min_deadband} and {deadband}")
         if max_deadband < deadband:
-            raise PlanError(f"max_deadband (--max-deadband) is the ceiling of a band that "
-                            f"starts at the deadband {deadband}: give at least {deadband}, "
-                            f"got {max_deadband}")
+            raise PlanError(
+                f"max_deadband (--max-deadband) is the ceiling of a band that "
+                f"starts at the deadband {deadband}: give at least {deadband}, "
+                f"got {max_deadband}"
+            )
         if deadband < 0 or surprise <= 0 or history < 1 or max_change <= 1 or min_spread <= 0:
-            raise PlanError("need deadband >= 0, surprise > 0, history >= 1, max_change > 1 "
-                            "and min_spread > 0")
+            raise PlanError(
+                "need deadband >= 0, surprise > 0, history >= 1, max_change > 1 and min_spread > 0"
+            )
         if warmup_steps < 0:
-            raise PlanError(f"warmup_steps must be a number of steps >= 0, got {warmup_steps} "
-                            "(e.g. 10: the first 10 steps move the plan only for a 15% gain; "
-                            "0: no warm-up)")
+            raise PlanError(
+                f"warmup_steps must be a number of steps >= 0, got {warmup_steps} "
+                "(e.g. 10: the first 10 steps move the plan only for a 15% gain; "
+                "0: no warm-up)"
+            )
         if warmup_deadband < deadband:
-            raise PlanError(f"warmup_deadband ({warmup_deadband}) must be at least the deadband "
-                            f"({deadband})")
+            raise PlanError(f"warmup_deadband ({warmup_deadband}) must be at least the deadband ({deadband})")
         self.decay, self.deadband, self.surprise = decay, deadband, surprise
         self.history, self.max_change, self.min_spread = history, max_change, min_spread
         self.min_deadband, self.max_deadband = min_deadband, max_deadband
@@ -155,7 +245,7 @@ class CostModelPolicy(Policy):
 
     def _fit(self) -> tuple[np.ndarray, np.ndarray]:
         ages = np.arange(len(self._batch))[::-1]
-        return fit_step_costs(self._batch, self._seconds, self.decay ** ages, self.min_spread)
+        return fit_step_costs(self._batch, self._seconds, self.decay**ages, self.min_spread)
 
     def observe(self, stats: WindowStats) -> tuple[np.ndarray, np.ndarray]:
         """Add the window to the history and return the fitted (overhead, per-sample) per rank."""
@@ -167,7 +257,11 @@ class CostModelPolicy(Policy):
             self._seconds = np.empty((0, stats.world_size))
         if len(self._batch):
             # The model the last window left, unless the history was replaced since.
-            overhead, per_sample = self.last_model if self._model_is_current else self._fit()
+            overhead, per_sample = (
+                cast("tuple[np.ndarray, np.ndarray]", self.last_model)
+                if self._model_is_current
+                else self._fit()
+            )
             predicted = overhead + per_sample * batch
             # A rank that changed speed forgets its older windows: they describe
             # another device. Its next windows, at the batch sizes the new plan
@@ -180,8 +274,8 @@ class CostModelPolicy(Policy):
                 self._noise = level if self._noise is None else 0.5 * (self._noise + level)
             self._batch[:, changed] = batch[changed]
             self._seconds[:, changed] = seconds[changed]
-        self._batch = np.vstack([self._batch, batch])[-self.history:]
-        self._seconds = np.vstack([self._seconds, seconds])[-self.history:]
+        self._batch = np.vstack([self._batch, batch])[-self.history :]
+        self._seconds = np.vstack([self._seconds, seconds])[-self.history :]
         self.last_model = self._fit()
         self._model_is_current = True
         return self.last_model
@@ -193,8 +287,11 @@ class CostModelPolicy(Policy):
 
     @property
     def _device_changed(self) -> np.ndarray:
-        """Ranks that missed the model by more than twice ``surprise``: a device change,
-        not the load of ranks sharing cores (misfits of 25-50% come and go with it)."""
+        """Ranks that missed the model by more than twice ``surprise``: a device change.
+
+        Misfits between ``surprise`` and twice it come and go with the load
+        of ranks that share cores, so they do not count as one.
+        """
         return self._misfit > 2.0 * self.surprise
 
     def _change_did_not_pay(self, stats: WindowStats, current: Plan) -> Plan | None:
@@ -235,9 +332,9 @@ class CostModelPolicy(Policy):
         self._batch = np.empty((0, 0))
         self._seconds = np.empty((0, 0))
         # Smoothed relative misfit of a window's step time to the model: the noise level.
-        self._noise: float | None = None
+        self._noise = None
         # The plan and measured step time before the last change, until judged.
-        self._trial: tuple[Plan, float] | None = None
+        self._trial = None
         self._misfit = np.zeros(0)  # each rank's last window against the model, relative
         self._hold = 0
         self._model_is_current = False  # last_model was fitted to the windows held now
@@ -263,8 +360,9 @@ class CostModelPolicy(Policy):
         lower = np.maximum(np.floor(sizes / reach), self.bounds.min_batch)
         upper = np.minimum(np.ceil(sizes * reach), self.bounds.upper(self.global_batch))
         # Equal predicted step times: b_i = (t - overhead_i) / per_sample_i.
-        proposal = Plan(tuple(equalise_step_times(overhead, per_sample, self.global_batch,
-                                                  self.bounds, lower, upper)))
+        proposal = Plan(
+            tuple(equalise_step_times(overhead, per_sample, self.global_batch, self.bounds, lower, upper))
+        )
 
         def predicted_step(plan: Plan) -> float:
             return float(np.max(overhead + per_sample * np.asarray(plan.batch_sizes)))
@@ -275,12 +373,12 @@ class CostModelPolicy(Policy):
         wall = stats.step_wall_seconds()
         # An answer to a device change is not checked: the window that showed
         # the change may have been partly measured before it, so its step time
-        # is no baseline. Checked against it, the answer to a 4x step change
-        # ([93, 35]) measured slower, was reverted to [64, 64] and held, and
-        # the slowed rank ran on an equal share for an epoch (3.1 s against
-        # 1.6 s). Smaller surprises are still checked: where ranks share
-        # cores, misfits of 25-50% come and go with the others' load, and
-        # unchecked answers to them churned the plan on [1,2,4].
+        # is no baseline. Checked against it, the answer to a large step
+        # change can look slower, be reverted to the equal split and held,
+        # leaving the slowed rank on an equal share for an epoch. Smaller
+        # surprises are still checked: where ranks share cores, misfits of
+        # that size come and go with the others' load, and answering them
+        # unchecked churns the plan.
         if wall is not None and not self._device_changed.any():
             self._trial = (current, wall)
         self._moved_in_warmup |= self.warming_up
@@ -290,14 +388,16 @@ class CostModelPolicy(Policy):
         """The predicted gain a new plan must beat: twice the measured noise, within bounds.
 
         A fixed band must be wide enough for the noisiest setting, and then
-        holds near-miss plans where measurements are steady: at 4096 simulated
-        workers with 1% step noise, rebalancing every 2 steps, a fixed 3% band
-        reached 0.944 efficiency, this one 0.950 (the paper's rule 0.950, a
-        planner told the true costs 0.953). Below 1% it would start chasing
-        the interference of ranks that share cores, which the misfit
-        understates. Reverting a change that made the measured step slower
-        keeps the full ``deadband``. ``min_deadband=deadband`` fixes the band;
-        ``max_deadband`` above ``deadband`` lets it follow noisier windows up.
+        holds near-miss plans where measurements are steady (the scale
+        simulation shows the difference, docs/design.md). Below 1% it would
+        start chasing the interference of ranks that share cores, which the
+        misfit understates. Reverting a change that made the measured step
+        slower keeps the full ``deadband``. ``min_deadband=deadband`` fixes
+        the band; ``max_deadband`` above ``deadband`` lets it follow noisier
+        windows up.
+
+        Returns:
+            The relative gain, ``deadband`` until the noise is measured.
         """
         if self._noise is None:
             return self.deadband
@@ -338,11 +438,31 @@ POLICIES: dict[str, type[Policy]] = {
 }
 
 
-def make_policy(name: str, global_batch: int, bounds: Bounds = Bounds(), batch_multiple: int = 1,
-                **options: Any) -> Policy:
-    """Construct a registered policy by name; unknown names list the known ones.
+def make_policy(
+    name: str, global_batch: int, bounds: Bounds = Bounds(), batch_multiple: int = 1, **options: Any
+) -> Policy:
+    """Construct a registered policy by name.
 
-    ``batch_multiple`` M > 1 keeps every batch a multiple of M samples (grid.py).
+    Args:
+        name: a key of ``POLICIES``: ``"static"``, ``"paper"`` or ``"dbs"``.
+        global_batch: the global batch B the plans split.
+        bounds: per-rank limits on the local batch.
+        batch_multiple: M > 1 keeps every batch a multiple of M samples
+            (``GridPolicy``).
+        **options: passed to the policy's constructor.
+
+    Returns:
+        The policy, wrapped in a ``GridPolicy`` when ``batch_multiple`` > 1.
+
+    Raises:
+        PlanError: for an unknown name (the message lists the known ones) or
+            a ``batch_multiple`` that does not fit the batch and bounds.
+
+    Examples:
+        >>> make_policy("paper", 128).initial_plan(3).batch_sizes
+        (43, 43, 42)
+        >>> make_policy("dbs", 128, batch_multiple=8).initial_plan(3).batch_sizes
+        (48, 40, 40)
     """
     try:
         cls = POLICIES[name]
@@ -351,5 +471,6 @@ def make_policy(name: str, global_batch: int, bounds: Bounds = Bounds(), batch_m
     if batch_multiple == 1:
         return cls(global_batch, bounds, **options)
     units = unit_bounds(global_batch, batch_multiple, bounds)
-    return GridPolicy(cls(global_batch // batch_multiple, units, **options), batch_multiple,
-                      global_batch, bounds)
+    return GridPolicy(
+        cls(global_batch // batch_multiple, units, **options), batch_multiple, global_batch, bounds
+    )

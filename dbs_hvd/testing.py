@@ -13,6 +13,7 @@ Used by the multi-rank tests and the benchmarks. Why it exists:
 Horovod's own convention is followed: a multi-rank test file runs whole under
 ``mpirun -np N python -m pytest FILE``, so one launch runs many cases.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,8 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 _RANK_TAG = re.compile(r"\[(?:\d+,)?(\d+)\]<(?:stdout|stderr)>:?")
 
@@ -56,9 +57,7 @@ class JobResult:
             lines = self.rank_output[rank][-tail_lines:]
             parts.append(f"----- rank {rank} (last {len(lines)} lines) -----")
             parts.extend(lines)
-        untagged = [
-            line for line in self.output.splitlines() if not _RANK_TAG.search(line)
-        ]
+        untagged = [line for line in self.output.splitlines() if not _RANK_TAG.search(line)]
         if untagged:
             parts.append("----- launcher (untagged output) -----")
             parts.extend(untagged[-tail_lines:])
@@ -78,13 +77,13 @@ def split_by_rank(output: str) -> dict[int, list[str]]:
         tags = list(_RANK_TAG.finditer(line))
         if not tags:
             continue
-        head = line[:tags[0].start()]
+        head = line[: tags[0].start()]
         if head and last_rank is not None and by_rank[last_rank]:
             by_rank[last_rank][-1] += head
         for tag, following in zip(tags, tags[1:] + [None]):
             rank = int(tag.group(1))
             end = following.start() if following else len(line)
-            by_rank[rank].append(line[tag.end():end])
+            by_rank[rank].append(line[tag.end() : end])
             last_rank = rank
     return dict(by_rank)
 
@@ -118,8 +117,13 @@ def launcher_argv(np: int, launcher: str = "mpirun") -> list[str]:
     """The launcher prefix for ``np`` local ranks, oversubscribed, output tagged by rank."""
     if launcher == "mpirun":
         return [
-            _tool("mpirun"), "--oversubscribe", "--bind-to", "none",
-            "--tag-output", "-np", str(np),
+            _tool("mpirun"),
+            "--oversubscribe",
+            "--bind-to",
+            "none",
+            "--tag-output",
+            "-np",
+            str(np),
         ]
     if launcher in ("horovodrun", "horovodrun-gloo"):
         argv = [_tool("horovodrun"), "-np", str(np), "-H", f"localhost:{np}"]
@@ -205,6 +209,16 @@ def rank_pytest_command(test_file: str, *pytest_args: str) -> list[str]:
     its exit makes the launcher abort the job.
     """
     return [
-        sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-        "-p", "no:randomly", "--color=no", test_file, *pytest_args,
+        sys.executable,
+        "-m",
+        "pytest",
+        "-x",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:randomly",
+        "--color=no",
+        test_file,
+        *pytest_args,
     ]

@@ -6,7 +6,8 @@
 #   * Debian packages: Open MPI (runtime and headers), cmake, a C++ compiler.
 #   * A virtual environment in $DBS_HVD_VENV (default: .venv in the repo) with
 #     torch==$TORCH_VERSION (CPU), mpi4py built against Debian's Open MPI, the
-#     test tools, the documentation tools (make docs), dbs_hvd itself
+#     test tools, the documentation tools (make docs), the linters (make
+#     lint), dbs_hvd itself
 #     (editable), and Horovod 0.28.1 built from the
 #     PyPI sdist with the C++17 fix (launch/build_horovod.sh).
 #   * The Horovod wheel is cached in $DBS_HVD_CACHE (default ~/.cache/dbs_hvd),
@@ -66,7 +67,7 @@ pip_install() {
     "$py" -m pip install --quiet "torch==$torch_version"
     # mpi4py must use the same MPI library as Horovod: build it against Debian's.
     "$py" -m pip install --quiet --no-binary mpi4py mpi4py
-    "$py" -m pip install --quiet --no-build-isolation -e "${repo}[test,plot,docs]"
+    "$py" -m pip install --quiet --no-build-isolation -e "${repo}[test,plot,docs,lint]"
     # Horovod's setup.py needs cffi to build; installed here it is not fetched mid-build.
     "$py" -m pip install --quiet cffi
     # Linters the tests run: the Dockerfile (hadolint) and the launch scripts (shellcheck).
