@@ -1,0 +1,1 @@
+"""Helpers of the multi-host tests: an emulated cluster of namespaced hosts."""

@@ -1,0 +1,116 @@
+"""The emulated cluster (launch/emulated_cluster.py) as a context manager for tests.
+
+Every test gets its own hosts (``dbst1``.. on 10.77.1.0/24, state in
+/run/dbs_hvd_cluster_test, apart from a cluster a person may have up), and
+``down`` runs on every exit path: also after a crash of an earlier run, since
+``emulated_cluster`` cleans up what a state file left before it starts.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import pytest
+
+from dbs_hvd.testing import JobResult, rank_environment, run_argv
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = str(Path(sys.executable).parent)
+DBS_TRAIN = str(Path(VENV_BIN) / "dbs-train")
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location(
+        "emulated_cluster", ROOT / "launch" / "emulated_cluster.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.set_state_dir("/run/dbs_hvd_cluster_test")
+    return module
+
+
+ec = _load()
+
+
+class Cluster:
+    def __init__(self, state: dict):
+        self.state = state
+        self.hosts: list[str] = state["hosts"]
+        self.addresses: dict[str, str] = state["addresses"]
+        self.agent = str(Path(state["bin"]) / "ssh")
+
+    def env(self, extra: dict | None = None) -> dict[str, str]:
+        """The launching shell's environment: the agent is ``ssh`` on PATH."""
+        env = {"PATH": f"{self.state['bin']}:{VENV_BIN}:{os.environ.get('PATH', '')}"}
+        env.update(extra or {})
+        return env
+
+    def run(self, host: str, argv: Sequence[str], timeout: float,
+            env: dict | None = None) -> JobResult:
+        """argv on ``host`` (as from a login node), killed after ``timeout`` s."""
+        return run_argv(ec.host_argv(host, list(argv)), timeout=timeout,
+                        env=self.env(env), cwd=str(ROOT))
+
+    def popen(self, host: str, argv: Sequence[str], env: dict | None = None,
+              **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(ec.host_argv(host, list(argv)), env=rank_environment(self.env(env)),
+                                cwd=str(ROOT), start_new_session=True, text=True, **kwargs)
+
+    def link_bytes(self, host: str) -> int:
+        """Bytes received plus sent on ``host``'s eth0 so far."""
+        done = subprocess.run(["ip", "-n", host, "-s", "-j", "link", "show", "eth0"],
+                              capture_output=True, text=True, check=True)
+        stats = json.loads(done.stdout)[0]["stats64"]
+        return stats["rx"]["bytes"] + stats["tx"]["bytes"]
+
+    def processes(self) -> dict[str, list[str]]:
+        """Processes left in the hosts' namespaces: {host: ['pid cmdline', ...]}."""
+        left = {}
+        for host in self.hosts:
+            pids = ec.namespace_pids(host)
+            lines = []
+            for pid in pids:
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                except OSError:
+                    continue
+                lines.append(f"{pid} {cmd.decode(errors='replace')[:200]}")
+            if lines:
+                left[host] = lines
+        return left
+
+    def wait_no_processes(self, timeout: float = 10.0) -> dict[str, list[str]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = self.processes()
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.25)
+
+    def slow(self, host: str, rate: str | None, delay_ms: float = 0.0) -> None:
+        ec.slow(host, rate, delay_ms)
+
+    def cut(self, host: str, mode: str = "down") -> None:
+        ec.cut(host, mode)
+
+    def heal(self, host: str) -> None:
+        ec.heal(host)
+
+
+@contextlib.contextmanager
+def emulated_cluster(n: int, decoy: bool = False) -> Iterator[Cluster]:
+    reason = ec.can_create_namespaces()
+    if reason:
+        pytest.skip(f"no emulated hosts here: {reason}")
+    ec.down(quiet=True)  # what a crashed earlier run left
+    state = ec.up(n, prefix="dbst", subnet="10.77.1", decoy=decoy)
+    try:
+        yield Cluster(state)
+    finally:
+        ec.down(quiet=True)
