@@ -5,7 +5,10 @@ The exactness cases run under mpirun (tests/mpi/mpi_dropin.py, every case
 against one process on the same global batches with a moving plan); the
 argument checks and the pure logic run here, in one process.
 """
+import re
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,13 +20,29 @@ from dbs_hvd.checkpoint import check_config
 from dbs_hvd.options import RebalanceOptions, resolve_options
 from dbs_hvd.plan import Bounds, Plan, PlanError
 from dbs_hvd.sampler import DynamicBatchSampler
+from dbs_hvd.testing import run_job
 from dbs_hvd.timing import StepTimer
 from dbs_hvd.trainer import TrainConfig, flag_names
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("np", [2, 3])
 def test_dropin_cases_under_mpirun(run_mpi_file, np):
     run_mpi_file("mpi_dropin.py", np=np, timeout=420)
+
+
+@pytest.mark.mpi
+def test_the_full_recipe_example_trains_and_resumes_from_its_mid_epoch_checkpoint(tmp_path):
+    script = [sys.executable, str(EXAMPLES / "full_recipe.py"), "--checkpoint",
+              str(tmp_path / "ckpt.pt")]
+    for extra in ([], ["--resume"]):
+        result = run_job(script + extra, np=2, timeout=240)
+        assert result.ok, result.describe()
+        text = "\n".join(result.rank_output.get(0, []))
+        accuracy = float(re.search(r"train accuracy ([0-9.]+)", text).group(1))
+        assert accuracy >= 0.95, text
 
 
 # -- in one process --------------------------------------------------------------

@@ -365,3 +365,26 @@ def test_a_forgotten_set_epoch_keeps_the_plan_and_moves_on_with_one_warning(hvd)
     assert [size for _, size in first_sizes[1:]] == [p[hvd.rank()] for p in ends[:2]]
     set_epoch_warnings = [w for w in caught if "set_epoch" in str(w.message)]
     assert len(set_epoch_warnings) == 1
+
+
+def test_step_after_synchronize_does_not_allreduce_twice(hvd):
+    # Clipping without skip_synchronize: Horovod alone would warn and allreduce
+    # (and weight) the gradients a second time.
+    seed, clip = 5, 0.3
+    dataset, model, reference, sampler, optimizer = dbs_setup(hvd, 240, seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x, y in DataLoader(dataset, batch_sampler=sampler):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.synchronize()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for _, _, loss in reference_losses(reference, dataset, seed, 1):
+        ref_optimizer.zero_grad()
+        loss().backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), clip)
+        ref_optimizer.step()
+    assert_same_parameters(model, reference)
+    assert plans_moved(optimizer)
