@@ -14,7 +14,8 @@ install:
 test: install
 	$(PYTHON) -m pytest -q -ra tests
 
-# Only the single-process tests (seconds).
+# Only the single-process tests (under a minute): every test that starts a
+# launcher is marked mpi, which tests/conftest.py enforces.
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not mpi" tests
 

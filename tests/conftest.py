@@ -1,6 +1,7 @@
 """Shared fixtures for the single-process tests (the multi-rank files live in tests/mpi)."""
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +13,28 @@ MPI_TESTS = Path(__file__).parent / "mpi"
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
     sys.path.insert(0, str(ROOT))
+
+
+LAUNCHERS = {"mpirun", "mpiexec", "orterun", "horovodrun"}
+
+
+@pytest.fixture(autouse=True)
+def _launching_tests_are_marked_mpi(request, monkeypatch):
+    """A test that starts a launcher must be marked ``mpi``, so ``make test-fast``
+    (``-m "not mpi"``) stays single-process and fast."""
+    if request.node.get_closest_marker("mpi") is not None:
+        return
+    popen_init = subprocess.Popen.__init__
+
+    def guarded(self, args, *rest, **kwargs):
+        first = args if isinstance(args, (str, bytes)) else (list(args) or [""])[0]
+        if Path(str(first).split()[0] if first else "").name in LAUNCHERS:
+            raise AssertionError(
+                f"{request.node.nodeid} starts {first!r} but is not marked "
+                "@pytest.mark.mpi: mark it, so make test-fast leaves it out")
+        popen_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
 
 
 @pytest.fixture

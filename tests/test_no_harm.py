@@ -26,6 +26,7 @@ def test_ratios_are_taken_within_each_round_after_the_first():
     assert "| s | dbs | 1.050 |" in table
 
 
+@pytest.mark.mpi
 def test_a_tiny_job_trains_every_copy_in_every_round(tmp_path):
     setup = Setup("tiny MLP", 2, ["--model", "mlp", "--hidden", "16", "--samples", "640"],
                   rounds=3, copies=(PLAIN, CONTROL, "static", "dbs", GRID_8,
