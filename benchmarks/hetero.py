@@ -13,6 +13,8 @@ checks, benchmarks/no_harm.py compares policies epoch by epoch inside one job.
     python -m benchmarks.hetero --quick    # under 3 minutes, for checks
     python -m benchmarks.hetero --only accuracy   # final accuracy vs plain Horovod, 3 seeds
     python -m benchmarks.hetero --only virtual    # sleep-only devices: the policy without core sharing
+    python -m benchmarks.hetero --only external   # real heterogeneity: CPU quotas, pinned cores,
+                                                  # noisy neighbours (benchmarks/external.py)
 
 Writes results.json, results.md and hetero.png to --out (default runs/hetero).
 """
@@ -340,6 +342,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/hetero", help="output folder")
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
+    if args.only and args.only.startswith("external"):
+        # The real-heterogeneity family lives in benchmarks/external.py (ranks
+        # slowed by launch/hetero_ranks.py, not by dbs-train).
+        from benchmarks import external
+
+        chosen = [s for s in external.scenarios(args.quick) if args.only in s.name
+                  and not (args.skip and args.skip in s.name)]
+        out = Path(args.out if args.out != "runs/hetero" else "runs/external")
+        return external.run_all(chosen, repeats, out)
     scenario_list = [s for s in scenarios(args.quick) if (not args.only or args.only in s.name)
                      and not (args.skip and args.skip in s.name)]
     out = Path(args.out)

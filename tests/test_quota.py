@@ -1,0 +1,108 @@
+"""quota.py (a process's own cgroup CPU quota) and the timer's use of it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dbs_hvd.quota import CpuQuota, min_window_seconds, own_quota
+from dbs_hvd.timing import StepTimer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def v1_tree(tmp_path: Path, quota: int, period: int, throttled_ns: int = 0) -> tuple[str, str]:
+    group = tmp_path / "cpu" / "jobs" / "rank1"
+    group.mkdir(parents=True)
+    (group / "cpu.cfs_quota_us").write_text("-1\n")  # the rank's own group sets none
+    (group / "cpu.cfs_period_us").write_text("100000\n")
+    parent = group.parent
+    (parent / "cpu.cfs_quota_us").write_text(f"{quota}\n")
+    (parent / "cpu.cfs_period_us").write_text(f"{period}\n")
+    (parent / "cpu.stat").write_text(f"nr_periods 10\nnr_throttled 4\nthrottled_time {throttled_ns}\n")
+    mounts = f"cgroup {tmp_path / 'cpu'} cgroup rw,relatime,cpu 0 0\n"
+    return "5:cpu:/jobs/rank1\n1:name=systemd:/x\n", mounts
+
+
+def test_v1_quota_is_found_on_the_nearest_ancestor(tmp_path):
+    cgroup, mounts = v1_tree(tmp_path, quota=25000, period=100000, throttled_ns=1_500_000_000)
+    quota = own_quota(cgroup, mounts)
+    assert quota is not None and quota.version == 1
+    assert quota.share == pytest.approx(0.25) and quota.period == pytest.approx(0.1)
+    assert quota.throttled_seconds() == pytest.approx(1.5)
+    assert min_window_seconds(quota) == pytest.approx(0.3)
+
+
+def test_v2_cpu_max(tmp_path):
+    group = tmp_path / "kubepods" / "pod1"
+    group.mkdir(parents=True)
+    (group / "cpu.max").write_text("50000 10000\n")
+    (group / "cpu.stat").write_text("usage_usec 9\nthrottled_usec 2500000\n")
+    quota = own_quota("0::/kubepods/pod1\n", f"cgroup2 {tmp_path} cgroup2 rw 0 0\n")
+    assert quota is not None and quota.version == 2
+    assert quota.share == pytest.approx(5.0) and quota.period == pytest.approx(0.01)
+    assert quota.throttled_seconds() == pytest.approx(2.5)
+
+
+def test_no_quota_anywhere_is_none(tmp_path):
+    group = tmp_path / "a"
+    group.mkdir()
+    (group / "cpu.max").write_text("max 100000\n")
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert own_quota("0::/a\n", f"cgroup2 {tmp_path} cgroup2 rw 0 0\n") is None
+    assert own_quota("0::/a\n", "") is None
+    assert min_window_seconds(None) == 0.0
+
+
+def test_unreadable_stats_read_as_zero(tmp_path):
+    assert CpuQuota(0.5, 0.1, tmp_path / "missing", 1).throttled_seconds() == 0.0
+
+
+class FakeClocks:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.frozen = 0.0
+
+
+def test_time_frozen_by_the_own_quota_inside_a_wait_counts_as_compute():
+    clocks = FakeClocks()
+    timer = StepTimer(clock=lambda: clocks.now, frozen_clock=lambda: clocks.frozen)
+    timer.mark_start()
+    clocks.now += 0.010  # 10 ms forward and backward
+    with timer.waiting():
+        clocks.now += 0.030  # 30 ms in the allreduce, 20 of them frozen by the quota
+        clocks.frozen += 0.020
+    timer.end_step(8)
+    window = timer.take_window()
+    assert window.wait_seconds == pytest.approx(0.010)
+    assert window.compute_seconds == pytest.approx(0.030)
+
+
+def test_throttling_beyond_the_wait_never_makes_it_negative():
+    clocks = FakeClocks()
+    timer = StepTimer(clock=lambda: clocks.now, frozen_clock=lambda: clocks.frozen)
+    timer.mark_start()
+    with timer.waiting():
+        clocks.now += 0.005
+        clocks.frozen += 0.050  # a group throttled on several CPUs at once
+    timer.end_step(4)
+    window = timer.take_window()
+    assert window.wait_seconds == 0.0 and window.compute_seconds == pytest.approx(0.005)
+
+
+def _writable_cgroup() -> bool:
+    return os.geteuid() == 0 and Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists()
+
+
+@pytest.mark.skipif(not _writable_cgroup(), reason="needs root and the cgroup v1 cpu controller")
+def test_a_rank_under_hetero_ranks_reads_its_quota():
+    code = ("from dbs_hvd.quota import own_quota; q = own_quota(); "
+            "print(round(q.share, 3), round(q.period, 3))")
+    out = subprocess.run([sys.executable, str(ROOT / "launch" / "hetero_ranks.py"), "--rank", "0",
+                          "--share", "0.5", "--period-ms", "20", "--", sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0.5", "0.02"]
