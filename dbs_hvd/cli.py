@@ -295,13 +295,32 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def train_config(argv: Sequence[str] | None = None) -> TrainConfig:
-    """The TrainConfig that dbs-train's command line ``argv`` asks for."""
+    """The TrainConfig that dbs-train's command line ``argv`` asks for.
+
+    Args:
+        argv: the command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The configuration ``train`` takes. Bad flags exit through argparse.
+    """
     args = train_parser().parse_args(argv)
     names = {f.name for f in fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
+    """The ``dbs-train`` command: parse the command line and train.
+
+    Errors that every rank meets alike (bad settings, a plan that cannot be
+    made, a checkpoint that does not fit) end the run with one line on
+    stderr instead of a traceback.
+
+    Args:
+        argv: the command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0, or 2 after such an error.
+    """
     config = train_config(argv)
     try:
         train(config)

@@ -91,7 +91,23 @@ def load(
     data_dir: str | None = None,
     image_size: int = 8,
 ) -> tuple[TensorDataset, TensorDataset]:
-    """Dispatch on the --dataset name."""
+    """The (train, test) pair dbs-train's ``--dataset`` names.
+
+    Args:
+        name: ``"digits"``, ``"synthetic"`` or ``"cifar10"``.
+        flatten: flatten each sample to a vector (for the MLP).
+        seed: seeds the digits split and the synthetic data.
+        samples: the synthetic training set's size.
+        data_dir: the extracted ``cifar-10-batches-py`` folder (CIFAR-10 only).
+        image_size: the digits' side after upsampling (8: as shipped).
+
+    Returns:
+        In-memory ``TensorDataset`` pairs (train, test).
+
+    Raises:
+        ValueError: for an unknown name, or CIFAR-10 without ``data_dir``.
+        FileNotFoundError: if ``data_dir`` lacks a CIFAR-10 batch file.
+    """
     if name == "digits":
         return digits(flatten, seed, image_size=image_size)
     if name == "synthetic":

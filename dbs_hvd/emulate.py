@@ -46,6 +46,8 @@ class SpeedChanges(ABC):
 
 
 class NoChanges(SpeedChanges):
+    """Steady devices: the factor is always 1."""
+
     def factor(self, rank: int, epoch: int, global_step: int) -> float:
         return 1.0
 
@@ -122,6 +124,7 @@ class DeviceEmulator(ABC):
 
     @property
     def change_factor(self) -> float:
+        """The current speed change of this rank (1.0: none)."""
         return self.changes.factor(self.rank, self.epoch, self.global_step)
 
     @abstractmethod

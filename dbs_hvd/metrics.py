@@ -107,10 +107,12 @@ class JsonLinesLog:
         self._fh: IO[str] = open(self.path, "w", encoding="utf-8")
 
     def write(self, record: object) -> None:
+        """Append one record (a dataclass or a dict) as a line, and flush it."""
         self._fh.write(json_line(record))
         self._fh.flush()
 
     def close(self) -> None:
+        """Close the file."""
         self._fh.close()
 
 

@@ -35,6 +35,20 @@ def small_cnn(in_channels: int, image_size: int, classes: int = 10, width: int =
 
 
 def build(name: str, sample_shape: torch.Size, classes: int = 10, hidden: int = 128) -> nn.Module:
+    """The model dbs-train's ``--model`` names, sized for the data set's samples.
+
+    Args:
+        name: ``"mlp"`` or ``"cnn"``.
+        sample_shape: the shape of one input sample; the CNN needs (C, H, W).
+        classes: the number of output classes.
+        hidden: the MLP's hidden width (``--hidden``).
+
+    Returns:
+        The model, on the CPU.
+
+    Raises:
+        ValueError: for an unknown name, or a CNN asked for flat inputs.
+    """
     if name == "mlp":
         return mlp(int(torch.tensor(sample_shape).prod()), classes, hidden)
     if name == "cnn":

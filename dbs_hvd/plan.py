@@ -50,6 +50,7 @@ class Bounds:
     max_batch: int | None = None
 
     def upper(self, global_batch: int) -> int:
+        """The largest local batch allowed: ``max_batch``, or the global batch if none."""
         return global_batch if self.max_batch is None else self.max_batch
 
     def check(self, global_batch: int, world_size: int) -> None:
@@ -123,14 +124,17 @@ class Plan:
 
     @property
     def global_batch(self) -> int:
+        """The sum of the local batch sizes, B."""
         return sum(self.batch_sizes)
 
     @property
     def world_size(self) -> int:
+        """The number of ranks the plan splits the batch over."""
         return len(self.batch_sizes)
 
     @property
     def shares(self) -> np.ndarray:
+        """Each rank's fraction of the global batch (they sum to 1)."""
         return np.asarray(self.batch_sizes, dtype=float) / self.global_batch
 
     def offset(self, rank: int) -> int:
@@ -230,6 +234,7 @@ class WindowStats:
 
     @property
     def world_size(self) -> int:
+        """The number of ranks measured."""
         return len(self.samples)
 
     def validate(self) -> None:
@@ -579,9 +584,11 @@ class Policy(ABC):
         """The next plan; ``stats`` are valid and match ``current``'s world size."""
 
     def state_dict(self) -> dict[str, Any]:
+        """What the policy has learnt, in plain types, for a checkpoint (none by default)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
         del state
 
     def diagnostics(self) -> dict[str, Any]:

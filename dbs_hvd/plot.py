@@ -63,6 +63,15 @@ def plot_run(records: list[dict], path: str | Path, title: str = "") -> Path:
 
 
 def plot_main(argv: Sequence[str] | None = None) -> int:
+    """The ``dbs-plot`` command: draw a dbs-train ``--log`` file as a PNG.
+
+    Args:
+        argv: the command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0, or 2 when the log cannot be read or drawn (the
+        error goes to stderr).
+    """
     parser = argparse.ArgumentParser(prog="dbs-plot", description=__doc__.splitlines()[0])
     parser.add_argument("log", help="a dbs-train --log file (JSON lines)")
     parser.add_argument("-o", "--output", help="PNG to write (default: LOG with .png)")

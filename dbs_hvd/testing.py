@@ -43,6 +43,7 @@ class JobResult:
 
     @property
     def ok(self) -> bool:
+        """True if the job exited with status 0 before its timeout."""
         return not self.timed_out and self.returncode == 0
 
     def describe(self, tail_lines: int = 60) -> str:
@@ -141,7 +142,25 @@ def run_job(
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
 ) -> JobResult:
-    """Run ``command`` on ``np`` local ranks; kill everything after ``timeout`` seconds."""
+    """Run ``command`` on ``np`` local ranks; kill everything after ``timeout`` seconds.
+
+    Args:
+        command: the command every rank runs.
+        np: the number of local ranks.
+        launcher: ``"mpirun"``, ``"horovodrun"`` or ``"horovodrun-gloo"``.
+        timeout: seconds before the launcher and all ranks are killed.
+        env: variables added to ``rank_environment()``.
+        cwd: the working directory of the launcher.
+
+    Returns:
+        The job's exit status, whether it timed out, and its output split by rank.
+
+    Examples:
+        A test that launches must be marked ``mpi`` (``make test-fast`` leaves it out)::
+
+            result = run_job([sys.executable, "-m", "dbs_hvd.cli", "--epochs", "1"], np=2)
+            assert result.ok, result.describe()
+    """
     return run_argv(launcher_argv(np, launcher) + list(command), timeout, env, cwd)
 
 
