@@ -89,7 +89,7 @@ class MpiExchange(Exchange):
     """
 
     spin_seconds = 5e-5  # poll without sleeping this long first: a quick collective pays no sleep
-    poll_seconds = 2e-5  # then sleep this long between polls (the OS rounds it up to ~60 us)
+    poll_seconds = 2e-5  # then sleep this long between polls (the OS may round it up)
 
     def __init__(self, comm: Any = None, wait: str = "block") -> None:
         if wait not in WAIT_MODES:
