@@ -37,6 +37,8 @@ TOOL = ROOT / "launch" / "hetero_ranks.py"
 # A compute-bound CNN on digits upsampled to 24x24: learnable in a few epochs at
 # this learning rate, with final accuracy stable across seeds.
 WORKLOAD = ["--model", "cnn", "--dataset", "digits", "--image-size", "24", "--lr", "0.05"]
+# A tiny model: the digits MLP on 8x8 inputs, whose steps are mostly fixed cost.
+TINY = ["--model", "mlp", "--dataset", "digits", "--lr", "0.05"]
 SPIN = "horovod, Horovod's spin wait"
 SPIN_ENV = {"DBS_HVD_HOROVOD_WAIT": "spin"}
 
@@ -53,6 +55,7 @@ class ExternalScenario:
     epochs: int = 6
     global_batch: int = 64
     repeats: int | None = None
+    workload: list[str] = field(default_factory=lambda: list(WORKLOAD))
 
     def nominal_plan(self) -> list[int]:
         """The split of the global batch by nominal shares (largest remainder)."""
@@ -109,6 +112,13 @@ def scenarios(quick: bool) -> list[ExternalScenario]:
     out.append(shared)
     out.append(ExternalScenario("external equal [1,1] 2 ranks", 2, ["--share", "1,1", "--core", "0,1"],
                                 [1, 1], ["horovod", "dbs", "horovod again"]))
+    out.append(ExternalScenario("external tiny MLP [1,1] 2 ranks pinned", 2, ["--core", "0,1"],
+                                [1, 1], ["horovod", "dbs", "fixed 32,32"], epochs=15,
+                                workload=list(TINY)))
+    out.append(ExternalScenario("external tiny MLP 3 ranks, two share a core", 3,
+                                ["--core", "0,1,1"], [1, 0.5, 0.5],
+                                ["horovod", "dbs", "fixed 22,21,21", "fixed 32,16,16"],
+                                epochs=15, workload=list(TINY)))
     out.append(ExternalScenario(
         "external noisy neighbours p=0.3, 2 loops, 2 s segments, 2 ranks", 2,
         ["--core", "0,1", "--noise", "p=0.3,loops=2,segment=2,epochs=3,seed=4"], [1, 1], three))
@@ -156,7 +166,7 @@ def rank_command(scenario: ExternalScenario, tail: list[str], report: Path | Non
 def run_once(scenario: ExternalScenario, policy: str, repeat: int, workdir: Path) -> Run:
     tag = f"{abs(hash((scenario.name, policy, repeat)))}"
     log, report = workdir / f"{tag}.jsonl", workdir / tag
-    tail = ["-m", "dbs_hvd.cli", *WORKLOAD, *policy_flags(policy), "--epochs",
+    tail = ["-m", "dbs_hvd.cli", *scenario.workload, *policy_flags(policy), "--epochs",
             str(scenario.epochs), "--global-batch", str(scenario.global_batch), "--seed", "0",
             "--log", str(log)]
     job = run_job(rank_command(scenario, tail, report), np=scenario.ranks, timeout=900,
@@ -174,7 +184,7 @@ def standalone_speeds(scenario: ExternalScenario) -> list[float]:
     """Each rank's samples per second alone, under its spec, at its nominal batch."""
     speeds = []
     for rank, batch in enumerate(scenario.nominal_plan()):
-        tail = ["-m", "benchmarks.standalone_speed", *WORKLOAD, "--batch", str(batch)]
+        tail = ["-m", "benchmarks.standalone_speed", *scenario.workload, "--batch", str(batch)]
         job = run_job(rank_command(scenario, tail, None, rank=rank), np=1, timeout=600,
                       cwd=str(ROOT))
         if not job.ok:

@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="cnn")
     parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--image-size", type=int, default=24)
+    parser.add_argument("--image-size", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--seconds", type=float, default=3.0, help="measured time after warm-up")
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     train_set, _ = data.load(args.dataset, flatten=args.model == "mlp", image_size=args.image_size)
-    model = models.build(args.model, train_set.tensors[0].shape[1:])
+    model = models.build(args.model, train_set.tensors[0].shape[1:], hidden=args.hidden)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     x_all, y_all = train_set.tensors
     step, samples, started, measuring = 0, 0, time.perf_counter(), False
