@@ -18,11 +18,11 @@ Both cgroup v1 (``cpu.cfs_quota_us``, ``cpu.cfs_period_us``, ``throttled_time``
 in ns) and v2 (``cpu.max``, ``throttled_usec``) are read; the nearest group on
 the path from the process's own group to the root that sets a quota counts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 #: Periods per measurement window below which a quota's bursts dominate.
 PERIODS_PER_WINDOW = 3
@@ -52,7 +52,7 @@ class CpuQuota:
         return 0.0
 
 
-def _mounts(text: str) -> tuple[Optional[Path], Optional[Path]]:
+def _mounts(text: str) -> tuple[Path | None, Path | None]:
     v1 = v2 = None
     for line in text.splitlines():
         parts = line.split()
@@ -65,7 +65,7 @@ def _mounts(text: str) -> tuple[Optional[Path], Optional[Path]]:
     return v1, v2
 
 
-def _quota_at(group: Path, version: int) -> Optional[tuple[float, float]]:
+def _quota_at(group: Path, version: int) -> tuple[float, float] | None:
     try:
         if version == 1:
             quota = int((group / "cpu.cfs_quota_us").read_text())
@@ -82,8 +82,7 @@ def _quota_at(group: Path, version: int) -> Optional[tuple[float, float]]:
     return quota / period, period / 1e6
 
 
-def own_quota(cgroup_text: Optional[str] = None, mounts_text: Optional[str] = None
-              ) -> Optional[CpuQuota]:
+def own_quota(cgroup_text: str | None = None, mounts_text: str | None = None) -> CpuQuota | None:
     """The CPU quota of this process's cgroup (or its nearest ancestor with one), or None.
 
     Args:
@@ -121,6 +120,6 @@ def own_quota(cgroup_text: Optional[str] = None, mounts_text: Optional[str] = No
     return None
 
 
-def min_window_seconds(quota: Optional[CpuQuota]) -> float:
+def min_window_seconds(quota: CpuQuota | None) -> float:
     """The shortest measurement window that averages over a quota's bursts (0 without one)."""
     return 0.0 if quota is None else PERIODS_PER_WINDOW * quota.period

@@ -19,6 +19,7 @@ for a few tens of microseconds and then sleeping in short, growing intervals
 the handle is done, so results, errors and handle bookkeeping are Horovod's.
 The added latency is at most one sleep interval per wait.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,9 +34,14 @@ WAIT_CHOICES = ("quiet", "spin")
 _installed: dict[str, Any] = {}
 
 
-def wait_until(done: Callable[[], bool], spin_seconds: float = 5e-5, first_sleep: float = 2e-5,
-               max_sleep: float = 2e-4, clock: Callable[[], float] = time.perf_counter,
-               sleep: Callable[[float], None] = time.sleep) -> int:
+def wait_until(
+    done: Callable[[], bool],
+    spin_seconds: float = 5e-5,
+    first_sleep: float = 2e-5,
+    max_sleep: float = 2e-4,
+    clock: Callable[[], float] = time.perf_counter,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
     """Return once ``done()`` is true: poll for ``spin_seconds``, then sleep between polls.
 
     The sleeps start at ``first_sleep`` seconds and double up to ``max_sleep``, so a
@@ -74,8 +80,10 @@ def wait_mode(environ: dict | None = None) -> str:
     """
     value = (environ if environ is not None else os.environ).get(WAIT_ENV, "quiet").strip().lower()
     if value not in WAIT_CHOICES:
-        raise ValueError(f"{WAIT_ENV}={value!r} is not one of {', '.join(WAIT_CHOICES)}: "
-                         f"use 'quiet' to wait without spinning or 'spin' for Horovod's own wait")
+        raise ValueError(
+            f"{WAIT_ENV}={value!r} is not one of {', '.join(WAIT_CHOICES)}: "
+            f"use 'quiet' to wait without spinning or 'spin' for Horovod's own wait"
+        )
     return value
 
 
@@ -83,10 +91,10 @@ def install_quiet_wait(mode: str | None = None) -> bool:
     """Make Horovod's PyTorch collectives wait without spinning (idempotent).
 
     Patches ``horovod.torch.mpi_ops.synchronize`` and the names that
-    ``horovod.torch``, its ``optimizer`` and its ``functions`` imported from it, so that the gradient allreduce
-    of ``hvd.DistributedOptimizer`` (and of dbs_hvd's optimizers built on it),
-    ``hvd.allreduce``, ``hvd.broadcast`` and the other blocking collectives poll
-    and sleep instead of spinning.
+    ``horovod.torch``, its ``optimizer`` and its ``functions`` imported from
+    it, so that the gradient allreduce of ``hvd.DistributedOptimizer`` (and of
+    dbs_hvd's optimizers built on it), ``hvd.allreduce``, ``hvd.broadcast``
+    and the other blocking collectives poll and sleep instead of spinning.
 
     Args:
         mode: ``"quiet"`` or ``"spin"``; ``None`` reads ``DBS_HVD_HOROVOD_WAIT``.

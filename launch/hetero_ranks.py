@@ -49,7 +49,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 GROUP_PARENT = "dbs_hvd_hetero"
