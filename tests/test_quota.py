@@ -106,3 +106,38 @@ def test_a_rank_under_hetero_ranks_reads_its_quota():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0.5", "0.02"]
+
+
+def test_cpu_used_over_the_share_is_a_floor_on_the_windows_compute():
+    clocks = FakeClocks()
+    cpu = [0.0]
+    timer = StepTimer(clock=lambda: clocks.now, cpu_share=0.25, cpu_clock=lambda: cpu[0])
+    timer.mark_start()
+    for _ in range(4):  # 4 steps of 5 ms at full speed (slack in the quota), 3 ms CPU each
+        clocks.now += 0.005
+        cpu[0] += 0.003
+        timer.end_step(4)
+    window = timer.take_window()
+    assert window.compute_seconds == pytest.approx(0.012 / 0.25)
+    clocks.now += 0.1  # saturated: the wall compute already exceeds CPU over share
+    cpu[0] += 0.02
+    timer.end_step(4)
+    assert timer.take_window().compute_seconds == pytest.approx(0.1)
+
+
+def test_with_a_work_clock_other_threads_cpu_is_overhead_taken_from_the_share():
+    clocks = FakeClocks()
+    cpu, work = [0.0], [0.0]
+    timer = StepTimer(clock=lambda: clocks.now, cpu_share=0.25, cpu_clock=lambda: cpu[0],
+                      work_clock=lambda: work[0])
+    timer.mark_start()
+    for _ in range(10):  # 10 ms steps, 8 of them waiting: 1 ms of work, 1 of other threads
+        clocks.now += 0.002
+        with timer.waiting():
+            clocks.now += 0.008
+        cpu[0] += 0.002
+        work[0] += 0.001
+        timer.end_step(2)
+    window = timer.take_window()
+    # overhead 0.1 core, so 0.15 core is left for 10 ms of work
+    assert window.compute_seconds == pytest.approx(0.010 / 0.15)
