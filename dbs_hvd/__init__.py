@@ -12,7 +12,8 @@ Horovod script changes three lines:
   ``ModelAveragingOptimizer`` for local SGD with weighted averaging).
 * ``sampler.set_epoch(epoch)`` at the start of every epoch.
 
-``RebalanceOptions`` sets when plans move (the defaults are the recommended
+``ElasticState`` keeps DBS's state across worker failures and joins under
+``hvd.elastic.run``. ``RebalanceOptions`` sets when plans move (the defaults are the recommended
 ones); ``make_policy``/``POLICIES`` name the policies ("dbs", "paper",
 "static"); ``Plan`` and ``Bounds`` describe plans and their limits.
 ``DbsError`` is raised alike on every rank (mismatched settings, bad
@@ -33,6 +34,7 @@ from .policies import POLICIES, CostModelPolicy, make_policy
 _LAZY = {
     "DistributedOptimizer": "optim",
     "DynamicBatchSampler": "sampler",
+    "ElasticState": "elastic_state",
     "ModelAveragingOptimizer": "averaging",
 }
 
@@ -54,6 +56,6 @@ claim_mpi()
 
 __all__ = [
     "Bounds", "CostModelPolicy", "DbsError", "DistributedOptimizer", "DynamicBatchSampler",
-    "GridPolicy", "ModelAveragingOptimizer", "POLICIES", "Plan", "PlanError", "Policy",
+    "ElasticState", "GridPolicy", "ModelAveragingOptimizer", "POLICIES", "Plan", "PlanError", "Policy",
     "ProportionalPolicy", "RebalanceOptions", "StaticPolicy", "WindowStats", "make_policy",
 ]

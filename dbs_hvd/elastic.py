@@ -48,6 +48,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .comm import LocalExchange, check_same_on_all_ranks, default_exchange
+from .elastic_state import worker_identity
 from .emulate import make_emulator
 from .metrics import EpochRecord, append_json_lines
 from .plan import Plan
@@ -81,11 +82,6 @@ class _IndexedDataset(Dataset):
 
     def __getitem__(self, index: Any) -> tuple:
         return (*self.base[index], torch.as_tensor(index))
-
-
-def worker_identity() -> tuple[str, int]:
-    """(host, local rank) as Horovod's driver names this worker's slot."""
-    return os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname(), hvd.local_rank()
 
 
 class ElasticTrainer:

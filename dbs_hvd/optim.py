@@ -51,13 +51,17 @@ What a Horovod script does keeps working:
 from __future__ import annotations
 
 import dataclasses
+import socket
+import time
+import copy
+import os
 import types
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
 from .balancer import RebalanceRecord, Rebalancer
-from .comm import Exchange, check_same_on_all_ranks, default_exchange
+from .comm import DbsError, Exchange, LocalExchange, check_same_on_all_ranks, default_exchange
 from .options import RebalanceOptions, resolve_options
 from .plan import Bounds, PlanError, Policy
 from .policies import make_policy
@@ -113,6 +117,12 @@ class DynamicBatchState:
         self._synced_at: float | None = None  # synchronize() returned, no step() yet
         self._in_step = False
         self._param_hooks: list = []
+        # Set by dynamic_batch_state: the settings all ranks must share, the
+        # policy as built (before any measurement), and whether an elastic
+        # world is still to be adopted (ElasticState.sync) before rebalancing.
+        self.settings: dict[str, Any] = {}
+        self.fresh_policy: Optional[Policy] = None
+        self.awaiting_world = False
         sampler._on_take = timer.taken
         sampler._weighted = True
 
@@ -127,6 +137,7 @@ class DynamicBatchState:
         self.rebalancer.exchange = exchange
         self.rebalancer.policy = policy
         self.rebalancer.restart_schedule()  # joining workers start with the first interval
+        self.awaiting_world = False
         self._batch = None
         self._passes.clear()
         self._forwards = 0
@@ -240,6 +251,11 @@ class DynamicBatchState:
         steps_left = self.sampler.steps_per_epoch - 1 - last.step
         if any(self.is_last_of_epoch(b) for b in batches) or rebalance_due(
                 self.timer.window.steps, self.rebalancer.interval, steps_left):
+            if self.awaiting_world:
+                raise DbsError(
+                    "dbs_hvd under elastic Horovod: run the training function under "
+                    "hvd.elastic.run with a dbs_hvd.ElasticState(model, optimizer, sampler), "
+                    "which checks the ranks' settings and adopts each world")
             self.rebalancer.rebalance(last.step)
 
     def wrap_step(self, step: Callable[..., Any]) -> Callable[..., Any]:
@@ -535,8 +551,12 @@ def dynamic_batch_state(sampler: DynamicBatchSampler, policy: Union[str, Policy]
         raise ValueError("batch_multiple= applies to a policy given by name; build a Policy "
                          "object on the grid with make_policy(name, global_batch, bounds, "
                          "batch_multiple=M)")
-    exchange = exchange or default_exchange()
-    check_same_on_all_ranks(exchange, {
+    # Under elastic Horovod, set-up must run no collective (a joining worker
+    # sets up while the others wait in the state broadcast): the settings are
+    # checked, and a real exchange made, when ElasticState adopts the world.
+    elastic = exchange is None and os.environ.get("HOROVOD_ELASTIC") == "1"
+    exchange = LocalExchange() if elastic else (exchange or default_exchange())
+    settings = {
         "global_batch": sampler.global_batch,
         "seed": sampler.seed,
         "dataset_size": sampler.dataset_size,
@@ -547,19 +567,33 @@ def dynamic_batch_state(sampler: DynamicBatchSampler, policy: Union[str, Policy]
         "batch_multiple": getattr(policy, "multiple", 1),
         "rebalance": rebalance.resolved(policy.name),
         "shuffle": sampler.shuffle,
-    })
+    }
+    if not elastic:
+        check_same_on_all_ranks(exchange, settings)
     schedule = rebalance.schedule_for(policy.name)
     every = rebalance.interval_for(policy.name)
     # A rank under a CPU quota: frozen time inside a wait is its own slowness,
     # and windows shorter than a few quota periods see its bursts, not its speed.
     quota = own_quota()
-    floor = max(exchange.allgather(min_window_seconds(quota)))
+    group = (socket.gethostname(), str(quota.stat_path)) if quota is not None else None
+    quotas = exchange.allgather((min_window_seconds(quota), group))
+    floor = max(window for window, _ in quotas)
     if schedule is not None and floor > schedule.min_seconds:
         schedule = dataclasses.replace(schedule, min_seconds=floor)
+    # Ranks in one quota group share it.
+    share = (quota.share / sum(1 for _, other in quotas if other == group)
+             if quota is not None else None)
+    floor_mode = os.environ.get("DBS_HVD_QUOTA_FLOOR", "work")
     timer = StepTimer(device_sync=device_sync,
-                      frozen_clock=quota.throttled_seconds if quota is not None else None)
+                      frozen_clock=quota.throttled_seconds if quota is not None else None,
+                      cpu_share=share if floor_mode != "off" else None,
+                      work_clock=time.thread_time if floor_mode == "work" else None)
     # Room for two epochs of rebalances (epoch summaries read the last one), at least 4096.
     per_epoch = sampler.steps_per_epoch // (every or sampler.steps_per_epoch) + 1
     rebalancer = Rebalancer(sampler, policy, exchange, timer,
                             history_limit=max(4096, 2 * per_epoch), schedule=schedule)
-    return DynamicBatchState(sampler, rebalancer, timer, discount_new_sizes)
+    state = DynamicBatchState(sampler, rebalancer, timer, discount_new_sizes)
+    state.settings = settings
+    state.fresh_policy = copy.deepcopy(policy)  # a new world's policy starts from this
+    state.awaiting_world = elastic
+    return state

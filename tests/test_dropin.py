@@ -5,11 +5,16 @@ The exactness cases run under mpirun (tests/mpi/mpi_dropin.py, every case
 against one process on the same global batches with a moving plan); the
 argument checks and the pure logic run here, in one process.
 """
+import os
 import re
+import signal
+import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -20,11 +25,13 @@ from dbs_hvd.checkpoint import check_config
 from dbs_hvd.options import RebalanceOptions, resolve_options
 from dbs_hvd.plan import Bounds, Plan, PlanError
 from dbs_hvd.sampler import DynamicBatchSampler
-from dbs_hvd.testing import run_job
+from dbs_hvd.testing import rank_environment, run_job
 from dbs_hvd.timing import StepTimer
 from dbs_hvd.trainer import TrainConfig, flag_names
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+MPI_TESTS = ROOT / "tests" / "mpi"
 
 
 @pytest.mark.mpi
@@ -43,6 +50,84 @@ def test_the_full_recipe_example_trains_and_resumes_from_its_mid_epoch_checkpoin
         text = "\n".join(result.rank_output.get(0, []))
         accuracy = float(re.search(r"train accuracy ([0-9.]+)", text).group(1))
         assert accuracy >= 0.95, text
+
+
+def _worker_on(host, launcher, script):
+    """The worker processes of ``script`` that horovodrun started on ``host``."""
+    found = []
+    for proc in launcher.children(recursive=True):
+        try:
+            if script in proc.cmdline() and proc.environ().get("HOROVOD_HOSTNAME") == host:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+@pytest.mark.mpi
+def test_elastic_state_survives_a_killed_rank_and_ends_as_one_process_would(tmp_path):
+    # One machine as two hosts (launch/discover_hosts.sh): ranks 0-1 on
+    # localhost, rank 2 on 127.0.0.1, killed in epoch 1; the two survivors
+    # restore the last commit, adopt a world of 2 and finish. Every update
+    # after the restore is the single-process one on the same global batch,
+    # so the final model equals one process trained on all of them.
+    from test_elastic import read_records
+    sys.path.insert(0, str(MPI_TESTS))
+    import elastic_dropin_train as script
+    from problems import make_problem
+
+    path = str(MPI_TESTS / "elastic_dropin_train.py")
+    argv = [str(Path(sys.executable).parent / "horovodrun"), "-np", "3", "--min-np", "2",
+            "--max-np", "3", "--host-discovery-script", str(ROOT / "launch" / "discover_hosts.sh"),
+            "--start-timeout", "30", "--elastic-timeout", "30",
+            "--blacklist-cooldown-range", "200", "300", sys.executable, path, str(tmp_path)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT, env=rank_environment(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any(r["kind"] == "read" and r["epoch"] == 1 and r["step"] >= 6
+                   for r in read_records(tmp_path)):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the run never reached the step to kill at:\n"
+                        + (proc.communicate(timeout=10)[0] if proc.poll() is not None else ""))
+        victims = _worker_on("127.0.0.1", psutil.Process(proc.pid), path)
+        assert len(victims) == 1, victims
+        victims[0].send_signal(signal.SIGKILL)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, output[-5000:]
+    assert "done on 2 ranks" in output, output[-3000:]
+
+    records = read_records(tmp_path)
+    reads = [r for r in records if r["kind"] == "read"]
+    assert {r["world"] for r in reads if r["epoch"] == 0} == {3}
+    assert {r["world"] for r in reads if r["epoch"] == 2} == {2}
+    resumed = min(r["step"] for r in reads if r["epoch"] == 1 and r["world"] == 2)
+    assert resumed % script.COMMIT_EVERY == 0
+    plans = {tuple(c["plan"]) for c in records if c["kind"] == "commit" and c["world"] == 3}
+    assert len(plans) >= 2, plans  # the plan moved before the failure
+
+    dataset, reference = make_problem(n=script.SAMPLES)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    x_all, y_all = dataset.tensors
+    stream = DynamicBatchSampler(script.SAMPLES, script.GLOBAL_BATCH, rank=0, world_size=1,
+                                 seed=script.SEED)
+    for epoch in range(script.EPOCHS):
+        stream.set_epoch(epoch)
+        for step in range(stream.steps_per_epoch):
+            idx = torch.as_tensor(stream.global_batch_indices(step))
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(reference(x_all[idx]), y_all[idx]).backward()
+            optimizer.step()
+    final = torch.load(tmp_path / "final.pt", weights_only=True)
+    for name, parameter in reference.state_dict().items():
+        torch.testing.assert_close(final[name], parameter, rtol=1e-6, atol=1e-9, msg=name)
 
 
 # -- in one process --------------------------------------------------------------
