@@ -132,6 +132,6 @@ def ModelAveragingOptimizer(
 
     bind(optimizer, "step", averaging_step)
     bind(optimizer, "zero_grad", state.wrap_zero_grad(optimizer.zero_grad))
-    optimizer.dbs = state
-    optimizer.rebalancer = state.rebalancer
+    optimizer.dbs = state  # type: ignore[attr-defined]
+    optimizer.rebalancer = state.rebalancer  # type: ignore[attr-defined]
     return optimizer

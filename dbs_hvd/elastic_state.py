@@ -21,6 +21,7 @@ elastic Horovod, ``dbs_hvd.DistributedOptimizer`` postpones its check of the
 ranks' settings to the state's first ``sync``, and refuses to rebalance if no
 ``ElasticState`` ever adopted a world.
 """
+
 from __future__ import annotations
 
 import copy
@@ -79,12 +80,19 @@ class ElasticState(hvd.elastic.TorchState):
         train(state)
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 sampler: DynamicBatchSampler, **kwargs: Any) -> None:
-        if getattr(optimizer, "dbs", None) is None or optimizer.dbs.sampler is not sampler:
-            raise ValueError("ElasticState(optimizer=...) takes the dbs_hvd.DistributedOptimizer "
-                             "built with this sampler")
-        self._dbs = optimizer.dbs
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        sampler: DynamicBatchSampler,
+        **kwargs: Any,
+    ) -> None:
+        dbs = getattr(optimizer, "dbs", None)
+        if dbs is None or dbs.sampler is not sampler:
+            raise ValueError(
+                "ElasticState(optimizer=...) takes the dbs_hvd.DistributedOptimizer built with this sampler"
+            )
+        self._dbs = dbs
         self._sampler = sampler
         self._dbs_saved = self._position()
         super().__init__(model=model, optimizer=optimizer, **kwargs)
@@ -101,8 +109,12 @@ class ElasticState(hvd.elastic.TorchState):
         sampler = self._sampler
         position = sampler.steps_trained
         plan = sampler.plan if position >= sampler.steps_per_epoch else sampler.plan_at(position)
-        return {"epoch": sampler.epoch, "position": position, "plan": list(plan.batch_sizes),
-                "workers": getattr(self, "_workers", None)}
+        return {
+            "epoch": sampler.epoch,
+            "position": position,
+            "plan": list(plan.batch_sizes),
+            "workers": getattr(self, "_workers", None),
+        }
 
     def save(self) -> None:
         self._dbs_saved = self._position()

@@ -10,19 +10,24 @@ DBS paper does. ``dbs_hvd.DistributedOptimizer``,
 from a ``RebalanceOptions``, so a script with no tuning arguments runs the
 same schedule as dbs-train's defaults.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 from .schedule import RebalanceSchedule
 
 AUTO = "auto"
 
 # dbs-train's names for the fields (its TrainConfig and checkpoints keep them flat).
-CONFIG_KEYS = {"every": "rebalance_every", "budget": "rebalance_budget",
-               "min_seconds": "rebalance_min_seconds"}
+CONFIG_KEYS = {
+    "every": "rebalance_every",
+    "budget": "rebalance_budget",
+    "min_seconds": "rebalance_min_seconds",
+}
 
 
 @dataclass(frozen=True)
@@ -50,31 +55,42 @@ class RebalanceOptions:
             rebalance=dbs_hvd.RebalanceOptions(every=5, budget=0))
     """
 
-    every: Union[int, str, None] = AUTO
+    every: int | str | None = AUTO
     budget: float = 0.02
     min_seconds: float = 0.15
 
     def __post_init__(self) -> None:
-        if self.every != AUTO and self.every is not None and (
-                isinstance(self.every, bool) or not isinstance(self.every, int)
-                or self.every < 1):
-            raise ValueError(f"RebalanceOptions(every=...) must be a positive number of steps, "
-                             f"None (epoch ends only) or 'auto', got {self.every!r}")
+        if (
+            self.every != AUTO
+            and self.every is not None
+            and (isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1)
+        ):
+            raise ValueError(
+                f"RebalanceOptions(every=...) must be a positive number of steps, "
+                f"None (epoch ends only) or 'auto', got {self.every!r}"
+            )
         if not (isinstance(self.budget, (int, float)) and 0 <= self.budget < 1):
-            raise ValueError(f"RebalanceOptions(budget=...) must be a fraction of the step time "
-                             f"in [0, 1) (0: exactly every steps), got {self.budget!r}")
-        if not (isinstance(self.min_seconds, (int, float)) and self.min_seconds >= 0
-                and math.isfinite(self.min_seconds)):
-            raise ValueError(f"RebalanceOptions(min_seconds=...) must be a number of seconds "
-                             f">= 0, got {self.min_seconds!r}")
+            raise ValueError(
+                f"RebalanceOptions(budget=...) must be a fraction of the step time "
+                f"in [0, 1) (0: exactly every steps), got {self.budget!r}"
+            )
+        if not (
+            isinstance(self.min_seconds, (int, float))
+            and self.min_seconds >= 0
+            and math.isfinite(self.min_seconds)
+        ):
+            raise ValueError(
+                f"RebalanceOptions(min_seconds=...) must be a number of seconds "
+                f">= 0, got {self.min_seconds!r}"
+            )
 
-    def interval_for(self, policy_name: str) -> Optional[int]:
+    def interval_for(self, policy_name: str) -> int | None:
         """The steps between rebalances for ``policy_name`` (None: epoch ends only)."""
-        if self.every == AUTO:
+        if isinstance(self.every, str):  # AUTO, the only string __post_init__ lets through
             return DEFAULT_EVERY if policy_name == "dbs" else None
         return self.every
 
-    def schedule_for(self, policy_name: str) -> Optional[RebalanceSchedule]:
+    def schedule_for(self, policy_name: str) -> RebalanceSchedule | None:
         """The schedule of rebalances inside epochs, or None for epoch ends only."""
         every = self.interval_for(policy_name)
         if every is None:
@@ -83,15 +99,18 @@ class RebalanceOptions:
 
     def resolved(self, policy_name: str) -> dict[str, Any]:
         """The settings in force for ``policy_name`` (compared across ranks)."""
-        return {"every": self.interval_for(policy_name), "budget": self.budget,
-                "min_seconds": self.min_seconds}
+        return {
+            "every": self.interval_for(policy_name),
+            "budget": self.budget,
+            "min_seconds": self.min_seconds,
+        }
 
     def as_config(self) -> dict[str, Any]:
         """The fields under dbs-train's names (``rebalance_every`` etc.)."""
         return {CONFIG_KEYS[key]: value for key, value in asdict(self).items()}
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "RebalanceOptions":
+    def from_config(cls, config: Mapping[str, Any]) -> RebalanceOptions:
         """Read dbs-train's flat fields; a field absent (an older checkpoint) takes its default.
 
         dbs-train's ``rebalance_every`` None means the policy's default ("auto").
@@ -99,9 +118,11 @@ class RebalanceOptions:
         defaults = cls()
         every = config.get("rebalance_every")
         try:
-            return cls(every=AUTO if every is None else every,
-                       budget=config.get("rebalance_budget", defaults.budget) or 0.0,
-                       min_seconds=config.get("rebalance_min_seconds", defaults.min_seconds))
+            return cls(
+                every=AUTO if every is None else every,
+                budget=config.get("rebalance_budget", defaults.budget) or 0.0,
+                min_seconds=config.get("rebalance_min_seconds", defaults.min_seconds),
+            )
         except ValueError as error:  # name dbs-train's settings, not this class's arguments
             message = str(error)
             for field, key in CONFIG_KEYS.items():
@@ -115,8 +136,9 @@ class RebalanceOptions:
 DEFAULT_EVERY = 2  # the dbs policy's interval: the best of those the hetero benchmarks compared
 
 
-def resolve_options(rebalance: Optional[RebalanceOptions], every: Optional[int],
-                    budget: Optional[float], min_seconds: Optional[float]) -> RebalanceOptions:
+def resolve_options(
+    rebalance: RebalanceOptions | None, every: int | None, budget: float | None, min_seconds: float | None
+) -> RebalanceOptions:
     """The options from ``rebalance=`` or from the older separate keywords, never both.
 
     The separate keywords (``rebalance_every``, ``rebalance_budget``,
@@ -128,12 +150,13 @@ def resolve_options(rebalance: Optional[RebalanceOptions], every: Optional[int],
     legacy = every is not None or budget is not None or min_seconds is not None
     if rebalance is not None:
         if legacy:
-            raise ValueError("give rebalance=RebalanceOptions(...) or the separate "
-                             "rebalance_every=, rebalance_budget=, rebalance_min_seconds= "
-                             "keywords, not both")
+            raise ValueError(
+                "give rebalance=RebalanceOptions(...) or the separate "
+                "rebalance_every=, rebalance_budget=, rebalance_min_seconds= "
+                "keywords, not both"
+            )
         if not isinstance(rebalance, RebalanceOptions):
-            raise TypeError(f"rebalance= takes a dbs_hvd.RebalanceOptions, got "
-                            f"{type(rebalance).__name__}")
+            raise TypeError(f"rebalance= takes a dbs_hvd.RebalanceOptions, got {type(rebalance).__name__}")
         return rebalance
     if not legacy:
         return RebalanceOptions()
