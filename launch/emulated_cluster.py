@@ -236,7 +236,7 @@ def wait_reachable(state: dict, timeout: float = 10.0) -> None:
     first, others = hosts[0], [state["addresses"][h] for h in hosts[1:]]
     code = ("import socket,sys,time\n"
             "s=socket.socket(); s.bind(('0.0.0.0',0)); s.listen(8); print(s.getsockname()[1], flush=True)\n"
-            "for _ in range(%d): s.accept()[0].close()\n" % len(others))
+            f"for _ in range({len(others)}): s.accept()[0].close()\n")
     server = subprocess.Popen(["ip", "netns", "exec", first, sys.executable, "-c", code],
                               stdout=subprocess.PIPE, text=True)
     try:

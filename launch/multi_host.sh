@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Launch dbs-train across several hosts with horovodrun or mpirun.
 #
-# usage: multi_host.sh [--dry-run] [--launcher horovodrun|mpirun]
+# usage: multi_host.sh [--dry-run] [--launcher horovodrun|gloo|mpirun]
 #                      (--hosts H1:N1,H2:N2 | --hostfile FILE) [--np N] [--nic IFACE]
 #                      [--] [dbs-train flags...]
 #
 #   launch/multi_host.sh --hosts gpu1:4,gpu2:4 -- --model cnn --epochs 12
 #     runs: horovodrun -np 8 -H gpu1:4,gpu2:4 -- dbs-train --model cnn --epochs 12
+#   launch/multi_host.sh --launcher gloo --hosts gpu1:4,gpu2:4 -- --log run.jsonl
+#     runs: horovodrun -np 8 -H gpu1:4,gpu2:4 --gloo bash -c 'exec dbs-train --log run.jsonl'
 #   LAUNCHER=mpirun launch/multi_host.sh --hostfile launch/hostfile.example --dry-run
 #     prints: mpirun -np 8 --hostfile launch/hostfile.example --bind-to none ... dbs-train
 #
@@ -15,10 +17,16 @@
 #                           A host without :slots gets one slot.
 #   --hostfile  [HOSTFILE]  Open MPI style file, "host slots=N" per line, '#' comments
 #                           (see launch/hostfile.example).
-#   --launcher  [LAUNCHER]  horovodrun (default) or mpirun.
+#   --launcher  [LAUNCHER]  horovodrun (default; Horovod's MPI controller where it has
+#                           one), gloo (horovodrun --gloo; also horovodrun-gloo) or mpirun.
 #   --np        [NP]        number of ranks; default: the sum of the slots.
 #   --nic       [NIC]       network interface for MPI/Gloo and NCCL traffic (e.g. eth0,
-#                           ib0); default: let the launcher and NCCL pick.
+#                           ib0), the same name on every host; default: the interface
+#                           of this host's route to the first host that is not this one
+#                           (said on stderr), or the launcher's choice when no host
+#                           resolves. Why: an interface with the same address on every
+#                           host (docker0's 172.17.0.1) lets a launcher pick an address
+#                           that reaches the host itself, and the run hangs.
 #   --dry-run   [DRY_RUN=1] print the command (shell-quoted, one line) and exit.
 #   The program is $DBS_TRAIN (default: the venv's dbs-train when there is one, else
 #   dbs-train on PATH); it must exist at that path on every host (same container
@@ -29,6 +37,21 @@
 # comments or blank lines; this reads the hosts once and writes both spellings.
 # Both launchers start remote ranks over ssh: passwordless ssh from this host to
 # every host is required (inside Slurm, prefer launch/slurm.sbatch with srun).
+#
+# A host that drops off the network must end the job, not hang it
+# (docs/deployment/multi-host.md has the measured bounds):
+#   [DBS_HVD_KEEPALIVE="10 5 3"]  Open MPI's daemons probe their TCP lifeline to
+#       mpirun after 10 s idle, every 5 s, 3 times (the default is 300 + 9 x 20 s):
+#       a lost host ends an mpirun job (also horovodrun's MPI mode) in about 30 s,
+#       with "ORTE has lost communication with a remote daemon ... on node HOST",
+#       and the lost host's daemon kills its own ranks. "0" leaves Open MPI's.
+#   [DBS_HVD_SSH_KEEPALIVE="5 3"]  horovodrun (which runs ssh itself, with no
+#       option for ssh's flags) gets ssh through launch/ssh_keepalive/ssh, which
+#       adds -o ServerAliveInterval=5 -o ServerAliveCountMax=3: a dead link ends
+#       that host's ssh session in about 15-20 s. "0" turns it off.
+# Under horovodrun, dbs-train flags follow "--" (MPI) or go in one "bash -c"
+# word (Gloo: horovodrun runs "env VARS CMD", where a "--" would be the program);
+# either way horovodrun cannot take a dbs-train flag such as --log for its own.
 set -euo pipefail
 
 usage() {  # usage [EXIT_CODE]: the usage lines of the header comment
@@ -43,6 +66,8 @@ venv=${DBS_HVD_VENV:-$repo/.venv}
 hosts=${HOSTS:-}
 hostfile=${HOSTFILE:-}
 launcher=${LAUNCHER:-horovodrun}
+keepalive=${DBS_HVD_KEEPALIVE:-10 5 3}
+ssh_keepalive=${DBS_HVD_SSH_KEEPALIVE:-5 3}
 np=${NP:-}
 nic=${NIC:-}
 dry_run=${DRY_RUN:-0}
@@ -67,6 +92,12 @@ elif [ -x "$venv/bin/dbs-train" ]; then
     program=$venv/bin/dbs-train
 else
     program=dbs-train
+fi
+
+# horovodrun: the venv's beside dbs-train, else the one on PATH.
+horovodrun=horovodrun
+if [ -z "${DBS_TRAIN:-}" ] && [ -x "$venv/bin/horovodrun" ] && ! command -v horovodrun >/dev/null; then
+    horovodrun=$venv/bin/horovodrun
 fi
 
 # Normalise the hosts to "host:slots" entries, from --hosts or from a hostfile.
@@ -109,13 +140,51 @@ np=${np:-$total}
 ((np <= total)) || die "--np $np exceeds the $total slots of the hosts"
 host_list=$(IFS=,; echo "${entries[*]}")
 
+# The interface: the one this host routes the first other host through.
+if [ -z "$nic" ]; then
+    for entry in "${entries[@]}"; do
+        name=${entry%:*}
+        addr=$(getent ahostsv4 "$name" 2>/dev/null | awk 'NR == 1 {print $1}') || true
+        [ -n "$addr" ] || continue
+        dev=$(ip -o route get "$addr" 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p') || true
+        if [ -n "$dev" ] && [ "$dev" != lo ]; then
+            nic=$dev
+            echo "multi_host.sh: network interface $nic (this host's route to $name, $addr); --nic to choose another" >&2
+            break
+        fi
+    done
+fi
+
+# Open MPI's lifeline keepalive: mpirun gets it as -mca flags, horovodrun's
+# MPI mode through the environment (horovodrun passes it on to its mpirun).
+read -r ka_time ka_intvl ka_probes <<<"$keepalive" || true
+oob_keepalive=()
+exported=()
+if [ "${ka_time:-0}" != 0 ]; then
+    oob_keepalive=(-mca oob_tcp_keepalive_time "$ka_time" -mca oob_tcp_keepalive_intvl "${ka_intvl:-5}"
+                   -mca oob_tcp_keepalive_probes "${ka_probes:-3}")
+fi
+
 case "$launcher" in
-    horovodrun)
+    horovodrun|gloo|horovodrun-gloo)
         # horovodrun forwards this shell's environment to every rank itself.
         # Hosts always go as -H: its --hostfile parser rejects comment lines.
-        cmd=(horovodrun -np "$np" -H "$host_list")
+        cmd=("$horovodrun" -np "$np" -H "$host_list")
         [ -z "$nic" ] || cmd+=(--network-interfaces "$nic")
-        cmd+=(-- "$program" "$@")
+        if [ "$launcher" = horovodrun ]; then
+            cmd+=(-- "$program" "$@")
+            for ((i = 0; i < ${#oob_keepalive[@]}; i += 3)); do
+                exported+=("OMPI_MCA_${oob_keepalive[i+1]}=${oob_keepalive[i+2]}")
+            done
+        else
+            printf -v line '%q ' "$program" "$@"
+            cmd+=(--gloo bash -c "exec ${line% }")
+        fi
+        read -r ssh_interval ssh_count <<<"$ssh_keepalive" || true
+        if [ "${ssh_interval:-0}" != 0 ]; then
+            exported+=("DBS_HVD_SSH_KEEPALIVE=$ssh_interval ${ssh_count:-3}"
+                       "PATH=$repo/launch/ssh_keepalive:$PATH")
+        fi
         ;;
     mpirun)
         cmd=(mpirun -np "$np")
@@ -127,7 +196,7 @@ case "$launcher" in
         # One rank per slot, no core binding (the ranks run DataLoader workers and
         # NCCL threads), and the flags Horovod's own launcher uses with Open MPI:
         # ob1 point-to-point over TCP/shared memory instead of the openib BTL.
-        cmd+=(--bind-to none --map-by slot -mca pml ob1 -mca btl '^openib')
+        cmd+=(--bind-to none --map-by slot -mca pml ob1 -mca btl '^openib' "${oob_keepalive[@]}")
         if [ -n "$nic" ]; then
             cmd+=(-mca btl_tcp_if_include "$nic" -mca oob_tcp_if_include "$nic" -x "NCCL_SOCKET_IFNAME=$nic")
         fi
@@ -140,7 +209,7 @@ case "$launcher" in
         [ "$(id -u)" != 0 ] || cmd+=(--allow-run-as-root)
         cmd+=("$program" "$@")
         ;;
-    *) die "--launcher must be horovodrun or mpirun, got '$launcher'" ;;
+    *) die "--launcher must be gloo, horovodrun or mpirun, got '$launcher'" ;;
 esac
 
 # Shell-quote a word only when it needs it, so the dry run reads like what
@@ -154,6 +223,9 @@ quote() {
 }
 
 if [ "$dry_run" = 1 ]; then
+    for setting in "${exported[@]}"; do  # on stderr: stdout is the command alone
+        echo "multi_host.sh: with ${setting/"$PATH"/\$PATH}" >&2
+    done
     line=""
     for word in "${cmd[@]}"; do
         line+="${line:+ }$(quote "$word")"
@@ -161,4 +233,43 @@ if [ "$dry_run" = 1 ]; then
     echo "$line"
     exit 0
 fi
-exec "${cmd[@]}"
+for setting in "${exported[@]}"; do
+    export "${setting?}"
+done
+
+# Run the launcher as a child (not exec) so that when the job fails, the hosts
+# it can no longer reach are named, and a launcher that ignores SIGTERM is
+# killed 30 s after it.
+probe() {  # probe HOST: 0 when HOST answers a TCP connect (even a refusal)
+    local addr
+    addr=$(getent ahostsv4 "$1" 2>/dev/null | awk 'NR == 1 {print $1}')
+    [ -n "$addr" ] || return 0
+    out=$(timeout 5 bash -c "exec 3<>/dev/tcp/$addr/${DBS_HVD_PROBE_PORT:-22}" 2>&1) && return 0
+    # refused (no server on the port) still means the host is on the network
+    [[ "$out" == *refused* ]]
+}
+# shellcheck disable=SC2329  # invoked by the trap below
+stop() {
+    kill -TERM "$child" 2>/dev/null || true
+    for _ in $(seq 30); do kill -0 "$child" 2>/dev/null || return 0; sleep 1; done
+    echo "multi_host.sh: ${cmd[0]} ignored SIGTERM for 30 s: killing it" >&2
+    kill -KILL "$child" 2>/dev/null || true
+}
+"${cmd[@]}" &
+child=$!
+trap 'stop' TERM INT HUP
+while true; do
+    set +e
+    wait "$child"
+    rc=$?
+    set -e
+    kill -0 "$child" 2>/dev/null || break  # a trap interrupted wait: wait again
+done
+if [ "$rc" != 0 ]; then
+    for entry in "${entries[@]}"; do  # all at once: 5 s at most in all
+        name=${entry%:*}
+        probe "$name" || echo "multi_host.sh: the job failed (exit $rc) and host $name does not answer on the network: that host or its link is down" >&2 &
+    done
+    wait
+fi
+exit "$rc"

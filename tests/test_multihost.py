@@ -13,17 +13,15 @@ exit 0 and no process left on any host. Needs root (skipped otherwise).
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
+from multihost.cluster import DBS_TRAIN, ROOT, ec, emulated_cluster
 
 from dbs_hvd.metrics import read_jsonl
-from multihost.cluster import DBS_TRAIN, ROOT, emulated_cluster, ec
 
 pytestmark = [pytest.mark.multihost, pytest.mark.mpi]
 
@@ -48,8 +46,9 @@ def launch_argv(launcher: str, hosts: str, np: int, agent: str) -> list[str]:
 def test_the_emulated_hosts_are_hosts():
     with emulated_cluster(2) as cluster:
         h1, h2 = cluster.hosts
+        remote = f"{cluster.agent} -o X=y {h2} -p 22 'hostname; echo $SSH_CONNECTION'"
         done = subprocess.run(ec.host_argv(h1, [
-            "bash", "-c", f"hostname; getent hosts {h2}; {cluster.agent} -o X=y {h2} -p 22 'hostname; echo $SSH_CONNECTION'"]),
+            "bash", "-c", f"hostname; getent hosts {h2}; {remote}"]),
             capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, done.stderr
         lines = done.stdout.split("\n")
@@ -178,5 +177,35 @@ def test_elastic_across_hosts_reads_every_sample_once(tmp_path):
                 assert joined == stream.global_batch_indices(step).tolist(), (epoch, step)
             counts = Counter(i for r in read if r["epoch"] == epoch for i in r["indices"])
             assert max(counts.values()) == 1
+        left = cluster.wait_no_processes()
+        assert not left, f"processes left after the run: {left}"
+
+
+# ---------------------------------------------------------------------------
+# launch/multi_host.sh on hosts with a decoy interface (docker0, 172.17.0.1 on every host)
+
+
+def test_without_an_interface_choice_a_decoy_interface_hangs_mpirun():
+    """Why multi_host.sh picks the interface: Open MPI tries 172.17.0.1, which is each host itself."""
+    with emulated_cluster(2, decoy=True) as cluster:
+        result = cluster.run(cluster.hosts[0], [
+            "mpirun", "-np", "2", "-H", ",".join(f"{h}:1" for h in cluster.hosts),
+            "--bind-to", "none", sys.executable, "-c",
+            "from mpi4py import MPI; print(MPI.COMM_WORLD.allreduce(1), flush=True)"], timeout=30)
+        assert not result.ok, result.describe()
+        assert "172.17.0.1" in result.output or result.timed_out, result.describe()
+
+
+@pytest.mark.parametrize("launcher", ["mpirun", "gloo", "horovodrun"])
+def test_multi_host_sh_picks_the_interface_on_hosts_with_a_decoy(tmp_path, launcher):
+    with emulated_cluster(2, decoy=True) as cluster:
+        log = tmp_path / "epochs.jsonl"
+        argv = ["bash", str(ROOT / "launch" / "multi_host.sh"), "--launcher", launcher,
+                "--hosts", f"{cluster.hosts[0]}:1,{cluster.hosts[1]}:2", "--",
+                *TRAIN, "--log", str(log), "--rebalance-log", str(tmp_path / "rebalances.jsonl")]
+        result = cluster.run(cluster.hosts[0], argv, timeout=150)
+        assert result.ok, result.describe()
+        assert f"network interface eth0 (this host's route to {cluster.hosts[1]}" in result.output
+        check_run(log, tmp_path / "rebalances.jsonl", 3)
         left = cluster.wait_no_processes()
         assert not left, f"processes left after the run: {left}"
