@@ -364,3 +364,30 @@ def test_micro_batches_share_the_step_time_and_count_every_sample(sizes, wall, w
     window = timer.window
     assert window.steps == len(sizes) and window.samples == sum(sizes)
     assert window.compute_seconds + window.wait_seconds == pytest.approx(wall)
+
+
+def test_each_micro_batch_is_weighted_by_its_own_size_as_it_accumulates():
+    from dbs_hvd.balancer import Rebalancer
+    from dbs_hvd.comm import LocalExchange
+    from dbs_hvd.optim import DynamicBatchState
+    from dbs_hvd.plan import StaticPolicy
+
+    sampler = DynamicBatchSampler(32 * 4, 32, rank=0, world_size=2, plan=Plan((20, 12)))
+    timer = StepTimer()
+    state = DynamicBatchState(sampler, Rebalancer(sampler, StaticPolicy(32), LocalExchange(), timer),
+                              timer)
+    state.backward_passes_per_step = 2
+    model = nn.Linear(3, 1, bias=False)
+    state.weight_parameter_gradients(model.parameters())
+    iterator = iter(sampler)
+    first = next(iterator)
+    sampler.set_plan(Plan((8, 24)))  # from the next step: inside this optimizer step
+    second = next(iterator)
+    inputs = [torch.randn(len(first), 3), torch.randn(len(second), 3)]
+    for x in inputs:
+        model(x).mean().backward()
+    expected = sum(2 * len(x) / 32 * x.mean(0) for x in inputs)
+    torch.testing.assert_close(model.weight.grad[0], expected)
+    assert state.allreduce_weight() == 1.0  # nothing left for the compressor to scale
+    assert [b.batch_size for b in state.step_batches()] == [20, 8]
+    assert sampler.peek_consumed() is None
