@@ -279,8 +279,13 @@ class DynamicBatchSampler(Sampler[list]):
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch``: a new permutation, the newest plan from step 0.
 
-        Calling it again with the current epoch keeps the position, so a run
-        resumed mid-epoch (``load_state_dict``) continues where it stopped.
+        Calling it again with the current epoch, before that epoch's pass is
+        complete, keeps the position, so a run resumed mid-epoch
+        (``load_state_dict``) continues where it stopped.
+
+        Args:
+            epoch: the epoch number; it seeds the permutation with ``seed``,
+                so every rank must pass the same one.
         """
         if epoch != self.epoch or self._pass_complete:
             self._start_step = 0
@@ -376,7 +381,23 @@ class DynamicBatchSampler(Sampler[list]):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume the stream; refuses a state from another data set, batch or seed."""
+        """Resume the stream where ``state_dict`` left it.
+
+        Args:
+            state: what ``state_dict`` returned. The next pass starts at its
+                position; a ``set_epoch`` call for the same epoch keeps it.
+
+        Raises:
+            PlanError: for a state from another data set, global batch or seed,
+                or whose plan does not fit this world and these bounds.
+
+        Example::
+
+            sampler.load_state_dict(checkpoint["sampler"])
+            for epoch in range(checkpoint["sampler"]["epoch"], epochs):
+                sampler.set_epoch(epoch)  # the saved epoch continues at its saved step
+                ...
+        """
         for key in ("seed", "dataset_size", "global_batch"):
             if state[key] != getattr(self, key):
                 raise PlanError(
