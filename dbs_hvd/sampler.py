@@ -107,14 +107,7 @@ class DynamicBatchSampler(Sampler[list]):
             world_size = hvd.size() if world_size is None else world_size
         if not 0 <= rank < world_size:
             raise PlanError(f"rank {rank} is outside a world of {world_size}")
-        if (isinstance(global_batch, int) and not isinstance(global_batch, bool)
-                and 0 < global_batch < world_size):
-            raise PlanError(
-                f"global_batch={global_batch} is smaller than the world size {world_size}: "
-                f"every rank needs at least one sample per step; pass global_batch= of at "
-                f"least {world_size} or launch fewer ranks"
-            )
-        bounds.check(global_batch, world_size)
+        _check_fits(global_batch, world_size, bounds)
         if dataset_size < global_batch:
             raise PlanError(
                 f"the data set has {dataset_size} samples, fewer than the global batch "
@@ -323,7 +316,7 @@ class DynamicBatchSampler(Sampler[list]):
         """
         if not 0 <= rank < world_size:
             raise PlanError(f"rank {rank} is outside a world of {world_size}")
-        self.bounds.check(self.global_batch, world_size)
+        _check_fits(self.global_batch, world_size, self.bounds)
         plan = plan or Plan.equal(self.global_batch, world_size, self.bounds)
         self._check_plan(plan, world_size)
         self.rank, self.world_size = int(rank), int(world_size)
@@ -417,3 +410,15 @@ def _horovod_size() -> int:
         return hvd.size() if hvd.is_initialized() else 1
     except (ImportError, ValueError):
         return 1
+
+
+def _check_fits(global_batch: int, world_size: int, bounds: Bounds) -> None:
+    """Raise PlanError unless some plan of ``global_batch`` for ``world_size`` ranks meets ``bounds``."""
+    if (isinstance(global_batch, int) and not isinstance(global_batch, bool)
+            and 0 < global_batch < world_size):
+        raise PlanError(
+            f"global_batch={global_batch} is smaller than the world size {world_size}: "
+            f"every rank needs at least one sample per step; pass global_batch= of at "
+            f"least {world_size} or launch fewer ranks"
+        )
+    bounds.check(global_batch, world_size)
