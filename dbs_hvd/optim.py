@@ -50,11 +50,11 @@ What a Horovod script does keeps working:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
 import socket
 import time
-import copy
-import os
 import types
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 

@@ -85,12 +85,28 @@ class StepTimer:
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter,
                  device_sync: Optional[Callable[[], None]] = None,
-                 frozen_clock: Optional[Callable[[], float]] = None) -> None:
+                 frozen_clock: Optional[Callable[[], float]] = None,
+                 cpu_share: Optional[float] = None,
+                 cpu_clock: Callable[[], float] = time.process_time,
+                 work_clock: Optional[Callable[[], float]] = None) -> None:
         self._clock = clock
         self._device_sync = device_sync
         # Seconds this rank has been frozen by its own CPU quota (quota.py);
         # frozen time inside a wait is the rank's slowness, so it counts as compute.
         self._frozen_clock = frozen_clock
+        # The cores of CPU quota this rank may use (None: no quota). A rank with
+        # slack in its quota runs at full speed and looks fast; over a window it
+        # can never use more than cpu_share CPU-seconds per second, so the CPU it
+        # used over the share is a floor on the wall time its work needs.
+        # With a work_clock (the training thread's own CPU time), the CPU the
+        # process's other threads used is overhead taken from the share first,
+        # and the work's floor is its CPU over what remains.
+        self._cpu_share = cpu_share
+        self._cpu_clock = cpu_clock
+        self._work_clock = work_clock
+        self._cpu_mark = cpu_clock() if cpu_share else 0.0
+        self._work_mark = work_clock() if cpu_share and work_clock else 0.0
+        self._wall_mark = clock() if cpu_share else 0.0
         self._step_start: float | None = None
         # Times of the signals since the last step ended, oldest first.
         self._taken: list[float] = []
@@ -167,6 +183,23 @@ class StepTimer:
         self._wait_in_step = 0.0
 
     def take_window(self) -> WindowTotals:
-        """Return the totals since the last call and start a new window."""
+        """Return the totals since the last call and start a new window.
+
+        Under a CPU quota (``cpu_share``) the window's compute is at least the
+        CPU time the process used in it over its share: the wall time the work
+        takes once the quota binds.
+        """
         window, self.window = self.window, WindowTotals()
+        if self._cpu_share:
+            now, wall = self._cpu_clock(), self._clock()
+            used, self._cpu_mark = now - self._cpu_mark, now
+            elapsed, self._wall_mark = wall - self._wall_mark, wall
+            floor = used / self._cpu_share
+            if self._work_clock is not None:
+                work_now = self._work_clock()
+                work, self._work_mark = work_now - self._work_mark, work_now
+                overhead_rate = max(used - work, 0.0) / elapsed if elapsed > 0 else 0.0
+                floor = work / max(self._cpu_share - overhead_rate, 0.1 * self._cpu_share)
+            if window.steps:
+                window.compute_seconds = max(window.compute_seconds, floor)
         return window
