@@ -54,6 +54,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -125,7 +126,8 @@ def host_names(prefix: str, n: int) -> list[str]:
     return [f"{prefix}{i}" for i in range(1, n + 1)]
 
 
-def up(n: int, prefix: str = "dbsh", subnet: str = "10.77.0", decoy: bool = False) -> dict:
+def up(n: int, prefix: str = "dbsh", subnet: str = "10.77.0", decoy: bool = False,
+       sshd: str | None = None) -> dict:
     if not 1 <= n <= 8:
         raise ClusterError("between 1 and 8 hosts")
     old = load_state()
@@ -172,6 +174,8 @@ def up(n: int, prefix: str = "dbsh", subnet: str = "10.77.0", decoy: bool = Fals
         write_agent(state)
         save_state(state)
         wait_reachable(state)
+        if sshd:
+            start_sshd(state, sshd)
     except BaseException:
         down(quiet=True)
         raise
@@ -226,6 +230,68 @@ exec ip netns exec "$ns" unshare --uts env -i HOME="${{HOME:-/root}}" USER="$(id
     agent.write_text(script)
     agent.chmod(0o755)
     return agent
+
+
+def start_sshd(state: dict, root: str) -> None:
+    """An sshd on every host, listening on that host's address only; ssh set up for it.
+
+    ``root`` is openssh-server's .deb unpacked (``dpkg -x``): installing the
+    package would upgrade the machine's openssh-client and start a system sshd.
+    One host key and one client key (in the state folder) serve every host; in
+    the hosts' namespaces /etc/ssh is /etc/netns/HOST/ssh, whose ssh_config
+    uses that key and trusts any host key, and /etc/passwd gains the ``sshd``
+    user that privilege separation needs.
+    """
+    root_path = Path(root).resolve()
+    binary = root_path / "usr" / "sbin" / "sshd"
+    if not binary.exists():
+        raise ClusterError(f"no usr/sbin/sshd under {root_path} (dpkg -x openssh-server_*.deb DIR)")
+    libs = ":".join(str(p) for p in root_path.glob("**/x86_64-linux-gnu") if p.is_dir())
+    keys = STATE_DIR / "ssh"
+    keys.mkdir(parents=True, exist_ok=True)
+    for name in ("host_ed25519", "id_ed25519"):
+        if not (keys / name).exists():
+            sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name))
+    (keys / "authorized_keys").write_text((keys / "id_ed25519.pub").read_text())
+    Path("/run/sshd").mkdir(exist_ok=True)
+    passwd = Path("/etc/passwd").read_text()
+    if "\nsshd:" not in "\n" + passwd:
+        passwd += "sshd:x:105:65534::/run/sshd:/usr/sbin/nologin\n"
+    state["sshd"] = {}
+    for host in state["hosts"]:
+        etc = NETNS_ETC / host
+        (etc / "passwd").write_text(passwd)
+        (etc / "ssh").mkdir(exist_ok=True)
+        (etc / "ssh" / "ssh_config").write_text(
+            "Host *\n"
+            f"    IdentityFile {keys / 'id_ed25519'}\n"
+            "    StrictHostKeyChecking no\n"
+            "    UserKnownHostsFile /dev/null\n"
+            "    LogLevel ERROR\n"
+            "    BatchMode yes\n")
+        config = keys / f"sshd_config.{host}"
+        config.write_text(
+            f"ListenAddress {state['addresses'][host]}\n"
+            f"HostKey {keys / 'host_ed25519'}\n"
+            f"PidFile {keys / ('sshd.' + host + '.pid')}\n"
+            f"AuthorizedKeysFile {keys / 'authorized_keys'}\n"
+            "PermitRootLogin yes\nPubkeyAuthentication yes\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nUseDNS no\n"
+            "PrintMotd no\nPrintLastLog no\n"
+            "SetEnv PATH=" + CLEAN_PATH + "\n")
+        proc = subprocess.Popen(
+            host_argv(host, [str(binary), "-D", "-e", "-f", str(config)]),
+            env={**os.environ, "LD_LIBRARY_PATH": libs}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=open(keys / f"sshd.{host}.log", "w"),
+            start_new_session=True)
+        state["sshd"][host] = proc.pid
+    save_state(state)
+    deadline = time.monotonic() + 10
+    for host in state["hosts"]:
+        while sh("ip", "netns", "exec", host, "ssh", host, "true", check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"sshd on {host} does not answer: see {keys}/sshd.{host}.log")
+            time.sleep(0.2)
 
 
 def wait_reachable(state: dict, timeout: float = 10.0) -> None:
@@ -284,9 +350,7 @@ def down(quiet: bool = False) -> list[str]:
     for etc in state.get("etc", []):
         path = Path(etc)
         if path.parent == NETNS_ETC and path.is_dir():
-            for child in path.iterdir():
-                child.unlink()
-            path.rmdir()
+            shutil.rmtree(path)
     agent = Path(state.get("bin", STATE_DIR / "bin")) / "ssh"
     if agent.exists():
         agent.unlink()
@@ -478,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix", default="dbsh")
     p.add_argument("--subnet", default="10.77.0", help="the first three octets")
     p.add_argument("--decoy", action="store_true", help="docker0 172.17.0.1/16 on every host")
+    p.add_argument("--sshd", metavar="DIR",
+                   help="also an sshd per host, from openssh-server's .deb unpacked in DIR")
     sub.add_parser("down", help="remove the cluster (also after a crash)")
     sub.add_parser("status", help="print the state")
     p = sub.add_parser("slow", help="rate-limit and/or delay one host's link")
@@ -504,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
             reason = can_create_namespaces()
             if reason:
                 raise ClusterError(reason)
-            state = up(args.n, args.prefix, args.subnet, args.decoy)
+            state = up(args.n, args.prefix, args.subnet, args.decoy, args.sshd)
             for h in state["hosts"]:
                 print(f"{h}\t{state['addresses'][h]}")
             print(f"agent\t{state['bin']}/ssh   (PATH={state['bin']}:$PATH uses it as ssh)")
