@@ -21,13 +21,15 @@ a folder with openssh-server's .deb unpacked.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
+from collections import Counter
 
 import pytest
-from multihost.cluster import ROOT, emulated_cluster
+from multihost.cluster import DBS_TRAIN, ROOT, ec, emulated_cluster
 
 pytestmark = [pytest.mark.multihost, pytest.mark.mpi]
 
@@ -78,3 +80,89 @@ def test_a_cut_host_ends_the_job_within_the_bound(tmp_path, launcher, mode, ssh)
         left = cluster.wait_no_processes(timeout=max(15.0, BOUND - took))
         assert not left, f"processes left {BOUND} s after the cut: {left}"
         print(f"  and no process left on any host {time.monotonic() - cut_at:.1f} s after the cut")
+
+
+# ---------------------------------------------------------------------------
+# elastic: a host lost mid-epoch, the job goes on from the last commit on the others
+
+ELASTIC_EPOCHS, COMMIT_EVERY, FAIL_EPOCH, FAIL_AFTER_STEP, GLOBAL_BATCH = 3, 5, 1, 7, 64
+
+
+def read_records(directory):
+    records = []
+    for path in sorted(directory.glob("reads-*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a line being written right now
+    return records
+
+
+def test_elastic_a_killed_host_the_run_finishes_on_the_others_reading_each_sample_once(tmp_path):
+    with emulated_cluster(3) as cluster:
+        lost = cluster.hosts[2]
+        reads = tmp_path / "reads"
+        options = tmp_path / "options.txt"
+        options.write_text(f"--log\n{tmp_path / 'epochs.jsonl'}\n")
+        out = tmp_path / "output.txt"
+        with open(out, "w") as sink:
+            proc = cluster.popen(cluster.hosts[0], [
+                "horovodrun", "-np", "3", "--min-np", "2", "--max-np", "3",
+                "--host-discovery-script", str(ROOT / "launch" / "discover_hosts.sh"),
+                "--network-interfaces", "eth0", "--start-timeout", "60", "--elastic-timeout", "60",
+                "--blacklist-cooldown-range", "200", "300",
+                DBS_TRAIN, "--elastic", "--commit-every", str(COMMIT_EVERY),
+                "--virtual-device", "0:2", "--epochs", str(ELASTIC_EPOCHS),
+                "--global-batch", str(GLOBAL_BATCH), "--read-log", str(reads), f"@{options}"],
+                env={"DBS_HVD_HOSTS": ",".join(f"{h}:1" for h in cluster.hosts)},
+                stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while not any(r["kind"] == "read" and r["epoch"] == FAIL_EPOCH
+                          and r["step"] >= FAIL_AFTER_STEP for r in read_records(reads)):
+                assert proc.poll() is None, out.read_text()[-3000:]
+                assert time.monotonic() < deadline, out.read_text()[-3000:]
+                time.sleep(0.05)
+            for pid in ec.namespace_pids(lost):  # the host dies: every process on it
+                os.kill(pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            proc.wait(timeout=120)
+            took = time.monotonic() - killed_at
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        output = out.read_text()
+        assert proc.returncode == 0, output[-5000:]
+        print(f"elastic: host {lost} killed, the run finished on 2 hosts {took:.1f} s later")
+
+        records = read_records(reads)
+        read = [r for r in records if r["kind"] == "read"]
+        commits = [r for r in records if r["kind"] == "commit"]
+        final = max(commits, key=lambda c: (c["epoch"], c["step"]))
+        assert (final["epoch"], final["step"], final["world"]) == (ELASTIC_EPOCHS, 0, 2), final
+        assert {r["world"] for r in read if r["epoch"] == ELASTIC_EPOCHS - 1} == {2}
+        from dbs_hvd import data
+        from dbs_hvd.sampler import DynamicBatchSampler
+        train_set, _ = data.load("digits", flatten=True, seed=0)
+        stream = DynamicBatchSampler(len(train_set), GLOBAL_BATCH, rank=0, world_size=1, seed=0)
+        steps = stream.steps_per_epoch
+        for epoch in range(ELASTIC_EPOCHS):
+            stream.set_epoch(epoch)
+            expected = set(stream.permutation()[:steps * GLOBAL_BATCH].tolist())
+            counts = Counter(i for r in read if r["epoch"] == epoch for i in r["indices"])
+            assert set(counts) == expected, f"epoch {epoch}: samples missed or foreign"
+            if epoch != FAIL_EPOCH:
+                assert max(counts.values()) == 1, f"epoch {epoch} read samples twice"
+                continue
+            # Read twice: only what the world of 3 read after its last commit.
+            resumed = min(r["step"] for r in read if r["epoch"] == epoch and r["world"] == 2)
+            last_commit = max(c["step"] for c in commits if c["world"] == 3 and c["epoch"] == epoch)
+            assert resumed == last_commit, (resumed, last_commit)
+            twice = {i for i, n in counts.items() if n == 2}
+            assert max(counts.values()) <= 2
+            assert twice == {i for r in read if r["epoch"] == epoch and r["world"] == 3
+                             and r["step"] >= resumed for i in r["indices"]}
+        left = cluster.wait_no_processes()
+        assert not left, f"processes left after the run: {left}"
