@@ -9,9 +9,13 @@ from dataclasses import fields
 
 from .checkpoint import CheckpointError
 from .comm import DbsError
+from .metrics import EpochRecord
 from .plan import PlanError
 from .policies import POLICIES
 from .trainer import TrainConfig, train
+
+# The errors every rank meets alike: dbs-train reports them in one line, no traceback.
+USER_ERRORS = (DbsError, PlanError, CheckpointError, ValueError, FileNotFoundError)
 
 
 def _positive_int(text: str) -> int:
@@ -323,14 +327,32 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     """
     config = train_config(argv)
     try:
-        train(config)
-    except (DbsError, PlanError, CheckpointError, ValueError, FileNotFoundError) as error:
+        run_training(config)
+    except USER_ERRORS as error:
         # Raised alike on every rank: each exits non-zero with the same message.
         # One write, so launchers that tag output per chunk keep the line whole.
-        sys.stderr.write(f"dbs-train: error: {error}\n")
+        sys.stderr.write(error_line(error) + "\n")
         sys.stderr.flush()
         return 2
     return 0
+
+
+def run_training(config: TrainConfig) -> list[EpochRecord]:
+    """Train as ``config`` asks: elastically (``dbs_hvd.elastic``) or not (``dbs_hvd.trainer``).
+
+    The choice is made here so that elastic.py, which builds on trainer.py,
+    is not imported back by it.
+    """
+    if config.elastic:
+        from .elastic import train_elastic  # imports Horovod: only for elastic runs
+
+        return train_elastic(config)
+    return train(config)
+
+
+def error_line(error: BaseException) -> str:
+    """The line dbs-train prints on stderr for one of ``USER_ERRORS``."""
+    return f"dbs-train: error: {error}"
 
 
 if __name__ == "__main__":

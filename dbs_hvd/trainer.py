@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from . import checkpoint, data, models
 from .comm import check_same_on_all_ranks, decide_on_root, default_exchange
-from .devices import resolve_device
+from .devices import gpu_for_local_rank, resolve_device
 from .emulate import DeviceEmulator, make_emulator
 from .metrics import EpochRecord, JsonLinesLog, balance_efficiency
 from .averaging import ModelAveragingOptimizer
@@ -133,11 +133,13 @@ class _Run:
     dropped_per_epoch: int
 
 
-def _dbs_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset, exchange,
-             device: torch.device) -> _Run:
+def _dbs_policy_and_sampler(config: TrainConfig, dataset_size: int, rank: Optional[int] = None,
+                            world_size: Optional[int] = None) -> tuple[Policy, DynamicBatchSampler]:
+    """The run's policy and sampler (rank and world size default to Horovod's; no collective)."""
     policy = make_run_policy(config)
     try:
-        sampler = DynamicBatchSampler(len(train_set), config.global_batch, seed=config.seed,
+        sampler = DynamicBatchSampler(dataset_size, config.global_batch, rank=rank,
+                                      world_size=world_size, seed=config.seed,
                                       bounds=Bounds(config.min_batch, config.max_batch),
                                       plan=parse_plan(config.plan) if config.plan else None)
     except PlanError as error:  # the library names its arguments; dbs-train, its flags
@@ -147,6 +149,12 @@ def _dbs_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset, ex
             raise PlanError(f"--plan {config.plan} is not on the grid of --batch-multiple "
                             f"{config.batch_multiple}: give sizes that are multiples of it")
         sampler.set_plan(policy.initial_plan(sampler.world_size), 0)  # nothing handed out yet
+    return policy, sampler
+
+
+def _dbs_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset, exchange,
+             device: torch.device) -> _Run:
+    policy, sampler = _dbs_policy_and_sampler(config, len(train_set))
     # The sampler yields index lists; a TensorDataset indexes them in one go.
     loader = DataLoader(train_set, sampler=sampler, batch_size=None, num_workers=config.workers,
                         pin_memory=device.type == "cuda")
@@ -203,11 +211,7 @@ def _plain_horovod_run(config: TrainConfig, model: nn.Module, train_set: TensorD
     import horovod.torch as hvd
     from torch.utils.data import BatchSampler, DistributedSampler
 
-    if config.global_batch % world:
-        raise PlanError(
-            f"the plain Horovod baseline needs a global batch divisible by the {world} ranks, "
-            f"got {config.global_batch}"
-        )
+    _check_plain_horovod(config, world)
     local = config.global_batch // world
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
                                  seed=config.seed, drop_last=True)
@@ -218,6 +222,15 @@ def _plain_horovod_run(config: TrainConfig, model: nn.Module, train_set: TensorD
         named_parameters=model.named_parameters(), op=hvd.Average,
     )
     return _Run(loader, optimizer, sampler, len(batches), len(train_set) - len(batches) * local * world)
+
+
+def _check_plain_horovod(config: TrainConfig, world: int) -> None:
+    """The baseline splits the global batch equally: it must divide by the world size."""
+    if config.global_batch % world:
+        raise PlanError(
+            f"the plain Horovod baseline needs a global batch divisible by the {world} ranks, "
+            f"got {config.global_batch}"
+        )
 
 
 def build_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset, exchange,
@@ -391,15 +404,12 @@ def epoch_record(config: TrainConfig, epoch: int, model: nn.Module, run: _Run,
                           seconds, config.policy)
 
 
-def train(config: TrainConfig) -> list[EpochRecord]:
-    """Run DBS (or the plain-Horovod baseline) on all ranks; returns the epoch records."""
-    import horovod.torch as hvd
-    from tqdm import tqdm
+def check_flags(config: TrainConfig) -> None:
+    """Raise for flags that contradict each other; needs no world, no data, no Horovod.
 
-    if config.elastic:
-        from .elastic import train_elastic
-
-        return train_elastic(config)
+    Raises:
+        ValueError: naming the dbs-train flags, as dbs-train reports it.
+    """
     if config.read_log:
         raise ValueError("--read-log records elastic runs: add --elastic (and launch with "
                          "horovodrun --host-discovery-script)")
@@ -409,6 +419,58 @@ def train(config: TrainConfig) -> list[EpochRecord]:
     if config.rebalance_log and config.policy == "horovod":
         raise ValueError("--rebalance-log records DBS rebalances, and plain Horovod has none: "
                          "use --policy dbs, paper or static")
+    if config.resume and not config.checkpoint_dir:
+        raise ValueError("--resume needs --checkpoint-dir (the folder of the run to continue)")
+
+
+def validate(config: TrainConfig, world_size: int, dataset_size: Optional[int] = None) -> None:
+    """Raise the error a run of ``world_size`` ranks meets with these settings, in one process.
+
+    Runs, in ``train``'s order, every check of the settings that needs no
+    Horovod and no MPI: the flags against each other, the emulation, the data
+    set and device (only where ``dataset_size`` is None), the policy, the
+    first plan and the rebalance schedule. Each rank of a run meets the same
+    error, so ``train`` calls this on every rank before the collectives that
+    use the settings. Not covered: ranks started with different settings and
+    checkpoints (both need the run), and ``--stall-timeout`` (checked as
+    Horovod starts).
+
+    Args:
+        config: the run's settings (``cli.train_config`` parses dbs-train's).
+        world_size: the number of ranks.
+        dataset_size: the training set's size; None loads the data set to
+            find it and checks that ``--device`` is available, as a run does.
+
+    Raises:
+        ValueError, PlanError, FileNotFoundError: with the message dbs-train
+            prints, naming its flags.
+    """
+    check_flags(config)
+    make_emulator(0, world_size, config.slowdown, config.virtual_device, config.disturb,
+                  config.step_change, config.seed, scales_cpu_time(config))
+    if dataset_size is None:
+        train_set, _ = data.load(config.dataset, flatten=config.model == "mlp", seed=config.seed,
+                                 samples=config.samples, data_dir=config.data_dir,
+                                 image_size=config.image_size)
+        dataset_size = len(train_set)
+        if config.device == "cuda":  # as resolve_device, without selecting the GPU
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            gpu_for_local_rank(0, 1, gpus, may_share=True)
+    if config.policy == "horovod":
+        _check_plain_horovod(config, world_size)
+    else:
+        _dbs_policy_and_sampler(config, dataset_size, rank=0, world_size=world_size)
+        RebalanceOptions.from_config(asdict(config))
+
+
+def train(config: TrainConfig) -> list[EpochRecord]:
+    """Run DBS (or the plain-Horovod baseline) on all ranks; returns the epoch records."""
+    import horovod.torch as hvd
+    from tqdm import tqdm
+
+    if config.elastic:  # dbs-train runs elastic mode from cli.py: elastic.py imports this module
+        raise ValueError("--elastic runs in dbs_hvd.elastic.train_elastic, not trainer.train")
+    check_flags(config)
 
     init_horovod(config)
     rank, world = hvd.rank(), hvd.size()
@@ -422,12 +484,12 @@ def train(config: TrainConfig) -> list[EpochRecord]:
     )
     train_set, test_set, device, model = build_data_and_model(
         config, hvd.local_rank(), hvd.local_size())
+    # Every check of the settings for this world and data set, before any collective they feed.
+    validate(config, world, len(train_set))
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     plain = config.policy == "horovod"
     run = build_run(config, model, train_set, exchange, device, world, rank)
     hvd.broadcast_optimizer_state(run.optimizer, root_rank=0)
-    if config.resume and not config.checkpoint_dir:
-        raise ValueError("--resume needs --checkpoint-dir (the folder of the run to continue)")
     first_epoch = _resume(config, model, run, exchange, plain) if config.resume else 0
     criterion = nn.CrossEntropyLoss()
     log = JsonLinesLog(config.log) if (config.log and rank == 0) else None
@@ -488,4 +550,4 @@ def train(config: TrainConfig) -> list[EpochRecord]:
     return records
 
 
-__all__ = ["TrainConfig", "train", "evaluate", "PlanError"]
+__all__ = ["TrainConfig", "train", "validate", "check_flags", "evaluate", "PlanError"]
