@@ -10,7 +10,10 @@
 #       .venv/bin/dbs-train --elastic --commit-every 10 ...
 #
 # (No "--" before the command in elastic mode: Horovod passes it on to the shell.
-# Without the timeouts the driver waits 600 s for workers and ignores SIGTERM.)
+# Without the timeouts the driver waits 600 s for workers and ignores SIGTERM.
+# Across hosts, add --network-interfaces IFACE and ssh keepalives, e.g.
+# PATH=$PWD/launch/ssh_keepalive:$PATH: without them a host whose link is cut
+# is never noticed. See docs/deployment/multi-host.md.)
 #
 # horovodrun runs this script every few seconds and adds or removes workers as
 # its output changes. Where the hosts come from (the first that is set):

@@ -255,7 +255,7 @@ stop() {
     echo "multi_host.sh: ${cmd[0]} ignored SIGTERM for 30 s: killing it" >&2
     kill -KILL "$child" 2>/dev/null || true
 }
-"${cmd[@]}" &
+"${cmd[@]}" <&0 &  # keep stdin (a background job would get /dev/null)
 child=$!
 trap 'stop' TERM INT HUP
 while true; do
