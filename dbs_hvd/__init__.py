@@ -19,13 +19,16 @@ ones); ``make_policy``/``POLICIES`` name the policies ("dbs", "paper",
 ``DbsError`` is raised alike on every rank (mismatched settings, bad
 measurements); ``PlanError`` for a configuration no plan can meet.
 
-Importing dbs_hvd has one side effect: under an MPI launcher (mpirun), it
-initialises MPI through mpi4py (``claim_mpi``) so that MPI outlives
-Horovod's background thread; import dbs_hvd before calling ``hvd.init()``.
-Outside MPI it does nothing. The torch-dependent names load on first use,
+Importing dbs_hvd has two side effects, both before ``hvd.init()``, so
+import dbs_hvd first. Under an MPI launcher (mpirun) it initialises MPI
+through mpi4py (``claim_mpi``) so that MPI outlives Horovod's background
+thread; outside MPI it does nothing. Under a CPU quota of less than one core
+(a container's CPU limit, a cgroup) it sets ``HOROVOD_CYCLE_TIME`` for that
+quota unless it is set already (``quota.configure_horovod_cycle``). The torch-dependent names load on first use,
 so the pure policy code imports without torch.
 """
 from .comm import DbsError, claim_mpi
+from .quota import configure_horovod_cycle
 from .grid import GridPolicy
 from .options import RebalanceOptions
 from .plan import Bounds, Plan, PlanError, Policy, ProportionalPolicy, StaticPolicy, WindowStats
@@ -53,6 +56,10 @@ __version__ = "0.1.0"
 # Under mpirun, MPI must be initialised by mpi4py before hvd.init() so that it
 # outlives Horovod's background thread (see comm.py): a no-op elsewhere.
 claim_mpi()
+# Under a CPU quota of less than a core, Horovod's background thread cycles more
+# slowly (quota.configure_horovod_cycle): it is read at hvd.init(), so it is set
+# here, unless HOROVOD_CYCLE_TIME is set already.
+configure_horovod_cycle()
 
 __all__ = [
     "Bounds", "CostModelPolicy", "DbsError", "DistributedOptimizer", "DynamicBatchSampler",

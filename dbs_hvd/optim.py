@@ -69,6 +69,7 @@ from .quota import min_window_seconds, own_quota
 from .sampler import DynamicBatchSampler, StepBatch
 from .schedule import rebalance_due
 from .timing import StepTimer
+from .waiting import install_quiet_wait
 
 
 class LocalBatchWeighting:
@@ -541,8 +542,12 @@ def dynamic_batch_state(sampler: DynamicBatchSampler, policy: Union[str, Policy]
 
     Collective: every rank checks that all ranks use the same global batch,
     seed, data set size, bounds, policy and rebalance options; a mismatch is
-    a DbsError on all ranks.
+    a DbsError on all ranks. Horovod's collectives are made to wait without
+    spinning (``waiting.install_quiet_wait``; ``DBS_HVD_HOROVOD_WAIT=spin``
+    keeps Horovod's own wait), so a rank waiting for a slower one does not
+    spend its CPU, or its CPU quota, on the wait.
     """
+    install_quiet_wait()
     rebalance = rebalance if rebalance is not None else RebalanceOptions()
     if isinstance(policy, str):
         policy = make_policy(policy, sampler.global_batch, sampler.bounds,

@@ -21,6 +21,8 @@ the path from the process's own group to the root that sets a quota counts.
 
 from __future__ import annotations
 
+import os
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,3 +125,49 @@ def own_quota(cgroup_text: str | None = None, mounts_text: str | None = None) ->
 def min_window_seconds(quota: CpuQuota | None) -> float:
     """The shortest measurement window that averages over a quota's bursts (0 without one)."""
     return 0.0 if quota is None else PERIODS_PER_WINDOW * quota.period
+
+
+#: Horovod's background cycle under a quota of S cores: every CYCLE_MS_PER_SHARE / S
+#: milliseconds, within [1, MAX_CYCLE_MS].
+CYCLE_MS_PER_SHARE = 2.5
+MAX_CYCLE_MS = 20.0
+
+
+def horovod_cycle_ms(quota: CpuQuota | None) -> float | None:
+    """The background cycle time for a rank under ``quota``, or None to keep Horovod's.
+
+    Horovod's background thread runs a negotiation with every other rank once per
+    cycle (``HOROVOD_CYCLE_TIME``, 1 ms by default), and each one costs CPU time,
+    more while it waits for a late rank. Under a quota that cost comes out of the
+    rank's share, and at a fraction of a core it can take most of it, leaving
+    little for training. Longer cycles cost fewer negotiations per second and add
+    at most one cycle of latency to each allreduce, so a throttled rank cycles
+    more slowly the smaller its share.
+
+    Args:
+        quota: this rank's quota (:func:`own_quota`), or None.
+
+    Returns:
+        Milliseconds, or None where there is no quota of less than one core.
+    """
+    if quota is None or quota.share >= 1:
+        return None
+    return min(max(CYCLE_MS_PER_SHARE / quota.share, 1.0), MAX_CYCLE_MS)
+
+
+def configure_horovod_cycle(environ: MutableMapping[str, str] | None = None) -> float | None:
+    """Set ``HOROVOD_CYCLE_TIME`` for this rank's quota unless the user set it.
+
+    Horovod reads the variable in ``hvd.init()``, so this runs before it
+    (``import dbs_hvd`` calls it).
+
+    Returns:
+        The cycle set, in milliseconds, or None where nothing was set.
+    """
+    environ = os.environ if environ is None else environ
+    if "HOROVOD_CYCLE_TIME" in environ:
+        return None
+    cycle = horovod_cycle_ms(own_quota())
+    if cycle is not None:
+        environ["HOROVOD_CYCLE_TIME"] = f"{cycle:g}"
+    return cycle

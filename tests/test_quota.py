@@ -141,3 +141,19 @@ def test_with_a_work_clock_other_threads_cpu_is_overhead_taken_from_the_share():
     window = timer.take_window()
     # overhead 0.1 core, so 0.15 core is left for 10 ms of work
     assert window.compute_seconds == pytest.approx(0.010 / 0.15)
+
+
+def test_the_cycle_slows_with_the_share_and_respects_the_users_setting(tmp_path, monkeypatch):
+    from dbs_hvd import quota as q
+
+    assert q.horovod_cycle_ms(None) is None
+    assert q.horovod_cycle_ms(CpuQuota(2.0, 0.1, tmp_path, 1)) is None
+    assert q.horovod_cycle_ms(CpuQuota(0.25, 0.1, tmp_path, 1)) == pytest.approx(10.0)
+    assert q.horovod_cycle_ms(CpuQuota(0.5, 0.1, tmp_path, 1)) == pytest.approx(5.0)
+    assert q.horovod_cycle_ms(CpuQuota(0.05, 0.1, tmp_path, 1)) == q.MAX_CYCLE_MS
+    monkeypatch.setattr(q, "own_quota", lambda: CpuQuota(0.25, 0.1, tmp_path, 1))
+    env = {}
+    assert q.configure_horovod_cycle(env) == pytest.approx(10.0)
+    assert env == {"HOROVOD_CYCLE_TIME": "10"}
+    env = {"HOROVOD_CYCLE_TIME": "3"}
+    assert q.configure_horovod_cycle(env) is None and env["HOROVOD_CYCLE_TIME"] == "3"
