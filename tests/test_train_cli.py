@@ -1,14 +1,18 @@
-"""dbs-train end to end under mpirun: plans converge, accuracy, bad input fails alike on all ranks."""
+"""dbs-train end to end under mpirun (plans converge, accuracy, bad input fails alike on all
+ranks), and its checks of bad input in one process (cli.train_config, trainer.validate)."""
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 
+from dbs_hvd.cli import USER_ERRORS, error_line, train_config
 from dbs_hvd.metrics import read_jsonl
 from dbs_hvd.testing import mpmd_argv, run_argv, run_job
+from dbs_hvd.trainer import validate
 
-pytestmark = pytest.mark.mpi
+mpi = pytest.mark.mpi  # every test that launches ranks (make test-fast leaves them out)
 DBS_TRAIN = [sys.executable, "-m", "dbs_hvd.cli"]
 
 
@@ -19,6 +23,7 @@ def train(np_, *args, timeout=240):
     return result
 
 
+@mpi
 @pytest.mark.parametrize("policy", ["paper", "dbs"])
 def test_shares_converge_on_virtual_devices_by_the_second_epoch(tmp_path, policy):
     # Per-sample costs 2 ms and 6 ms (ratio 1:3): the balanced shares are 0.75 / 0.25.
@@ -37,6 +42,7 @@ def test_shares_converge_on_virtual_devices_by_the_second_epoch(tmp_path, policy
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+@mpi
 def test_slow_rank_share_falls_below_nominal_bound_with_real_compute(tmp_path):
     log = tmp_path / "run.jsonl"
     train(2, "--model", "cnn", "--slowdown", "1,3", "--epochs", "4", "--global-batch", "64",
@@ -57,6 +63,7 @@ STEP_CHANGE_RUN = ["--virtual-device", "0:2,0:2", "--step-change", "1:10:3",
                    "--rebalance-budget", "0", "--rebalance-min-seconds", "0"]
 
 
+@mpi
 def test_dbs_answers_a_step_change_within_the_same_epoch(tmp_path):
     # The plan must move inside epoch 0.
     log = tmp_path / "run.jsonl"
@@ -68,6 +75,7 @@ def test_dbs_answers_a_step_change_within_the_same_epoch(tmp_path):
     np.testing.assert_allclose(np.array(plans[-1]) / 64, [0.75, 0.25], atol=0.06)
 
 
+@mpi
 def test_the_rebalance_log_says_when_and_why_the_plan_moved(tmp_path):
     # The step change above, with --rebalance-log: one line per rebalance, in
     # order, each plan following from the one before, and the move that
@@ -94,12 +102,14 @@ def test_the_rebalance_log_says_when_and_why_the_plan_moved(tmp_path):
     assert 0.01 <= seen["band"] <= 0.03 and len(seen["misfit"]) == 2, seen
 
 
+@mpi
 def test_static_policy_keeps_the_equal_split(tmp_path):
     log = tmp_path / "run.jsonl"
     train(2, "--policy", "static", "--slowdown", "1,3", "--epochs", "2", "--log", str(log))
     assert all(r["next_batch_sizes"] == [32, 32] for r in read_jsonl(log))
 
 
+@mpi
 def test_static_policy_keeps_a_given_plan(tmp_path):
     log = tmp_path / "run.jsonl"
     train(2, "--policy", "static", "--plan", "48,16", "--slowdown", "1,3", "--epochs", "2",
@@ -109,6 +119,7 @@ def test_static_policy_keeps_a_given_plan(tmp_path):
     assert records[0]["samples"][0] == 3 * records[0]["samples"][1]
 
 
+@mpi
 def test_main_job_reaches_97_percent_with_heterogeneous_ranks(tmp_path):
     """The README's main job (Makefile DEMO_FLAGS), checked end to end."""
     log = tmp_path / "run.jsonl"
@@ -130,40 +141,142 @@ def _assert_fails_alike(result, message, ranks):
         assert "dbs-train: error:" in text and message in text, result.describe()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--global-batch", "1"], "smaller than the world size"),
-    (["--global-batch", "0"], "positive integer"),
-    (["--global-batch", "-8"], "positive integer"),
-    (["--global-batch", "2000"], "fewer than the global batch"),
-    (["--min-batch", "40"], "exceeds the global batch"),
-    (["--max-batch", "10"], "is below the global batch"),
-    (["--slowdown", "1,2,3"], "3 factors for 2 ranks"),
-    (["--slowdown", "0.5,1"], "factors must be >= 1"),
-    (["--virtual-device", "fast,slow"], "OVERHEAD_MS:PER_SAMPLE_MS"),
-    (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "missing data_batch_1"),
-    (["--device", "cuda"], "no CUDA device"),
-    (["--policy", "horovod", "--global-batch", "63"], "divisible by the 2 ranks"),
-    (["--disturb", "q=0.2"], "--disturb takes"),
-    (["--step-change", "5:10:2"], "outside a world of 2"),
-    (["--plan", "40,20"], "sums to 60, not the global batch 64"),
-    (["--plan", "64"], "plan for 1 ranks in a world of 2"),
-    (["--plan", "a,b"], "--plan takes one local batch size per rank"),
-    (["--policy", "horovod", "--plan", "32,32"], "--plan needs a DBS policy"),
-    (["--policy", "horovod", "--rebalance-log", "r.jsonl"], "plain Horovod has none"),
-    (["--rebalance-budget", "2"], "rebalance_budget must be a fraction"),
-    (["--rebalance-min-seconds", "-1"], "rebalance_min_seconds must be a number of seconds"),
-    (["--warmup-steps", "-1"], "warmup_steps must be a number of steps >= 0"),
-    (["--max-deadband", "0.02"], "starts at the deadband 0.03: give at least 0.03"),
-    (["--slowdown-clock", "cpu", "--threads", "2"], "--slowdown-clock cpu needs --device cpu"),
-    (["--batch-multiple", "24"], "batch multiple 24 does not divide the global batch 64"),
-    (["--batch-multiple", "8", "--plan", "60,4"], "not on the grid of --batch-multiple 8"),
-    (["--batch-multiple", "64"], "makes 1 multiples for 2 ranks"),
-])
-def test_bad_input_fails_on_every_rank_without_hanging(args, message):
+# Bad input, each with the whole message every rank of a 2-rank run prints after
+# "dbs-train: error: " (and exits non-zero). Each is checked in one process by
+# trainer.validate, which train runs on every rank; LAUNCHED ones under mpirun too.
+BAD_INPUT = [
+    (["--global-batch", "1"],
+     "--global-batch 1 is smaller than the world size 2: every rank needs at least one "
+     "sample per step; pass --global-batch of at least 2 or launch fewer ranks"),
+    (["--global-batch", "0"],
+     "the global batch must be a positive integer, got 0"),
+    (["--global-batch", "-8"],
+     "the global batch must be a positive integer, got -8"),
+    (["--global-batch", "2000"],
+     "the data set has 1438 samples, fewer than the global batch (--global-batch 2000): "
+     "not one step could run. Pass --global-batch of at most 1438 or use more data"),
+    (["--min-batch", "40"],
+     "min_batch 40 x 2 ranks = 80 exceeds the global batch 64: lower min_batch to at "
+     "most 32"),
+    (["--max-batch", "10"],
+     "max_batch 10 x 2 ranks = 20 is below the global batch 64: raise max_batch to at "
+     "least 32"),
+    (["--slowdown", "1,2,3"],
+     "--slowdown gives 3 factors for 2 ranks: give one per rank (or a single value for "
+     "all)"),
+    (["--slowdown", "0.5,1"],
+     "--slowdown factor for rank 0 is 0.5: factors must be >= 1"),
+    (["--virtual-device", "fast,slow"],
+     "--virtual-device takes OVERHEAD_MS:PER_SAMPLE_MS[:NEW_SIZE_MS] per rank, each a "
+     "number >= 0, got 'fast'"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent"],
+     "/nonexistent is not a CIFAR-10 python folder: missing data_batch_1, data_batch_2, "
+     "data_batch_3, data_batch_4, data_batch_5, test_batch (expected the extracted "
+     "cifar-10-batches-py directory)"),
+    (["--device", "cuda"],
+     "--device cuda was asked for, but torch sees no CUDA device here (CPU build of "
+     "torch, or no GPU visible): use --device cpu"),
+    (["--policy", "horovod", "--global-batch", "63"],
+     "the plain Horovod baseline needs a global batch divisible by the 2 ranks, got 63"),
+    (["--disturb", "q=0.2"],
+     "--disturb takes p=P,factor=F,epochs=E; got 'q=0.2'"),
+    (["--step-change", "5:10:2"],
+     "--step-change rank 5 is outside a world of 2"),
+    (["--plan", "40,20"],
+     "plan (40, 20) sums to 60, not the global batch 64"),
+    (["--plan", "64"],
+     "plan for 1 ranks in a world of 2"),
+    (["--plan", "a,b"],
+     "--plan takes one local batch size per rank, comma-separated (e.g. 100,28), got "
+     "'a,b'"),
+    (["--policy", "horovod", "--plan", "32,32"],
+     "--plan needs a DBS policy (plain Horovod splits the batch equally); use --policy "
+     "static to keep a plan fixed"),
+    (["--policy", "horovod", "--rebalance-log", "r.jsonl"],
+     "--rebalance-log records DBS rebalances, and plain Horovod has none: use --policy "
+     "dbs, paper or static"),
+    (["--rebalance-budget", "2"],
+     "rebalance_budget must be a fraction of the step time in [0, 1) (0: exactly every "
+     "steps), got 2.0 (dbs-train's --rebalance-budget)"),
+    (["--rebalance-min-seconds", "-1"],
+     "rebalance_min_seconds must be a number of seconds >= 0, got -1.0 (dbs-train's "
+     "--rebalance-min-seconds)"),
+    (["--warmup-steps", "-1"],
+     "warmup_steps must be a number of steps >= 0, got -1 (e.g. 10: the first 10 steps "
+     "move the plan only for a 15% gain; 0: no warm-up)"),
+    (["--max-deadband", "0.02"],
+     "max_deadband (--max-deadband) is the ceiling of a band that starts at the deadband "
+     "0.03: give at least 0.03, got 0.02"),
+    (["--slowdown-clock", "cpu", "--threads", "2"],
+     "--slowdown-clock cpu needs --device cpu and --threads 1: only then is the calling "
+     "thread's CPU time the step's work; use --slowdown-clock wall"),
+    (["--batch-multiple", "24"],
+     "batch multiple 24 does not divide the global batch 64: the local batches could not "
+     "sum to it. Choose a multiple that divides it (e.g. 2, 4, 8, 16, 32, 64) or a "
+     "global batch that is a multiple of 24"),
+    (["--batch-multiple", "8", "--plan", "60,4"],
+     "--plan 60,4 is not on the grid of --batch-multiple 8: give sizes that are "
+     "multiples of it"),
+    (["--batch-multiple", "64"],
+     "on a grid of 64 samples the global batch 64 makes 1 multiples for 2 ranks, and "
+     "with every rank's batch between 64 and 64 samples (the bounds rounded to the grid) "
+     "no plan fits: lower the batch multiple or raise the global batch"),
+    # Flag checks that train runs before Horovod starts.
+    (["--read-log", "reads"],
+     "--read-log records elastic runs: add --elastic (and launch with horovodrun "
+     "--host-discovery-script)"),
+    (["--resume"],
+     "--resume needs --checkpoint-dir (the folder of the run to continue)"),
+]
+
+# One check before Horovod starts, one of the world size, one of the data set.
+LAUNCHED = [["--policy", "horovod", "--plan", "32,32"], ["--global-batch", "1"],
+            ["--global-batch", "2000"]]
+
+
+def _case_id(args):
+    return " ".join(args)
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT, ids=[_case_id(a) for a, _ in BAD_INPUT])
+def test_bad_input_is_refused_with_dbs_trains_message(args, message):
+    if args == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible here")
+    config = train_config(["--epochs", "1", *args])
+    with pytest.raises(USER_ERRORS) as caught:  # reported in one line, not a traceback
+        validate(config, world_size=2)
+    assert error_line(caught.value) == f"dbs-train: error: {message}"
+
+
+def test_bad_flag_values_are_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as caught:
+        train_config(["--epochs", "0"])
+    assert caught.value.code == 2
+    assert "dbs-train: error: argument --epochs: must be a positive integer, got 0" in (
+        capsys.readouterr().err)
+
+
+def test_good_settings_pass_validation():
+    validate(train_config(["--epochs", "1"]), world_size=2)
+    validate(train_config(["--policy", "horovod", "--global-batch", "64"]), world_size=4,
+             dataset_size=1000)
+    validate(train_config(["--batch-multiple", "8", "--plan", "48,16", "--slowdown", "1,3"]),
+             world_size=2, dataset_size=1000)
+
+
+@mpi
+@pytest.mark.parametrize("args", LAUNCHED, ids=[_case_id(a) for a in LAUNCHED])
+def test_bad_input_fails_on_every_rank_without_hanging(args):
+    message = dict((_case_id(a), m) for a, m in BAD_INPUT)[_case_id(args)]
     result = run_job(DBS_TRAIN + ["--epochs", "1"] + args, np=2, timeout=120)
     _assert_fails_alike(result, message, ranks=2)
+    for rank in range(2):
+        errors = [line for line in result.rank_output.get(rank, [])
+                  if line.startswith("dbs-train: error:")]
+        assert errors == [f"dbs-train: error: {message}"], result.describe()
 
 
+@mpi
 @pytest.mark.parametrize("setting, a, b", [("--global-batch", "64", "32"), ("--seed", "1", "2"),
                                             ("--batch-multiple", "8", "16")])
 def test_ranks_started_with_different_settings_fail_together(setting, a, b):
@@ -179,6 +292,7 @@ def _params(path):
     return torch.load(path, weights_only=True)["model"]
 
 
+@mpi
 @pytest.mark.parametrize("policy, tolerance", [("static", 0.0), ("dbs", 1e-4)])
 def test_resume_continues_as_if_never_interrupted(tmp_path, policy, tolerance):
     """Epoch 2 after a resume equals epoch 2 of an uninterrupted run.
@@ -200,6 +314,7 @@ def test_resume_continues_as_if_never_interrupted(tmp_path, policy, tolerance):
                                    msg=f"parameter {name}")
 
 
+@mpi
 def test_resume_refuses_a_different_configuration_and_a_damaged_file(tmp_path):
     folder = tmp_path / "ckpt"
     train(2, "--epochs", "1", "--policy", "static", "--checkpoint-dir", str(folder))
@@ -216,6 +331,7 @@ def test_resume_refuses_a_different_configuration_and_a_damaged_file(tmp_path):
     _assert_fails_alike(missing, "found no checkpoint", ranks=2)
 
 
+@mpi
 def test_model_averaging_mode_trains(tmp_path):
     log = tmp_path / "run.jsonl"
     train(2, "--mode", "average", "--average-every", "4", "--slowdown", "1,3", "--epochs", "6",
