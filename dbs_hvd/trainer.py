@@ -442,8 +442,11 @@ def validate(config: TrainConfig, world_size: int, dataset_size: Optional[int] =
             find it and checks that ``--device`` is available, as a run does.
 
     Raises:
-        ValueError, PlanError, FileNotFoundError: with the message dbs-train
-            prints, naming its flags.
+        ValueError: for settings that contradict each other or a malformed
+            emulation flag; the message is the one dbs-train prints.
+        PlanError: for a global batch, bounds or first plan that no plan of
+            ``world_size`` ranks can meet.
+        FileNotFoundError: for a CIFAR-10 folder without its batch files.
     """
     check_flags(config)
     make_emulator(0, world_size, config.slowdown, config.virtual_device, config.disturb,
@@ -464,7 +467,11 @@ def validate(config: TrainConfig, world_size: int, dataset_size: Optional[int] =
 
 
 def train(config: TrainConfig) -> list[EpochRecord]:
-    """Run DBS (or the plain-Horovod baseline) on all ranks; returns the epoch records."""
+    """Run DBS (or the plain-Horovod baseline) on all ranks; returns the epoch records.
+
+    Elastic runs (``config.elastic``) go to ``dbs_hvd.elastic.train_elastic``
+    instead (``cli.run_training`` chooses); given one, this raises ValueError.
+    """
     import horovod.torch as hvd
     from tqdm import tqdm
 
