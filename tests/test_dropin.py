@@ -111,7 +111,10 @@ def test_elastic_state_survives_a_killed_rank_and_ends_as_one_process_would(tmp_
     resumed = min(r["step"] for r in reads if r["epoch"] == 1 and r["world"] == 2)
     assert resumed % script.COMMIT_EVERY == 0
     plans = {tuple(c["plan"]) for c in records if c["kind"] == "commit" and c["world"] == 3}
-    assert len(plans) >= 2, plans  # the plan moved before the failure
+    # The plan moved off the equal split before the failure (the first commit may
+    # already hold the moved plan, so the commits need not show two plans).
+    equal = (script.GLOBAL_BATCH // 3,) * 3
+    assert any(plan != equal for plan in plans), plans
 
     dataset, reference = make_problem(n=script.SAMPLES)
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
