@@ -113,7 +113,8 @@ def scenarios(quick: bool) -> list[ExternalScenario]:
                  "--period-ms", str(period)], shares, list(three))
             if shares[1] == 0.25:
                 nominal = s.nominal_plan()
-                s.policies += [fixed(nominal), fixed(shifted(nominal, 4))]
+                s.policies += [fixed(nominal), fixed(shifted(nominal, 4)),
+                               fixed(shifted(nominal, 8))]
             out.append(s)
     shared = ExternalScenario("external [1,0.5,0.25] 3 ranks, the throttled two share a core", 3,
                               ["--share", "1,0.5,0.25", "--core", "0,1,1", "--period-ms", "100"],
