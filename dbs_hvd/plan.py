@@ -67,7 +67,7 @@ class Bounds:
         if global_batch < world_size:
             raise PlanError(
                 f"global batch {global_batch} is smaller than the world size {world_size}: "
-                "every rank needs at least one sample per step; raise --global-batch "
+                "every rank needs at least one sample per step; raise global_batch= "
                 f"to at least {world_size} or launch fewer ranks"
             )
         upper = self.upper(global_batch)
