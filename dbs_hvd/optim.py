@@ -12,17 +12,15 @@ tensor fusion are untouched.
 The weight is ``N * b_i / B`` rather than the paper's ``b_i / B`` with a Sum so
 that it is exactly 1 on every rank of an equal split: a step of the equal
 split then skips the weighting altogether and takes plain Horovod's path.
-That path is what DBS costs where there is nothing to balance. The
-output-gradient hook below measured 50-100 us of CPU time on a 2.2 ms MLP
-step (one process); on the allreduce-bound MLP benchmark (2 ranks, 150
-epoch rounds in one job) ``static`` took 1.019 of plain Horovod's epoch
-time with the skip and 1.026 without it.
+That path is what DBS costs where there is nothing to balance (the skip's
+measured effect is in docs/design.md, "Measurements behind the defaults").
 
 The weighting is a Horovod *compressor* wrapping the user's own (fp16
 compression still works): it is the hook Horovod calls on every gradient right
 before the allreduce. Given the model (``model=``), the weight goes on the
-model's output gradient instead, and the gradients arrive already weighted. The batch size of the step comes from the sampler, in the
-order the batches were handed out, which is the order a DataLoader delivers
+model's output gradient instead, and the gradients arrive already weighted.
+The batch size of the step comes from the sampler, in the order the batches
+were handed out, which is the order a DataLoader delivers
 them even when it prefetches.
 
 The same wrapper also times each step (compute vs. waiting in ``synchronize``)

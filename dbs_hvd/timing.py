@@ -2,7 +2,7 @@
 
 The plan must be driven by how fast a rank computes, not by how long it waited
 for slower ranks: a fast rank spends its spare time blocked in the allreduce,
-and counting that time would make it look slow (invariant 5 of DESIGN.md).
+and counting that time would make it look slow (invariant 5 of docs/design.md).
 A step's compute time is its wall time minus the time spent inside
 ``optimizer.synchronize()``, the call that waits on Horovod's allreduce handles.
 Data loading, forward, backward and the optimizer update all count as compute:
@@ -30,9 +30,8 @@ for and the other signs decide.
 
 A step at a batch size the rank has not run before is also counted apart
 (``new_size_*``) when the caller says so: on a GPU that step builds and caches
-kernel plans for the new shapes (on an H200, 13-35 ms more than the same step
-once the size was seen, where such steps take 2-4 ms; docs/gpu_check.md),
-which says nothing about the rank's speed. WindowStats leaves such steps out
+kernel plans for the new shapes (several times a settled step's time; see
+docs/deployment/gpu.md), which says nothing about the rank's speed. WindowStats leaves such steps out
 (plan.py).
 """
 from __future__ import annotations
