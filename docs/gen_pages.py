@@ -14,7 +14,7 @@ from pathlib import Path
 import mkdocs_gen_files
 
 ROOT = Path(__file__).resolve().parent.parent
-FIGURES = ["hetero.png", "hetero_virtual.png"]
+FIGURES = ["hetero.png", "hetero_virtual.png", "external/external.png"]
 
 
 def _flag_cell(action: argparse.Action) -> str:
