@@ -29,6 +29,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.hetero import plot, rotation
 from dbs_hvd.metrics import read_jsonl
 from dbs_hvd.testing import run_job
 
@@ -263,40 +264,6 @@ def markdown(summary: dict, speeds: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: list[Run], scenario_list: list[ExternalScenario], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(scenario_list), 2, figsize=(11, 3.0 * len(scenario_list)),
-                             squeeze=False)
-    for row, scenario in enumerate(scenario_list):
-        sizes_ax, time_ax = axes[row]
-        for run in runs:
-            if run.scenario != scenario.name or run.repeat != 0 or run.error:
-                continue
-            epochs = [e["epoch"] for e in run.epochs]
-            time_ax.plot(epochs, [e["seconds"] for e in run.epochs], marker="o", label=run.policy)
-            if run.policy == "dbs":
-                for rank, sizes in enumerate(zip(*[e["batch_sizes"] for e in run.epochs])):
-                    sizes_ax.step(epochs, sizes, where="post", label=f"rank {rank}")
-        sizes_ax.set_title(f"{scenario.name}: dbs batch sizes", fontsize=8)
-        sizes_ax.set_xlabel("epoch")
-        sizes_ax.legend(fontsize=6)
-        time_ax.set_title(f"{scenario.name}: epoch seconds", fontsize=8)
-        time_ax.set_xlabel("epoch")
-        time_ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def rotation(policies: list[str], repeat: int) -> list[str]:
-    shift = repeat % len(policies)
-    return policies[shift:] + policies[:shift]
-
-
 def run_all(scenario_list: list[ExternalScenario], repeats: int, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs: list[Run] = []
@@ -320,7 +287,7 @@ def run_all(scenario_list: list[ExternalScenario], repeats: int, out: Path) -> i
             (out / "results.json").write_text(json.dumps({
                 "summary": summary, "speeds": speeds, "runs": [r.__dict__ for r in runs],
                 "scenarios": [s.__dict__ for s in scenario_list]}, indent=1))
-    plot(runs, scenario_list, out / "external.png")
+    plot(runs, scenario_list, out / "external.png")  # hetero.plot reads the same fields
     print(table)
     return 1 if any(r.error for r in runs) else 0
 

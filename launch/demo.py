@@ -26,6 +26,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import hetero_ranks  # noqa: E402  (a script beside this one, not a package)
 
+from dbs_hvd.testing import rank_environment  # noqa: E402
+
 WORKLOAD = ["--model", "cnn", "--dataset", "digits", "--image-size", "16", "--lr", "0.1",
             "--global-batch", "64", "--seed", "0"]
 
@@ -41,17 +43,6 @@ def cgroups_writable() -> str | None:
     if not os.access(root, os.W_OK):
         return f"{root} is not writable (run as root)"
     return None
-
-
-def rank_environment() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
-    env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-    if os.geteuid() == 0:
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    return env
 
 
 def train(policy: str, args: argparse.Namespace, real: bool, log: Path) -> list[dict]:
