@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from benchmarks.hetero import rotation
-from dbs_hvd.testing import run_job
+from tests.harness import run_job
 
 STEPS = 50
 VARIANTS = ("none", "block", "poll", "poll, no spin", "sleep")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from benchmarks.hetero import plot, rotation
 from dbs_hvd.metrics import read_jsonl
-from dbs_hvd.testing import run_job
+from tests.harness import run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "launch" / "hetero_ranks.py"

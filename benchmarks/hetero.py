@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dbs_hvd.metrics import read_jsonl
-from dbs_hvd.testing import run_job
+from tests.harness import run_job
 
 # A compute-bound CNN (about 0.15 s of compute per step per rank at B=128 on
 # this kind of machine, DESIGN.md "Measuring") and an allreduce-bound MLP.

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks.hetero import GRID_8, rotation
-from dbs_hvd.testing import run_job
+from tests.harness import run_job
 
 PLAIN = "horovod"
 CONTROL = "horovod again"

@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 
 from dbs_hvd.metrics import read_jsonl
-from dbs_hvd.testing import launcher_argv, rank_environment
+from tests.harness import launcher_argv, rank_environment
 
 GLOBAL_BATCH = 128
 

@@ -24,9 +24,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))  # the repository root, for tests.harness
 import hetero_ranks  # noqa: E402  (a script beside this one, not a package)
 
-from dbs_hvd.testing import rank_environment  # noqa: E402
+from tests.harness import rank_environment  # noqa: E402
 
 WORKLOAD = ["--model", "cnn", "--dataset", "digits", "--image-size", "16", "--lr", "0.1",
             "--global-batch", "64", "--seed", "0"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dbs_hvd.testing import JobResult, rank_pytest_command, run_job
+from tests.harness import JobResult, rank_pytest_command, run_job
 
 MPI_TESTS = Path(__file__).parent / "mpi"
 ROOT = Path(__file__).resolve().parents[1]

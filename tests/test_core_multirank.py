@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from dbs_hvd.testing import run_job
+from tests.harness import run_job
 
 pytestmark = pytest.mark.mpi
 

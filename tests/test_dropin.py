@@ -25,7 +25,7 @@ from dbs_hvd.checkpoint import check_config
 from dbs_hvd.options import RebalanceOptions, resolve_options
 from dbs_hvd.plan import Bounds, Plan, PlanError
 from dbs_hvd.sampler import DynamicBatchSampler
-from dbs_hvd.testing import rank_environment, run_job
+from tests.harness import rank_environment, run_job
 from dbs_hvd.timing import StepTimer
 from dbs_hvd.trainer import TrainConfig, flag_names
 

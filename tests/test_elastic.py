@@ -27,7 +27,7 @@ import pytest
 
 from dbs_hvd.metrics import read_jsonl
 from dbs_hvd.plan import PlanError
-from dbs_hvd.testing import rank_environment
+from tests.harness import rank_environment
 
 pytestmark = pytest.mark.mpi
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dbs_hvd.testing import run_job
+from tests.harness import run_job
 
 pytestmark = pytest.mark.mpi
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

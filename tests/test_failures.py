@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dbs_hvd.testing import launcher_argv, rank_environment, run_job
+from tests.harness import launcher_argv, rank_environment, run_job
 
 pytestmark = pytest.mark.mpi
 DBS_TRAIN = [sys.executable, "-m", "dbs_hvd.cli"]

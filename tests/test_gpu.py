@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from dbs_hvd.metrics import read_jsonl
-from dbs_hvd.testing import run_job
+from tests.harness import run_job
 
 pytestmark = [
     pytest.mark.mpi,

@@ -10,7 +10,7 @@ from dbs_hvd.grid import GridPolicy, unit_bounds
 from dbs_hvd.metrics import read_jsonl
 from dbs_hvd.plan import Bounds, Plan, PlanError, WindowStats
 from dbs_hvd.policies import make_policy
-from dbs_hvd.testing import run_job
+from tests.harness import run_job
 
 
 def window(plan: Plan, seconds_per_sample, overhead=0.0, steps: int = 4) -> WindowStats:

@@ -1,7 +1,7 @@
 """The multi-rank harness itself: collectives right on 2-4 ranks, failures reported."""
 import pytest
 
-from dbs_hvd.testing import split_by_rank
+from tests.harness import split_by_rank
 
 pytestmark = pytest.mark.mpi
 

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbs_hvd.testing import run_job
+from tests.harness import run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "launch" / "hetero_ranks.py"

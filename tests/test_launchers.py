@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dbs_hvd.testing import rank_environment
+from tests.harness import rank_environment
 
 pytestmark = pytest.mark.mpi
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
-from multihost.cluster import DBS_TRAIN, ROOT, ec, emulated_cluster
+from tests.multihost.cluster import DBS_TRAIN, ROOT, ec, emulated_cluster
 
 from dbs_hvd.metrics import read_jsonl
 

@@ -29,7 +29,7 @@ import time
 from collections import Counter
 
 import pytest
-from multihost.cluster import DBS_TRAIN, ROOT, ec, emulated_cluster
+from tests.multihost.cluster import DBS_TRAIN, ROOT, ec, emulated_cluster
 
 pytestmark = [pytest.mark.multihost, pytest.mark.mpi]
 

@@ -20,7 +20,7 @@ from dbs_hvd.metrics import read_jsonl
 from dbs_hvd.optim import DynamicBatchState, resolve_discount_new_sizes
 from dbs_hvd.plan import Plan, StaticPolicy, WindowStats
 from dbs_hvd.sampler import DynamicBatchSampler
-from dbs_hvd.testing import run_job
+from tests.harness import run_job
 from dbs_hvd.timing import StepTimer
 
 

@@ -9,7 +9,7 @@ import torch
 
 from dbs_hvd.cli import USER_ERRORS, error_line, train_config
 from dbs_hvd.metrics import read_jsonl
-from dbs_hvd.testing import mpmd_argv, run_argv, run_job
+from tests.harness import mpmd_argv, run_argv, run_job
 from dbs_hvd.trainer import validate
 
 mpi = pytest.mark.mpi  # every test that launches ranks (make test-fast leaves them out)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from dbs_hvd.testing import JobResult, rank_environment, run_argv
+from tests.harness import JobResult, rank_environment, run_argv
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = str(Path(sys.executable).parent)
