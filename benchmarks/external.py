@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.hetero import plot, rotation
-from dbs_hvd.metrics import read_jsonl
+from dbs_hvd.train.metrics import read_jsonl
 from tests.harness import run_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ class ExternalScenario:
 
 def train_size() -> int:
     """Training samples in the workload's data set (every policy trains the same steps)."""
-    from dbs_hvd import data
+    from dbs_hvd.train import data
 
     return len(data.load("digits", flatten=False, image_size=24)[0])
 
@@ -180,7 +180,7 @@ def rank_command(scenario: ExternalScenario, tail: list[str], report: Path | Non
 def run_once(scenario: ExternalScenario, policy: str, repeat: int, workdir: Path) -> Run:
     tag = f"{abs(hash((scenario.name, policy, repeat)))}"
     log, report = workdir / f"{tag}.jsonl", workdir / tag
-    tail = ["-m", "dbs_hvd.cli", *scenario.workload, *policy_flags(policy), "--epochs",
+    tail = ["-m", "dbs_hvd.train.cli", *scenario.workload, *policy_flags(policy), "--epochs",
             str(scenario.epochs), "--global-batch", str(scenario.global_batch), "--seed", "0",
             "--log", str(log)]
     job = run_job(rank_command(scenario, tail, report), np=scenario.ranks, timeout=900,

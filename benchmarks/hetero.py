@@ -6,7 +6,7 @@ emulated devices, so machine noise hits all policies alike. Only ratios are
 reported: time relative to plain Horovod in the same scenario (medians of
 totals, and "paired": the median of per-repeat ratios, see paired_ratios, with
 their lowest and highest), and balance efficiency (ideal /
-actual epoch time, dbs_hvd.metrics.balance_efficiency). For the no-harm
+actual epoch time, dbs_hvd.train.metrics.balance_efficiency). For the no-harm
 checks, benchmarks/no_harm.py compares policies epoch by epoch inside one job.
 
     python -m benchmarks.hetero            # full run, 3 repeats (40-55 minutes on 2 cores)
@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dbs_hvd.metrics import read_jsonl
+from dbs_hvd.train.metrics import read_jsonl
 from tests.harness import run_job
 
 # A compute-bound CNN (about 0.15 s of compute per step per rank at B=128 on
@@ -227,7 +227,7 @@ class RunResult:
 def run_once(scenario: Scenario, policy: str, repeat: int, workdir: Path) -> RunResult:
     log = workdir / f"{abs(hash((scenario.name, policy, repeat)))}.jsonl"
     flags = policy_flags(policy)
-    command = [sys.executable, "-m", "dbs_hvd.cli", *scenario.args, *flags,
+    command = [sys.executable, "-m", "dbs_hvd.train.cli", *scenario.args, *flags,
                "--epochs", str(scenario.epochs), "--global-batch", str(scenario.global_batch),
                "--samples", str(scenario.samples), "--log", str(log)]
     job = run_job(command, np=scenario.ranks, timeout=900)

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from dbs_hvd.models import small_cnn
+from dbs_hvd.train.models import small_cnn
 
 
 def measure(device: torch.device, image_size: int, sizes: Sequence[int],

@@ -120,10 +120,10 @@ def worker(argv: list[str]) -> int:
     import torch
     from torch import nn
 
-    from dbs_hvd import trainer
-    from dbs_hvd.cli import train_config
+    from dbs_hvd.train import trainer
+    from dbs_hvd.train.cli import train_config
     from dbs_hvd.comm import default_exchange
-    from dbs_hvd.emulate import make_emulator
+    from dbs_hvd.train.emulate import make_emulator
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, required=True)

@@ -36,7 +36,7 @@ from typing import Sequence, TextIO
 
 import numpy as np
 
-from dbs_hvd.metrics import balance_efficiency
+from dbs_hvd.train.metrics import balance_efficiency
 from dbs_hvd.plan import Bounds, Plan, Policy, WindowStats, equalise_step_times
 from dbs_hvd.policies import make_policy
 
@@ -460,7 +460,7 @@ def write_report(rows: Sequence[Row], meta: dict, out: Path) -> str:
     (out / "scale_sim.json").write_text(
         json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
     notes = (
-        "efficiency: median epoch balance efficiency (ideal/actual, dbs_hvd.metrics) after "
+        "efficiency: median epoch balance efficiency (ideal/actual, dbs_hvd.train.metrics) after "
         f"{WARMUP_EPOCHS} warm-up epochs. time vs static: total simulated time / static's. "
         "plan ms: wall time of one policy.next_plan (noisy: shared machine). recovery: "
         "rebalances (and steps) after the step change before a window is within "

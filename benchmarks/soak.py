@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 
-from dbs_hvd.metrics import read_jsonl
+from dbs_hvd.train.metrics import read_jsonl
 from tests.harness import launcher_argv, rank_environment
 
 GLOBAL_BATCH = 128
@@ -37,7 +37,7 @@ GLOBAL_BATCH = 128
 def soak_command(epochs: int, log: Path, seed: int) -> list[str]:
     """dbs-train on the bundled digits: 11 short steps per epoch, disturbances on."""
     return [
-        sys.executable, "-m", "dbs_hvd.cli", "--model", "mlp", "--dataset", "digits",
+        sys.executable, "-m", "dbs_hvd.train.cli", "--model", "mlp", "--dataset", "digits",
         "--global-batch", str(GLOBAL_BATCH), "--epochs", str(epochs), "--lr", "0.05",
         # Steps of a known cost (0.5 ms + 0.02 ms per sample) that the disturbances
         # slow 3-fold for 1-3 epochs at a time, so the plan keeps moving.
@@ -78,7 +78,7 @@ def _rank_processes(launcher: psutil.Process) -> list[psutil.Process]:
     found = []
     for child in children:
         try:
-            if "dbs_hvd.cli" in " ".join(child.cmdline()):
+            if "dbs_hvd.train.cli" in " ".join(child.cmdline()):
                 found.append(child)
         except psutil.Error:
             continue

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from dbs_hvd import data, models
+from dbs_hvd.train import data, models
 
 
 def main(argv: list[str] | None = None) -> None:

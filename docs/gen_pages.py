@@ -1,7 +1,7 @@
 """Pages generated at build time (mkdocs-gen-files, run by `mkdocs build`).
 
 * reference/cli.md: dbs-train's options, group by group, from its argparse
-  parser (dbs_hvd.cli.train_parser), and the full `dbs-train --help`.
+  parser (dbs_hvd.train.cli.train_parser), and the full `dbs-train --help`.
 * results/*.png: the benchmark figures, copied from benchmarks/results/ where
   the benchmarks' output is kept.
 """
@@ -40,13 +40,13 @@ def _text(value: str) -> str:
 
 def cli_page() -> str:
     os.environ["COLUMNS"] = "100"  # a fixed width for the --help text below
-    from dbs_hvd.cli import train_parser
+    from dbs_hvd.train.cli import train_parser
 
     parser = train_parser()
     lines = [
         "# dbs-train command line",
         "",
-        "Generated from dbs-train's argparse parser (`dbs_hvd.cli.train_parser`) when the",
+        "Generated from dbs-train's argparse parser (`dbs_hvd.train.cli.train_parser`) when the",
         "site is built. Launch it under `horovodrun` or `mpirun`; see the",
         "[dbs-train guide](../guide/dbs-train.md) for what the outputs mean.",
         "",

@@ -47,7 +47,7 @@ def cgroups_writable() -> str | None:
 
 
 def train(policy: str, args: argparse.Namespace, real: bool, log: Path) -> list[dict]:
-    dbs_train = [sys.executable, "-m", "dbs_hvd.cli", *WORKLOAD, "--epochs", str(args.epochs),
+    dbs_train = [sys.executable, "-m", "dbs_hvd.train.cli", *WORKLOAD, "--epochs", str(args.epochs),
                  "--policy", policy, "--log", str(log)]
     if real:
         cores = sorted(os.sched_getaffinity(0))[:2]

@@ -158,7 +158,7 @@ def run_job(
     Examples:
         A test that launches must be marked ``mpi`` (``make test-fast`` leaves it out)::
 
-            result = run_job([sys.executable, "-m", "dbs_hvd.cli", "--epochs", "1"], np=2)
+            result = run_job([sys.executable, "-m", "dbs_hvd.train.cli", "--epochs", "1"], np=2)
             assert result.ok, result.describe()
     """
     return run_argv(launcher_argv(np, launcher) + list(command), timeout, env, cwd)

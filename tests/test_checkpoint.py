@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from dbs_hvd import checkpoint
-from dbs_hvd.checkpoint import CheckpointError
+from dbs_hvd.train import checkpoint
+from dbs_hvd.train.checkpoint import CheckpointError
 
 
 def payload(value=1.0):
@@ -85,7 +85,7 @@ def test_rebalance_timing_may_change_on_resume_but_the_policy_may_not():
 
 WRITER = """
 import sys, torch
-from dbs_hvd import checkpoint
+from dbs_hvd.train import checkpoint
 big = torch.randn(32 * 2**20 // 4)  # 32 MiB: each write takes a while
 for epoch in range(1000):
     print(f"writing {epoch}", flush=True)

@@ -1,4 +1,4 @@
-"""Which GPU each local rank gets (the pure part of dbs_hvd.devices)."""
+"""Which GPU each local rank gets (the pure part of dbs_hvd.train.devices)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dbs_hvd.devices import gpu_for_local_rank, resolve_device
+from dbs_hvd.train.devices import gpu_for_local_rank, resolve_device
 
 
 @given(gpus=st.integers(1, 16), data=st.data())

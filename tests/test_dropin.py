@@ -21,13 +21,13 @@ from hypothesis import given, strategies as st
 from torch import nn
 
 import dbs_hvd
-from dbs_hvd.checkpoint import check_config
+from dbs_hvd.train.checkpoint import check_config
 from dbs_hvd.options import RebalanceOptions, resolve_options
 from dbs_hvd.plan import Bounds, Plan, PlanError
 from dbs_hvd.sampler import DynamicBatchSampler
 from tests.harness import rank_environment, run_job
 from dbs_hvd.timing import StepTimer
-from dbs_hvd.trainer import TrainConfig, flag_names
+from dbs_hvd.train.trainer import TrainConfig, flag_names
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

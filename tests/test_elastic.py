@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dbs_hvd.metrics import read_jsonl
+from dbs_hvd.train.metrics import read_jsonl
 from dbs_hvd.plan import PlanError
 from tests.harness import rank_environment
 
@@ -49,7 +49,7 @@ def elastic_argv(read_log: Path, extra: tuple[str, ...] = ()) -> list[str]:
         "--host-discovery-script", str(ROOT / "launch" / "discover_hosts.sh"),
         "--start-timeout", "30", "--elastic-timeout", "30",
         "--blacklist-cooldown-range", "200", "300",
-        sys.executable, "-m", "dbs_hvd.cli", "--elastic", "--commit-every", str(COMMIT_EVERY),
+        sys.executable, "-m", "dbs_hvd.train.cli", "--elastic", "--commit-every", str(COMMIT_EVERY),
         "--virtual-device", "0:2", "--epochs", str(EPOCHS), "--global-batch", str(GLOBAL_BATCH),
         "--read-log", str(read_log), *extra, f"@{options}",
     ]
@@ -71,7 +71,7 @@ def worker_on(host: str, launcher: psutil.Process) -> list[psutil.Process]:
     found = []
     for proc in launcher.children(recursive=True):
         try:
-            if (proc.cmdline()[1:3] == ["-m", "dbs_hvd.cli"]
+            if (proc.cmdline()[1:3] == ["-m", "dbs_hvd.train.cli"]
                     and proc.environ().get("HOROVOD_HOSTNAME") == host):
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
@@ -107,7 +107,7 @@ def run_and_kill_one(read_log: Path, extra: tuple[str, ...] = ()) -> tuple[int, 
 @pytest.mark.parametrize("multiple", [1, 8], ids=["any size", "grid of 8"])
 def test_a_killed_rank_mid_epoch_the_run_finishes_on_two_without_losing_a_sample(
         tmp_path, multiple):
-    from dbs_hvd import data
+    from dbs_hvd.train import data
     from dbs_hvd.sampler import DynamicBatchSampler
 
     read_log = tmp_path / "reads"
@@ -235,8 +235,8 @@ def test_a_resized_stream_reads_each_sample_once():
     ({"plan": "48,16"}, "leave --plan out with --elastic"),
 ])
 def test_options_elastic_mode_cannot_honour_are_refused_with_the_reason(options, message):
-    from dbs_hvd.elastic import _check_supported
-    from dbs_hvd.trainer import TrainConfig
+    from dbs_hvd.train.elastic import _check_supported
+    from dbs_hvd.train.trainer import TrainConfig
 
     with pytest.raises(ValueError, match=message):
         _check_supported(TrainConfig(elastic=True, **options))

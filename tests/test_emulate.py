@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from dbs_hvd.emulate import (
+from dbs_hvd.train.emulate import (
     Disturbances, Slowdown, StepChange, VirtualDevice, make_emulator, parse_disturbances,
     parse_factors, parse_step_change,
 )
-from dbs_hvd.trainer import train_step
+from dbs_hvd.train.trainer import train_step
 
 
 class FakeClock:

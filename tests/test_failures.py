@@ -12,7 +12,7 @@ import pytest
 from tests.harness import launcher_argv, rank_environment, run_job
 
 pytestmark = pytest.mark.mpi
-DBS_TRAIN = [sys.executable, "-m", "dbs_hvd.cli"]
+DBS_TRAIN = [sys.executable, "-m", "dbs_hvd.train.cli"]
 
 
 def test_a_hung_rank_stops_the_job_within_the_stall_timeout(tmp_path):
@@ -40,7 +40,7 @@ def test_a_killed_rank_ends_the_job_non_zero_and_the_last_checkpoint_stays(tmp_p
             time.sleep(0.5)
         assert list(tmp_path.glob("ckpt-*.pt")), "no checkpoint was written"
         ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                 if "dbs_hvd.cli" in " ".join(p.cmdline())]
+                 if "dbs_hvd.train.cli" in " ".join(p.cmdline())]
         assert len(ranks) == 2
         killed_at = time.monotonic()
         ranks[1].send_signal(signal.SIGKILL)
@@ -50,7 +50,7 @@ def test_a_killed_rank_ends_the_job_non_zero_and_the_last_checkpoint_stays(tmp_p
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    from dbs_hvd import checkpoint
+    from dbs_hvd.train import checkpoint
 
     assert checkpoint.load_latest(tmp_path)["epoch"] >= 0
 

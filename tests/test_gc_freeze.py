@@ -1,7 +1,7 @@
 """The trainer keeps setup's objects out of garbage-collection passes during training."""
 import gc
 
-from dbs_hvd.trainer import freeze_setup_objects
+from dbs_hvd.train.trainer import freeze_setup_objects
 
 
 def test_objects_built_before_training_leave_the_collected_generations():

@@ -11,7 +11,7 @@ builds Horovod for the machine's torch and runs this file). What they pin down:
   work off it.
 
 Ranks share a GPU when there are fewer GPUs than ranks, which only a Horovod
-built without NCCL allows (dbs_hvd.devices); tests that need more ranks than
+built without NCCL allows (dbs_hvd.train.devices); tests that need more ranks than
 that allows are skipped, saying why.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 import pytest
 import torch
 
-from dbs_hvd.metrics import read_jsonl
+from dbs_hvd.train.metrics import read_jsonl
 from tests.harness import run_job
 
 pytestmark = [
@@ -31,7 +31,7 @@ pytestmark = [
                        reason="needs a CUDA GPU (launch/gpu_check.sh runs this on a GPU machine)"),
 ]
 
-DBS_TRAIN = [sys.executable, "-m", "dbs_hvd.cli", "--device", "cuda"]
+DBS_TRAIN = [sys.executable, "-m", "dbs_hvd.train.cli", "--device", "cuda"]
 
 
 def _launcher() -> str:

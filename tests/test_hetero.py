@@ -95,7 +95,7 @@ def _balanced_step(devices, global_batch):
 def test_virtual_scenarios_fixed_rows_are_the_balanced_plans():
     # The fixed rows of the sleep-only scenarios stand for the known answer:
     # they must be a plan whose slowest step is the shortest any plan reaches.
-    from dbs_hvd.emulate import parse_virtual_devices
+    from dbs_hvd.train.emulate import parse_virtual_devices
 
     with_answer = [s for s in scenarios(quick=False) if "--virtual-device" in s.args
                    and any(policy.startswith("fixed ") for policy in s.policies)]

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dbs_hvd.metrics import balance_efficiency
+from dbs_hvd.train.metrics import balance_efficiency
 
 
 def test_balanced_ranks_without_waiting_are_fully_efficient():

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from tests.multihost.cluster import DBS_TRAIN, ROOT, ec, emulated_cluster
 
-from dbs_hvd.metrics import read_jsonl
+from dbs_hvd.train.metrics import read_jsonl
 
 pytestmark = [pytest.mark.multihost, pytest.mark.mpi]
 
@@ -160,7 +160,7 @@ def test_elastic_across_hosts_reads_every_sample_once(tmp_path):
                    for line in path.read_text().splitlines()]
         read = [r for r in records if r["kind"] == "read"]
         assert {r["world"] for r in read} == {3}
-        from dbs_hvd import data
+        from dbs_hvd.train import data
         from dbs_hvd.sampler import DynamicBatchSampler
         train_set, _ = data.load("digits", flatten=True, seed=0)
         stream = DynamicBatchSampler(len(train_set), GLOBAL_BATCH, rank=0, world_size=1, seed=0)

@@ -154,7 +154,7 @@ def test_elastic_a_lost_host_the_run_finishes_on_the_others_reading_each_sample_
         final = max(commits, key=lambda c: (c["epoch"], c["step"]))
         assert (final["epoch"], final["step"], final["world"]) == (ELASTIC_EPOCHS, 0, 2), final
         assert {r["world"] for r in read if r["epoch"] == ELASTIC_EPOCHS - 1} == {2}
-        from dbs_hvd import data
+        from dbs_hvd.train import data
         from dbs_hvd.sampler import DynamicBatchSampler
         train_set, _ = data.load("digits", flatten=True, seed=0)
         stream = DynamicBatchSampler(len(train_set), GLOBAL_BATCH, rank=0, world_size=1, seed=0)

@@ -15,8 +15,8 @@ from hypothesis import given, strategies as st
 
 from dbs_hvd.balancer import Rebalancer
 from dbs_hvd.comm import LocalExchange
-from dbs_hvd.emulate import VirtualDevice, make_emulator, parse_virtual_devices
-from dbs_hvd.metrics import read_jsonl
+from dbs_hvd.train.emulate import VirtualDevice, make_emulator, parse_virtual_devices
+from dbs_hvd.train.metrics import read_jsonl
 from dbs_hvd.optim import DynamicBatchState, resolve_discount_new_sizes
 from dbs_hvd.plan import Plan, StaticPolicy, WindowStats
 from dbs_hvd.sampler import DynamicBatchSampler
@@ -135,7 +135,7 @@ def test_under_mpirun_the_first_rebalance_finds_the_balance_only_with_new_sizes_
     # such step per rank: counted, the equal 300 ms pulls the ranks' measured
     # speeds together (a first plan near 39,25); left out, the plan is 48,16.
     log = tmp_path / "run.jsonl"
-    result = run_job([sys.executable, "-m", "dbs_hvd.cli", "--virtual-device",
+    result = run_job([sys.executable, "-m", "dbs_hvd.train.cli", "--virtual-device",
                       "0:2:300,0:6:300", "--epochs", "1", "--global-batch", "64",
                       "--discount-new-sizes", discount, "--log", str(log)], np=2, timeout=120)
     if not result.ok:

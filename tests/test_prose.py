@@ -72,9 +72,9 @@ RULES = [
 # Modules whose docstring examples run here: importable without Horovod.
 DOCTEST_MODULES = [
     "dbs_hvd.comm",
-    "dbs_hvd.emulate",
+    "dbs_hvd.train.emulate",
     "dbs_hvd.grid",
-    "dbs_hvd.metrics",
+    "dbs_hvd.train.metrics",
     "dbs_hvd.plan",
     "dbs_hvd.policies",
     "dbs_hvd.schedule",

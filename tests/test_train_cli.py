@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from dbs_hvd.cli import USER_ERRORS, error_line, train_config
-from dbs_hvd.metrics import read_jsonl
+from dbs_hvd.train.cli import USER_ERRORS, error_line, train_config
+from dbs_hvd.train.metrics import read_jsonl
 from tests.harness import mpmd_argv, run_argv, run_job
-from dbs_hvd.trainer import validate
+from dbs_hvd.train.trainer import validate
 
 mpi = pytest.mark.mpi  # every test that launches ranks (make test-fast leaves them out)
-DBS_TRAIN = [sys.executable, "-m", "dbs_hvd.cli"]
+DBS_TRAIN = [sys.executable, "-m", "dbs_hvd.train.cli"]
 
 
 def train(np_, *args, timeout=240):
@@ -36,7 +36,7 @@ def test_shares_converge_on_virtual_devices_by_the_second_epoch(tmp_path, policy
     np.testing.assert_allclose(shares, [0.75, 0.25], atol=0.05)
     # dbs-plot draws this real log.
     png = tmp_path / "run.png"
-    done = subprocess.run([sys.executable, "-m", "dbs_hvd.plot", str(log), "-o", str(png)],
+    done = subprocess.run([sys.executable, "-m", "dbs_hvd.train.plot", str(log), "-o", str(png)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

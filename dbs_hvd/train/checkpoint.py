@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .options import CONFIG_KEYS  # the rebalance options under dbs-train's names
+from ..options import CONFIG_KEYS  # the rebalance options under dbs-train's names
 
 FORMAT = 1
 _NAME = re.compile(r"^ckpt-(\d{6})\.pt$")

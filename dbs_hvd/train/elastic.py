@@ -47,11 +47,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .comm import LocalExchange, check_same_on_all_ranks, default_exchange
-from .elastic_state import worker_identity
+from ..comm import LocalExchange, check_same_on_all_ranks, default_exchange
+from ..elastic_state import worker_identity
 from .emulate import make_emulator
 from .metrics import EpochRecord, append_json_lines
-from .plan import Plan
+from ..plan import Plan
 from .trainer import (TrainConfig, _dbs_run, build_data_and_model, epoch_record,
                       freeze_setup_objects, init_horovod, make_run_policy, scales_cpu_time,
                       train_step)

@@ -7,11 +7,11 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 
+from ..comm import DbsError
+from ..plan import PlanError
+from ..policies import POLICIES
 from .checkpoint import CheckpointError
-from .comm import DbsError
 from .metrics import EpochRecord
-from .plan import PlanError
-from .policies import POLICIES
 from .trainer import TrainConfig, train
 
 # The errors every rank meets alike: dbs-train reports them in one line, no traceback.
@@ -338,7 +338,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_training(config: TrainConfig) -> list[EpochRecord]:
-    """Train as ``config`` asks: elastically (``dbs_hvd.elastic``) or not (``dbs_hvd.trainer``).
+    """Train as ``config`` asks: elastically (``dbs_hvd.train.elastic``) or not (``dbs_hvd.train.trainer``).
 
     The choice is made here so that elastic.py, which builds on trainer.py,
     is not imported back by it.

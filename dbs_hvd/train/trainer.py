@@ -18,18 +18,18 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import checkpoint, data, models
-from .comm import check_same_on_all_ranks, decide_on_root, default_exchange
+from ..comm import check_same_on_all_ranks, decide_on_root, default_exchange
 from .devices import gpu_for_local_rank, resolve_device
 from .emulate import DeviceEmulator, make_emulator
 from .metrics import EpochRecord, JsonLinesLog, balance_efficiency
-from .averaging import ModelAveragingOptimizer
-from .optim import DistributedOptimizer
-from .grid import GridPolicy
-from .plan import Bounds, Plan, PlanError, Policy
-from .policies import make_policy
-from .options import RebalanceOptions
-from .sampler import DynamicBatchSampler
-from .waiting import install_quiet_wait
+from ..averaging import ModelAveragingOptimizer
+from ..optim import DistributedOptimizer
+from ..grid import GridPolicy
+from ..plan import Bounds, Plan, PlanError, Policy
+from ..policies import make_policy
+from ..options import RebalanceOptions
+from ..sampler import DynamicBatchSampler
+from ..waiting import install_quiet_wait
 
 
 @dataclass
@@ -469,14 +469,14 @@ def validate(config: TrainConfig, world_size: int, dataset_size: Optional[int] =
 def train(config: TrainConfig) -> list[EpochRecord]:
     """Run DBS (or the plain-Horovod baseline) on all ranks; returns the epoch records.
 
-    Elastic runs (``config.elastic``) go to ``dbs_hvd.elastic.train_elastic``
+    Elastic runs (``config.elastic``) go to ``dbs_hvd.train.elastic.train_elastic``
     instead (``cli.run_training`` chooses); given one, this raises ValueError.
     """
     import horovod.torch as hvd
     from tqdm import tqdm
 
     if config.elastic:  # dbs-train runs elastic mode from cli.py: elastic.py imports this module
-        raise ValueError("--elastic runs in dbs_hvd.elastic.train_elastic, not trainer.train")
+        raise ValueError("--elastic runs in dbs_hvd.train.elastic.train_elastic, not trainer.train")
     check_flags(config)
 
     init_horovod(config)

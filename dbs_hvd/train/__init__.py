@@ -1,0 +1,1 @@
+"""The dbs-train application: its command line, training loop and tools around them."""
