@@ -1,7 +1,8 @@
 """Pages generated at build time (mkdocs-gen-files, run by `mkdocs build`).
 
 * reference/cli.md: dbs-train's options, group by group, from its argparse
-  parser (dbs_hvd.train.cli.train_parser), and the full `dbs-train --help`.
+  parser (dbs_hvd.train.cli.train_parser), and the full `dbs-train --help`;
+  then `dbs-plan --help` (dbs_hvd.train.whatif.plan_parser).
 * results/*.png: the benchmark figures, copied from benchmarks/results/ where
   the benchmarks' output is kept.
 """
@@ -65,6 +66,12 @@ def cli_page() -> str:
                          f"{_text(action.help or '')} |")
         lines.append("")
     lines += ["## `dbs-train --help`", "", "```text", parser.format_help().rstrip(), "```", ""]
+    from dbs_hvd.train.whatif import plan_parser
+
+    lines += ["## dbs-plan", "",
+              "What-if planning from a dbs-train `--rebalance-log` ([what it answers]"
+              "(../guide/dbs-train.md#what-if-planning-does-a-worker-pay-for-itself)).", "",
+              "```text", plan_parser().format_help().rstrip(), "```", ""]
     return "\n".join(lines)
 
 
