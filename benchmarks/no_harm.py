@@ -120,9 +120,9 @@ def worker(argv: list[str]) -> int:
     import torch
     from torch import nn
 
+    from dbs_hvd.comm import default_exchange
     from dbs_hvd.train import trainer
     from dbs_hvd.train.cli import train_config
-    from dbs_hvd.comm import default_exchange
     from dbs_hvd.train.emulate import make_emulator
 
     parser = argparse.ArgumentParser()
@@ -148,14 +148,11 @@ def worker(argv: list[str]) -> int:
 
     def train_epoch(name: str, epoch: int) -> float:
         model, run, device = copies[name]
-        run.sampler.set_epoch(epoch)
+        run.set_epoch(epoch)
         hvd.allreduce(torch.zeros(1), name="no_harm.barrier")  # start the epoch together
-        started = time.perf_counter()
-        for step, (x, y) in enumerate(run.loader):
-            loss = trainer.train_step(model, criterion, run.optimizer, emulator, device, x, y,
-                                      epoch, epoch * run.steps_per_epoch + step)
-            loss.item()  # as a training loop reads its loss
-        return time.perf_counter() - started
+        # dbs-train's own epoch loop (it reads each step's loss, as a training loop does).
+        return trainer.train_epoch(model, criterion, run.optimizer, emulator, device, run.loader,
+                                   epoch, epoch * run.steps_per_epoch).seconds
 
     trainer.freeze_setup_objects()  # as dbs-train does before its first epoch
     rounds = []

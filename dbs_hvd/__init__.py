@@ -24,15 +24,17 @@ import dbs_hvd first. Under an MPI launcher (mpirun) it initialises MPI
 through mpi4py (``claim_mpi``) so that MPI outlives Horovod's background
 thread; outside MPI it does nothing. Under a CPU quota of less than one core
 (a container's CPU limit, a cgroup) it sets ``HOROVOD_CYCLE_TIME`` for that
-quota unless it is set already (``quota.configure_horovod_cycle``). The torch-dependent names load on first use,
-so the pure policy code imports without torch.
+quota unless it is set already (``quota.configure_horovod_cycle``). The
+torch-dependent names load on first use, so the pure policy code imports
+without torch.
 """
+
 from .comm import DbsError, claim_mpi
-from .quota import configure_horovod_cycle
 from .grid import GridPolicy
 from .options import RebalanceOptions
 from .plan import Bounds, Plan, PlanError, Policy, ProportionalPolicy, StaticPolicy, WindowStats
 from .policies import POLICIES, CostModelPolicy, make_policy
+from .quota import configure_horovod_cycle
 
 _LAZY = {
     "DistributedOptimizer": "optim",
@@ -62,7 +64,21 @@ claim_mpi()
 configure_horovod_cycle()
 
 __all__ = [
-    "Bounds", "CostModelPolicy", "DbsError", "DistributedOptimizer", "DynamicBatchSampler",
-    "ElasticState", "GridPolicy", "ModelAveragingOptimizer", "POLICIES", "Plan", "PlanError", "Policy",
-    "ProportionalPolicy", "RebalanceOptions", "StaticPolicy", "WindowStats", "make_policy",
+    "Bounds",
+    "CostModelPolicy",
+    "DbsError",
+    "DistributedOptimizer",
+    "DynamicBatchSampler",
+    "ElasticState",
+    "GridPolicy",
+    "ModelAveragingOptimizer",
+    "POLICIES",
+    "Plan",
+    "PlanError",
+    "Policy",
+    "ProportionalPolicy",
+    "RebalanceOptions",
+    "StaticPolicy",
+    "WindowStats",
+    "make_policy",
 ]

@@ -12,9 +12,11 @@ method's update (the average of ``theta - lr * g_i`` weighted by ``b_i / B`` is
 ``theta - lr * sum_i (b_i / B) g_i``); larger intervals trade that exactness for
 fewer allreduces. Momentum and other optimizer state stay local.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Union
+from collections.abc import Iterable
+from typing import Any, Callable
 
 import torch
 
@@ -28,8 +30,9 @@ from .sampler import DynamicBatchSampler
 class _Averager:
     """Weighted parameter averaging, timed as allreduce wait."""
 
-    def __init__(self, parameters: list[tuple[str, torch.nn.Parameter]], global_batch: int,
-                 every: int) -> None:
+    def __init__(
+        self, parameters: list[tuple[str, torch.nn.Parameter]], global_batch: int, every: int
+    ) -> None:
         self.parameters = parameters
         self.global_batch = global_batch
         self.every = every
@@ -51,8 +54,9 @@ class _Averager:
         with torch.no_grad():
             for name, parameter in self.parameters:
                 parameter.mul_(weight)
-                handles.append(hvd.allreduce_async_(parameter.data, op=hvd.Sum,
-                                                    name=f"dbs_hvd.average.{name}"))
+                handles.append(
+                    hvd.allreduce_async_(parameter.data, op=hvd.Sum, name=f"dbs_hvd.average.{name}")
+                )
             for handle in handles:
                 hvd.synchronize(handle)
         self.samples = 0
@@ -64,15 +68,15 @@ def ModelAveragingOptimizer(
     sampler: DynamicBatchSampler,
     named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
     average_every: int = 8,
-    policy: Union[str, Policy] = "dbs",
-    rebalance: Optional[RebalanceOptions] = None,
-    exchange: Optional[Exchange] = None,
-    device_sync: Optional[Callable[[], None]] = None,
-    discount_new_sizes: Optional[bool] = None,
+    policy: str | Policy = "dbs",
+    rebalance: RebalanceOptions | None = None,
+    exchange: Exchange | None = None,
+    device_sync: Callable[[], None] | None = None,
+    discount_new_sizes: bool | None = None,
     batch_multiple: int = 1,
-    rebalance_every: Optional[int] = None,
-    rebalance_budget: Optional[float] = None,
-    rebalance_min_seconds: Optional[float] = None,
+    rebalance_every: int | None = None,
+    rebalance_budget: float | None = None,
+    rebalance_min_seconds: float | None = None,
 ) -> torch.optim.Optimizer:
     """Wrap a local optimizer for local SGD with sample-weighted model averaging.
 
@@ -106,16 +110,13 @@ def ModelAveragingOptimizer(
     """
     if isinstance(average_every, bool) or not isinstance(average_every, int) or average_every < 1:
         raise ValueError(f"average_every= must be a positive number of steps, got {average_every!r}")
-    state = dynamic_batch_state(sampler, policy, resolve_options(
-                                    rebalance, rebalance_every, rebalance_budget,
-                                    rebalance_min_seconds), exchange, device_sync,
-                                discount_new_sizes=resolve_discount_new_sizes(
-                                    discount_new_sizes, optimizer),
-                                batch_multiple=batch_multiple)
+    options = resolve_options(rebalance, rebalance_every, rebalance_budget, rebalance_min_seconds)
+    discount = resolve_discount_new_sizes(discount_new_sizes, optimizer)
+    state = dynamic_batch_state(sampler, policy, options, exchange, device_sync, discount, batch_multiple)
     averager = _Averager(list(named_parameters), sampler.global_batch, average_every)
     local_step = optimizer.step
 
-    def averaging_step(self: Any, closure: Optional[Callable[[], float]] = None) -> Any:
+    def averaging_step(self: Any, closure: Callable[[], float] | None = None) -> Any:
         if sampler.iteration_started_at is None:
             # No batch drawn yet: this is set-up, such as Horovod's
             # broadcast_optimizer_state creating the optimizer's state with a

@@ -46,6 +46,7 @@ What a Horovod script does keeps working:
   ``step()`` after an explicit ``synchronize()`` skips the second allreduce
   on its own.
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,11 +55,12 @@ import os
 import socket
 import time
 import types
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Any, Callable
 
 import torch
 
-from .balancer import RebalanceRecord, Rebalancer
+from .balancer import Rebalancer, RebalanceRecord
 from .comm import DbsError, Exchange, LocalExchange, check_same_on_all_ranks, default_exchange
 from .options import RebalanceOptions, resolve_options
 from .plan import Bounds, PlanError, Policy
@@ -99,8 +101,13 @@ class DynamicBatchState:
     methods, so torch's LR schedulers can wrap ``step``) leave it untouched.
     """
 
-    def __init__(self, sampler: DynamicBatchSampler, rebalancer: Rebalancer,
-                 timer: StepTimer, discount_new_sizes: bool = False) -> None:
+    def __init__(
+        self,
+        sampler: DynamicBatchSampler,
+        rebalancer: Rebalancer,
+        timer: StepTimer,
+        discount_new_sizes: bool = False,
+    ) -> None:
         self.sampler = sampler
         self.rebalancer = rebalancer
         self.timer = timer
@@ -120,7 +127,7 @@ class DynamicBatchState:
         # policy as built (before any measurement), and whether an elastic
         # world is still to be adopted (ElasticState.sync) before rebalancing.
         self.settings: dict[str, Any] = {}
-        self.fresh_policy: Optional[Policy] = None
+        self.fresh_policy: Policy | None = None
         self.awaiting_world = False
         sampler._on_take = timer.taken
         sampler._weighted = True
@@ -177,7 +184,8 @@ class DynamicBatchState:
                 f"dbs_hvd: backward pass {index + 1} of this optimizer step has no batch "
                 "from the DynamicBatchSampler waiting: with backward_passes_per_step, draw "
                 "one batch from the sampler per backward pass and call optimizer.step() "
-                "after at most backward_passes_per_step of them")
+                "after at most backward_passes_per_step of them"
+            )
         return self.weight_of(batch)
 
     def step_batches(self) -> list[StepBatch]:
@@ -224,8 +232,7 @@ class DynamicBatchState:
     def is_last_of_epoch(self, batch: StepBatch) -> bool:
         return batch.step == self.sampler.steps_per_epoch - 1
 
-    def finish_step(self, batches: Union[StepBatch, Sequence[StepBatch]],
-                    end: float | None = None) -> None:
+    def finish_step(self, batches: StepBatch | Sequence[StepBatch], end: float | None = None) -> None:
         """Close the step's timing; rebalance at epoch ends and every ``interval`` steps.
 
         Every rank runs the same steps and holds the same interval (rank 0
@@ -243,28 +250,32 @@ class DynamicBatchState:
                 self._sizes_seen.add(batch.batch_size)
             news.append(new_size)
             self.sampler.mark_trained(batch)
-        self.timer.end_step([b.batch_size for b in batches],
-                            start_hint=self.sampler.iteration_started_at, new_size=news,
-                            end=end)
+        self.timer.end_step(
+            [b.batch_size for b in batches],
+            start_hint=self.sampler.iteration_started_at,
+            new_size=news,
+            end=end,
+        )
         last = batches[-1]
         steps_left = self.sampler.steps_per_epoch - 1 - last.step
         if any(self.is_last_of_epoch(b) for b in batches) or rebalance_due(
-                self.timer.window.steps, self.rebalancer.interval, steps_left):
+            self.timer.window.steps, self.rebalancer.interval, steps_left
+        ):
             if self.awaiting_world:
                 raise DbsError(
                     "dbs_hvd under elastic Horovod: run the training function under "
                     "hvd.elastic.run with a dbs_hvd.ElasticState(model, optimizer, sampler), "
-                    "which checks the ranks' settings and adopts each world")
+                    "which checks the ranks' settings and adopts each world"
+                )
             self.rebalancer.rebalance(last.step)
 
     def wrap_step(self, step: Callable[..., Any]) -> Callable[..., Any]:
-        def dynamic_batch_step(optimizer: Any, closure: Optional[Callable[[], float]] = None):
+        def dynamic_batch_step(optimizer: Any, closure: Callable[[], float] | None = None):
             # A synchronize() already made (_synced_at) belongs to this step.
             self._in_step = True
             try:
                 batches = self.step_batches()
-                if self._synced_at is not None and getattr(optimizer, "_should_synchronize",
-                                                           False):
+                if self._synced_at is not None and getattr(optimizer, "_should_synchronize", False):
                     # synchronize() already ran for this step: do not allreduce twice.
                     with optimizer.skip_synchronize():
                         result = step(closure)
@@ -289,7 +300,7 @@ class DynamicBatchState:
             if not parameter.requires_grad:
                 continue
 
-            def scale(grad: torch.Tensor, key: int = id(parameter)) -> Optional[torch.Tensor]:
+            def scale(grad: torch.Tensor, key: int = id(parameter)) -> torch.Tensor | None:
                 index = self._passes.get(key, 0)
                 self._passes[key] = index + 1
                 weight = self.micro_batch_weight(index)
@@ -311,10 +322,15 @@ class DynamicBatchState:
         """
 
         def register(module: torch.nn.Module, inputs: Any, output: Any) -> None:
-            tensors = [tensor for tensor in (
-                output.values() if isinstance(output, dict) else (
-                    output if isinstance(output, (tuple, list)) else (output,)))
-                if isinstance(tensor, torch.Tensor) and tensor.requires_grad]
+            tensors = [
+                tensor
+                for tensor in (
+                    output.values()
+                    if isinstance(output, dict)
+                    else (output if isinstance(output, (tuple, list)) else (output,))
+                )
+                if isinstance(tensor, torch.Tensor) and tensor.requires_grad
+            ]
             if not tensors:
                 return  # evaluation (no_grad): not part of a training step
             if self.accumulating:
@@ -350,18 +366,18 @@ class DynamicBatchState:
 def DistributedOptimizer(
     optimizer: torch.optim.Optimizer,
     sampler: DynamicBatchSampler,
-    named_parameters: Optional[Iterable[tuple[str, torch.nn.Parameter]]] = None,
-    policy: Union[str, Policy] = "dbs",
-    rebalance: Optional[RebalanceOptions] = None,
+    named_parameters: Iterable[tuple[str, torch.nn.Parameter]] | None = None,
+    policy: str | Policy = "dbs",
+    rebalance: RebalanceOptions | None = None,
     compression: Any = None,
-    exchange: Optional[Exchange] = None,
-    device_sync: Optional[Callable[[], None]] = None,
-    model: Optional[torch.nn.Module] = None,
-    discount_new_sizes: Optional[bool] = None,
+    exchange: Exchange | None = None,
+    device_sync: Callable[[], None] | None = None,
+    model: torch.nn.Module | None = None,
+    discount_new_sizes: bool | None = None,
     batch_multiple: int = 1,
-    rebalance_every: Optional[int] = None,
-    rebalance_budget: Optional[float] = None,
-    rebalance_min_seconds: Optional[float] = None,
+    rebalance_every: int | None = None,
+    rebalance_budget: float | None = None,
+    rebalance_min_seconds: float | None = None,
     **horovod_kwargs: Any,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` for dynamic batch sizes; a drop-in for ``hvd.DistributedOptimizer``.
@@ -431,19 +447,18 @@ def DistributedOptimizer(
     import horovod.torch as hvd
 
     if "op" in horovod_kwargs:
-        raise TypeError("op= is fixed to hvd.Average: each rank's gradient is pre-weighted by "
-                        "N * b_i / B (its share of the global batch); leave op= out")
+        raise TypeError(
+            "op= is fixed to hvd.Average: each rank's gradient is pre-weighted by "
+            "N * b_i / B (its share of the global batch); leave op= out"
+        )
     passes = horovod_kwargs.get("backward_passes_per_step", 1)
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise ValueError(f"backward_passes_per_step= must be a positive integer, got {passes!r}")
     if model is not None:
         require_batch_norm_floor(model, sampler, policy)
-    state = dynamic_batch_state(sampler, policy, resolve_options(
-                                    rebalance, rebalance_every, rebalance_budget,
-                                    rebalance_min_seconds), exchange, device_sync,
-                                discount_new_sizes=resolve_discount_new_sizes(
-                                    discount_new_sizes, optimizer),
-                                batch_multiple=batch_multiple)
+    options = resolve_options(rebalance, rebalance_every, rebalance_budget, rebalance_min_seconds)
+    discount = resolve_discount_new_sizes(discount_new_sizes, optimizer)
+    state = dynamic_batch_state(sampler, policy, options, exchange, device_sync, discount, batch_multiple)
     state.backward_passes_per_step = passes
     if model is not None:
         state.weight_model_output(model)  # the gradients arrive weighted: nothing to scale
@@ -451,10 +466,12 @@ def DistributedOptimizer(
     else:
         compression = LocalBatchWeighting(state.allreduce_weight, compression)
         if passes > 1:
-            state.weight_parameter_gradients(
-                p for group in optimizer.param_groups for p in group["params"])
+            state.weight_parameter_gradients(p for group in optimizer.param_groups for p in group["params"])
     wrapped = hvd.DistributedOptimizer(
-        optimizer, named_parameters=named_parameters, compression=compression, op=hvd.Average,
+        optimizer,
+        named_parameters=named_parameters,
+        compression=compression,
+        op=hvd.Average,
         **horovod_kwargs,
     )
     wrapped.dbs = state
@@ -465,7 +482,8 @@ def DistributedOptimizer(
         if (passes > 1) != state.accumulating:
             raise ValueError(
                 "dbs_hvd: give backward_passes_per_step= to dbs_hvd.DistributedOptimizer "
-                "when it is built; switching between 1 and more passes later is not supported")
+                "when it is built; switching between 1 and more passes later is not supported"
+            )
         set_passes(passes)
         state.backward_passes_per_step = passes
 
@@ -487,13 +505,16 @@ def bind(optimizer: torch.optim.Optimizer, name: str, function: Callable[..., An
 
 def has_plain_batch_norm(model: torch.nn.Module) -> bool:
     """Whether ``model`` has BatchNorm layers that normalise each rank's batch alone."""
-    return any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
-               and "SyncBatchNorm" not in type(module).__name__
-               for module in model.modules())
+    return any(
+        isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+        and "SyncBatchNorm" not in type(module).__name__
+        for module in model.modules()
+    )
 
 
-def require_batch_norm_floor(model: torch.nn.Module, sampler: DynamicBatchSampler,
-                             policy: Union[str, Policy]) -> None:
+def require_batch_norm_floor(
+    model: torch.nn.Module, sampler: DynamicBatchSampler, policy: str | Policy
+) -> None:
     """Raise the sampler's smallest local batch to 2 where ``model`` has plain BatchNorm.
 
     In training, BatchNorm over a batch of one sample fails ("Expected more
@@ -507,35 +528,41 @@ def require_batch_norm_floor(model: torch.nn.Module, sampler: DynamicBatchSample
         raise PlanError(
             f"the model has BatchNorm layers, which need at least 2 samples per rank, but "
             f"global_batch={sampler.global_batch} on {sampler.world_size} ranks leaves fewer: "
-            f"pass global_batch= of at least {2 * sampler.world_size}, or use hvd.SyncBatchNorm")
+            f"pass global_batch= of at least {2 * sampler.world_size}, or use hvd.SyncBatchNorm"
+        )
     if not isinstance(policy, str) and policy.bounds.min_batch < 2:
         raise PlanError(
             "the model has BatchNorm layers, which need at least 2 samples per rank: build "
             "the policy with Bounds(min_batch=2) (and the sampler with bounds=Bounds("
-            "min_batch=2)), or use hvd.SyncBatchNorm")
+            "min_batch=2)), or use hvd.SyncBatchNorm"
+        )
     floor.check(sampler.global_batch, sampler.world_size)
     for _, plan in sampler._schedule:
         if min(plan.batch_sizes) < 2:
             raise PlanError(
                 f"the model has BatchNorm layers, which need at least 2 samples per rank, "
                 f"but the sampler's plan {list(plan.batch_sizes)} gives a rank fewer: pass "
-                "a plan= with at least 2 per rank")
+                "a plan= with at least 2 per rank"
+            )
     sampler.bounds = floor
 
 
-def resolve_discount_new_sizes(choice: Optional[bool], optimizer: torch.optim.Optimizer) -> bool:
+def resolve_discount_new_sizes(choice: bool | None, optimizer: torch.optim.Optimizer) -> bool:
     """``choice``, or by default whether any of the optimizer's parameters is on a GPU."""
     if choice is not None:
         return bool(choice)
-    return any(parameter.is_cuda for group in optimizer.param_groups
-               for parameter in group["params"])
+    return any(parameter.is_cuda for group in optimizer.param_groups for parameter in group["params"])
 
 
-def dynamic_batch_state(sampler: DynamicBatchSampler, policy: Union[str, Policy],
-                        rebalance: Optional[RebalanceOptions], exchange: Optional[Exchange],
-                        device_sync: Optional[Callable[[], None]],
-                        discount_new_sizes: bool = False,
-                        batch_multiple: int = 1) -> DynamicBatchState:
+def dynamic_batch_state(
+    sampler: DynamicBatchSampler,
+    policy: str | Policy,
+    rebalance: RebalanceOptions | None,
+    exchange: Exchange | None,
+    device_sync: Callable[[], None] | None,
+    discount_new_sizes: bool = False,
+    batch_multiple: int = 1,
+) -> DynamicBatchState:
     """The timing, policy and rebalancing shared by the gradient and averaging modes.
 
     Collective: every rank checks that all ranks use the same global batch,
@@ -548,12 +575,13 @@ def dynamic_batch_state(sampler: DynamicBatchSampler, policy: Union[str, Policy]
     install_quiet_wait()
     rebalance = rebalance if rebalance is not None else RebalanceOptions()
     if isinstance(policy, str):
-        policy = make_policy(policy, sampler.global_batch, sampler.bounds,
-                             batch_multiple=batch_multiple)
+        policy = make_policy(policy, sampler.global_batch, sampler.bounds, batch_multiple=batch_multiple)
     elif batch_multiple != 1:
-        raise ValueError("batch_multiple= applies to a policy given by name; build a Policy "
-                         "object on the grid with make_policy(name, global_batch, bounds, "
-                         "batch_multiple=M)")
+        raise ValueError(
+            "batch_multiple= applies to a policy given by name; build a Policy "
+            "object on the grid with make_policy(name, global_batch, bounds, "
+            "batch_multiple=M)"
+        )
     # Under elastic Horovod, set-up must run no collective (a joining worker
     # sets up while the others wait in the state broadcast): the settings are
     # checked, and a real exchange made, when ElasticState adopts the world.
@@ -584,17 +612,19 @@ def dynamic_batch_state(sampler: DynamicBatchSampler, policy: Union[str, Policy]
     if schedule is not None and floor > schedule.min_seconds:
         schedule = dataclasses.replace(schedule, min_seconds=floor)
     # Ranks in one quota group share it.
-    share = (quota.share / sum(1 for _, other in quotas if other == group)
-             if quota is not None else None)
+    share = quota.share / sum(1 for _, other in quotas if other == group) if quota is not None else None
     floor_mode = os.environ.get("DBS_HVD_QUOTA_FLOOR", "work")
-    timer = StepTimer(device_sync=device_sync,
-                      frozen_clock=quota.throttled_seconds if quota is not None else None,
-                      cpu_share=share if floor_mode != "off" else None,
-                      work_clock=time.thread_time if floor_mode == "work" else None)
+    timer = StepTimer(
+        device_sync=device_sync,
+        frozen_clock=quota.throttled_seconds if quota is not None else None,
+        cpu_share=share if floor_mode != "off" else None,
+        work_clock=time.thread_time if floor_mode == "work" else None,
+    )
     # Room for two epochs of rebalances (epoch summaries read the last one), at least 4096.
     per_epoch = sampler.steps_per_epoch // (every or sampler.steps_per_epoch) + 1
-    rebalancer = Rebalancer(sampler, policy, exchange, timer,
-                            history_limit=max(4096, 2 * per_epoch), schedule=schedule)
+    rebalancer = Rebalancer(
+        sampler, policy, exchange, timer, history_limit=max(4096, 2 * per_epoch), schedule=schedule
+    )
     state = DynamicBatchState(sampler, rebalancer, timer, discount_new_sizes)
     state.settings = settings
     state.fresh_policy = copy.deepcopy(policy)  # a new world's policy starts from this

@@ -28,13 +28,15 @@ one rank, a sampler no wrapper is attached to refuses to hand out a step of
 an uneven plan (plain ``hvd.DistributedOptimizer`` would average unequal
 batches with equal weights).
 """
+
 from __future__ import annotations
 
 import collections
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -167,7 +169,7 @@ class DynamicBatchSampler(Sampler[list]):
         """The indices of global batch ``step``: all ranks' pieces together."""
         if not 0 <= step < self.steps_per_epoch:
             raise IndexError(f"step {step} outside an epoch of {self.steps_per_epoch} steps")
-        return self.permutation()[step * self.global_batch:(step + 1) * self.global_batch]
+        return self.permutation()[step * self.global_batch : (step + 1) * self.global_batch]
 
     def plan_at(self, step: int) -> Plan:
         """The plan in force at ``step`` of the current epoch."""
@@ -188,7 +190,7 @@ class DynamicBatchSampler(Sampler[list]):
         rank = self.rank if rank is None else rank
         plan = self.plan_at(step)
         start = plan.offset(rank)
-        return self.global_batch_indices(step)[start:start + plan.batch_sizes[rank]].tolist()
+        return self.global_batch_indices(step)[start : start + plan.batch_sizes[rank]].tolist()
 
     # -- iteration -------------------------------------------------------------------
 
@@ -223,7 +225,8 @@ class DynamicBatchSampler(Sampler[list]):
                 f"DynamicBatchSampler: a new pass began after epoch {self.epoch} ended without "
                 f"sampler.set_epoch(epoch); continuing with epoch {self.epoch + 1} and the "
                 "newest plan. Call sampler.set_epoch(epoch) at the start of every epoch",
-                stacklevel=3)
+                stacklevel=3,
+            )
         self.set_epoch(self.epoch + 1)
 
     def _refuse_unweighted(self, plan: Plan) -> None:
@@ -329,8 +332,7 @@ class DynamicBatchSampler(Sampler[list]):
         ``position`` were trained on by the world that committed them.
         """
         if not 0 <= position <= self.steps_per_epoch:
-            raise PlanError(f"position {position} is outside an epoch of "
-                            f"{self.steps_per_epoch} steps")
+            raise PlanError(f"position {position} is outside an epoch of {self.steps_per_epoch} steps")
         self._restart(epoch, position, self.plan)
 
     def _restart(self, epoch: int, position: int, plan: Plan) -> None:
@@ -414,8 +416,7 @@ def _horovod_size() -> int:
 
 def _check_fits(global_batch: int, world_size: int, bounds: Bounds) -> None:
     """Raise PlanError unless some plan of ``global_batch`` for ``world_size`` ranks meets ``bounds``."""
-    if (isinstance(global_batch, int) and not isinstance(global_batch, bool)
-            and 0 < global_batch < world_size):
+    if isinstance(global_batch, int) and not isinstance(global_batch, bool) and 0 < global_batch < world_size:
         raise PlanError(
             f"global_batch={global_batch} is smaller than the world size {world_size}: "
             f"every rank needs at least one sample per step; pass global_batch= of at "

@@ -34,12 +34,14 @@ kernel plans for the new shapes (several times a settled step's time; see
 docs/deployment/gpu.md), which says nothing about the rank's speed. WindowStats leaves such steps out
 (plan.py).
 """
+
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable
 
 
 @dataclass
@@ -82,12 +84,15 @@ class StepTimer:
     later. See the module docstring for why.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.perf_counter,
-                 device_sync: Optional[Callable[[], None]] = None,
-                 frozen_clock: Optional[Callable[[], float]] = None,
-                 cpu_share: Optional[float] = None,
-                 cpu_clock: Callable[[], float] = time.process_time,
-                 work_clock: Optional[Callable[[], float]] = None) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.perf_counter,
+        device_sync: Callable[[], None] | None = None,
+        frozen_clock: Callable[[], float] | None = None,
+        cpu_share: float | None = None,
+        cpu_clock: Callable[[], float] = time.process_time,
+        work_clock: Callable[[], float] | None = None,
+    ) -> None:
         self._clock = clock
         self._device_sync = device_sync
         # Seconds this rank has been frozen by its own CPU quota (quota.py);
@@ -149,8 +154,13 @@ class StepTimer:
                 waited -= min(max(self._frozen_clock() - frozen, 0.0), waited)
             self._wait_in_step += waited
 
-    def end_step(self, batch_size: Union[int, Sequence[int]], start_hint: float | None = None,
-                 new_size: Union[bool, Sequence[bool]] = False, end: float | None = None) -> None:
+    def end_step(
+        self,
+        batch_size: int | Sequence[int],
+        start_hint: float | None = None,
+        new_size: bool | Sequence[bool] = False,
+        end: float | None = None,
+    ) -> None:
         """Close a step of ``batch_size`` samples (``new_size``: the rank's first at that size).
 
         A step of several micro-batches (gradient accumulation) gives one size

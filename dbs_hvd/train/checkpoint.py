@@ -10,12 +10,14 @@ never sees half a file under a checkpoint's name. The last ``keep`` are kept.
 Loading uses ``torch.load(weights_only=True)``: a checkpoint is data (tensors,
 numbers, strings, lists, dicts), never code.
 """
+
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -26,14 +28,26 @@ _NAME = re.compile(r"^ckpt-(\d{6})\.pt$")
 
 # Settings that may change between a run and its resumption without changing
 # what is computed (or that are the resumption itself).
-RESUMABLE_CHANGES = frozenset({
-    "epochs", "log", "rebalance_log", "checkpoint_dir", "resume", "keep_checkpoints",
-    "progress", "workers", "threads", "device",
-    # When plans change, not what is computed: the update is the global-batch
-    # one whatever the plan (invariant 3). Also lets a checkpoint written before
-    # a schedule setting existed resume (rebalance_min_seconds is newer).
-    *CONFIG_KEYS.values(), "warmup_steps", "max_deadband",
-})
+RESUMABLE_CHANGES = frozenset(
+    {
+        "epochs",
+        "log",
+        "rebalance_log",
+        "checkpoint_dir",
+        "resume",
+        "keep_checkpoints",
+        "progress",
+        "workers",
+        "threads",
+        "device",
+        # When plans change, not what is computed: the update is the global-batch
+        # one whatever the plan (invariant 3). Also lets a checkpoint written before
+        # a schedule setting existed resume (rebalance_min_seconds is newer).
+        *CONFIG_KEYS.values(),
+        "warmup_steps",
+        "max_deadband",
+    }
+)
 
 
 class CheckpointError(ValueError):
@@ -116,8 +130,7 @@ def check_config(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
     keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
     differing = sorted(k for k in keys if saved.get(k) != current.get(k))
     if differing:
-        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
-                           for k in differing)
+        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in differing)
         raise CheckpointError(
             f"the checkpoint is from a different configuration ({detail}); resume with the "
             "same settings, or start a new run in another --checkpoint-dir"

@@ -32,15 +32,16 @@ the others wait in the state broadcast, so a collective there would deadlock.
 The set-up therefore builds the optimizer with a local exchange and checks the
 ranks' settings inside the loop instead.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import socket
-import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import horovod.torch as hvd
 import torch
@@ -49,12 +50,21 @@ from torch.utils.data import Dataset
 
 from ..comm import LocalExchange, check_same_on_all_ranks, default_exchange
 from ..elastic_state import worker_identity
-from .emulate import make_emulator
-from .metrics import EpochRecord, append_json_lines
 from ..plan import Plan
-from .trainer import (TrainConfig, _dbs_run, build_data_and_model, epoch_record,
-                      freeze_setup_objects, init_horovod, make_run_policy, scales_cpu_time,
-                      train_step)
+from ..sampler import StepBatch
+from .emulate import DeviceEmulator
+from .metrics import EpochRecord, append_json_lines
+from .trainer import (
+    TrainConfig,
+    _dbs_run,
+    build_data_and_model,
+    epoch_record,
+    freeze_setup_objects,
+    init_horovod,
+    make_run_emulator,
+    make_run_policy,
+    train_epoch,
+)
 
 
 class ElasticState(hvd.elastic.TorchState):
@@ -65,10 +75,8 @@ class ElasticState(hvd.elastic.TorchState):
     so that a new world can tell whether the plan still describes it.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 plan: Sequence[int]) -> None:
-        super().__init__(model=model, optimizer=optimizer, epoch=0, step=0, plan=list(plan),
-                         ranks=None)
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, plan: Sequence[int]) -> None:
+        super().__init__(model=model, optimizer=optimizer, epoch=0, step=0, plan=list(plan), ranks=None)
 
 
 class _IndexedDataset(Dataset):
@@ -92,19 +100,21 @@ class ElasticTrainer:
         self.config = config
         init_horovod(config)
         self.train_set, self.test_set, self.device, self.model = build_data_and_model(
-            config, hvd.local_rank(), hvd.local_size())
+            config, hvd.local_rank(), hvd.local_size()
+        )
         dataset = _IndexedDataset(self.train_set) if config.read_log else self.train_set
         # A local exchange for the set-up: no collective before the loop (see the module notes).
         self.run = _dbs_run(config, self.model, dataset, LocalExchange(), self.device)  # type: ignore[arg-type]
-        self.sampler = self.run.sampler
+        self.dbs = self.run.state
+        self.sampler = self.dbs.sampler
         self.state = ElasticState(self.model, self.run.optimizer, self.sampler.plan.batch_sizes)
         self.criterion = nn.CrossEntropyLoss()
         self.records: dict[int, EpochRecord] = {}
         self.identities: list = []
-        self.emulator = None
+        self.emulator: DeviceEmulator | None = None
         self.reads = _ReadLog(config.read_log) if config.read_log else None
         # Whichever process is rank 0 when an epoch commits writes its rebalances.
-        self.run.optimizer.rebalancer.record_policy = bool(config.rebalance_log)
+        self.dbs.rebalancer.record_policy = bool(config.rebalance_log)
         self.world = 0
 
     # -- a new world ---------------------------------------------------------------
@@ -123,14 +133,12 @@ class ElasticTrainer:
         # the grid of --batch-multiple where one is set).
         plan = Plan(tuple(state.plan)) if same_workers else policy.initial_plan(world)
         self.sampler.resize(rank, world, plan)
-        self.run.optimizer.dbs.restart(exchange, policy)
-        rebalancer = self.run.optimizer.rebalancer
+        self.dbs.restart(exchange, policy)
+        rebalancer = self.dbs.rebalancer
         # Windows of the epoch being resumed were measured by the old world.
         for _ in range(sum(r.epoch >= state.epoch for r in rebalancer.history)):
             rebalancer.history.pop()  # the newest records are the resumed epoch's
-        self.emulator = make_emulator(rank, world, config.slowdown, config.virtual_device,
-                                      config.disturb, config.step_change, config.seed,
-                                      scales_cpu_time(config))
+        self.emulator = make_run_emulator(config, rank, world)
         previous, self.world, self.identities = self.world, world, identities
         if rank == 0:
             if state.epoch == 0 and state.step == 0:  # a new run (nothing committed yet)
@@ -138,9 +146,12 @@ class ElasticTrainer:
                     Path(path).parent.mkdir(parents=True, exist_ok=True)
                     Path(path).write_text("")
             change = f" (this process was in a world of {previous})" if previous else ""
-            print(f"dbs-train: elastic world of {world} ranks{change}: epoch {state.epoch} "
-                  f"from step {state.step}, plan {list(self.sampler.plan.batch_sizes)}"
-                  f"{'' if same_workers else ' (equal split: new world)'}", flush=True)
+            print(
+                f"dbs-train: elastic world of {world} ranks{change}: epoch {state.epoch} "
+                f"from step {state.step}, plan {list(self.sampler.plan.batch_sizes)}"
+                f"{'' if same_workers else ' (equal split: new world)'}",
+                flush=True,
+            )
 
     # -- the loop ------------------------------------------------------------------
 
@@ -150,53 +161,86 @@ class ElasticTrainer:
         freeze_setup_objects()  # again after a reset: the new world's objects
         if state.epoch == 0 and state.step == 0 and hvd.rank() == 0:
             train_size = len(self.train_set)
-            print(f"dbs-train: elastic, {self.config.model} on {self.config.dataset} "
-                  f"({train_size} train / {len(self.test_set)} test), global batch "
-                  f"{self.config.global_batch}, policy {self.config.policy}, "
-                  f"{self.sampler.steps_per_epoch} steps/epoch, commit every "
-                  f"{self.config.commit_every} steps", flush=True)
+            print(
+                f"dbs-train: elastic, {self.config.model} on {self.config.dataset} "
+                f"({train_size} train / {len(self.test_set)} test), global batch "
+                f"{self.config.global_batch}, policy {self.config.policy}, "
+                f"{self.sampler.steps_per_epoch} steps/epoch, commit every "
+                f"{self.config.commit_every} steps",
+                flush=True,
+            )
         while state.epoch < self.config.epochs:
             self._train_epoch(state)
 
     def _train_epoch(self, state: ElasticState) -> None:
-        config, sampler, optimizer = self.config, self.sampler, self.run.optimizer
+        config, sampler, dbs = self.config, self.sampler, self.dbs
+        assert self.emulator is not None, "_adopt_world makes the emulator"
         epoch, steps = state.epoch, sampler.steps_per_epoch
         sampler.seek(epoch, state.step)
         start_plan = sampler.plan
-        global_step = epoch * steps + state.step
-        # The epoch's loss covers the steps this world trained (after a reset, from the commit on).
-        loss_sum = torch.zeros(2, dtype=torch.float64)
-        started = time.perf_counter()
-        for batch in self.run.loader:
-            x, y = batch[0], batch[1]
-            step = optimizer.dbs.current_batch()  # the sampler's record of this batch
-            loss = train_step(self.model, self.criterion, optimizer, self.emulator, self.device,
-                              x, y, epoch, global_step)
-            global_step += 1
-            loss_sum += torch.tensor([loss.item() * len(y), len(y)], dtype=torch.float64)
+        current: list[StepBatch] = []
+
+        def batches() -> Iterator[Sequence[torch.Tensor]]:
+            for batch in self.run.loader:
+                current[:] = [dbs.current_batch()]  # the sampler's record of this batch
+                yield batch
+
+        def after_step(batch: Sequence[torch.Tensor], loss: torch.Tensor) -> None:
+            step = current[0]
             if self.reads is not None:
-                self.reads.write(kind="read", epoch=step.epoch, step=step.step, rank=hvd.rank(),
-                                 world=hvd.size(), indices=batch[2].tolist())
+                self.reads.write(
+                    kind="read",
+                    epoch=step.epoch,
+                    step=step.step,
+                    rank=hvd.rank(),
+                    world=hvd.size(),
+                    indices=batch[2].tolist(),
+                )
             state.step = step.step + 1
             if state.step % config.commit_every == 0 and state.step < steps:
                 self._commit(state)
-        seconds = time.perf_counter() - started
-        record = epoch_record(config, epoch, self.model, self.run, self.test_set, self.device,
-                              loss_sum, seconds, start_plan, hvd.size(), plain=False)
+
+        # The epoch's loss covers the steps this world trained (after a reset, from the commit on).
+        loss_sum, seconds, _ = train_epoch(
+            self.model,
+            self.criterion,
+            self.run.optimizer,
+            self.emulator,
+            self.device,
+            batches(),
+            epoch,
+            epoch * steps + state.step,
+            after_step,
+        )
+        record = epoch_record(
+            config,
+            epoch,
+            self.model,
+            self.run,
+            self.test_set,
+            self.device,
+            loss_sum,
+            seconds,
+            start_plan,
+            hvd.size(),
+            plain=False,
+        )
         state.epoch, state.step = epoch + 1, 0
         # The record is written between save and the host check, so that an
         # epoch is reported once: a failure before the save redoes the epoch's
         # tail and reports it then; one after the save does not redo it.
         self._commit(state, record)
 
-    def _commit(self, state: ElasticState, record: Optional[EpochRecord] = None) -> None:
-        state.plan = list(self.sampler.plan_at(state.step).batch_sizes
-                          if state.step else self.sampler.plan.batch_sizes)
+    def _commit(self, state: ElasticState, record: EpochRecord | None = None) -> None:
+        state.plan = list(
+            self.sampler.plan_at(state.step).batch_sizes if state.step else self.sampler.plan.batch_sizes
+        )
         state.ranks = self.identities
         state.save()
         if self.reads is not None and hvd.rank() == 0:
-            self.reads.write(kind="commit", epoch=state.epoch, step=state.step,
-                             world=hvd.size(), plan=state.plan)
+            self.reads.write(
+                kind="commit", epoch=state.epoch, step=state.step, world=hvd.size(), plan=state.plan
+            )
         if record is not None:
             self.records[record.epoch] = record
             if hvd.rank() == 0:
@@ -206,8 +250,10 @@ class ElasticTrainer:
                 if self.config.rebalance_log:
                     # The epoch's rebalances by the world that finished it: a
                     # reset drops the old world's records of the resumed epoch.
-                    append_json_lines(self.config.rebalance_log,
-                                      self.run.optimizer.rebalancer.records_of_epoch(record.epoch))
+                    append_json_lines(
+                        self.config.rebalance_log,
+                        self.dbs.rebalancer.records_of_epoch(record.epoch),
+                    )
         state.check_host_updates()  # raises HostsUpdatedInterrupt when the world changes
 
 
@@ -226,16 +272,22 @@ class _ReadLog:
 def _check_supported(config: TrainConfig) -> None:
     """Elastic mode covers the DBS gradient path; say so for the rest."""
     if config.policy == "horovod":
-        raise ValueError("--elastic runs the DBS optimizer: use --policy dbs, paper or static "
-                         "(the plain-Horovod baseline has no elastic mode here)")
+        raise ValueError(
+            "--elastic runs the DBS optimizer: use --policy dbs, paper or static "
+            "(the plain-Horovod baseline has no elastic mode here)"
+        )
     if config.mode != "gradient":
         raise ValueError("--elastic supports --mode gradient only")
     if config.checkpoint_dir or config.resume:
-        raise ValueError("--elastic keeps its state in memory (commits): --checkpoint-dir and "
-                         "--resume are not supported with it yet")
+        raise ValueError(
+            "--elastic keeps its state in memory (commits): --checkpoint-dir and "
+            "--resume are not supported with it yet"
+        )
     if config.plan:
-        raise ValueError("--plan names one batch size per rank, and an elastic world changes "
-                         "size: leave --plan out with --elastic")
+        raise ValueError(
+            "--plan names one batch size per rank, and an elastic world changes "
+            "size: leave --plan out with --elastic"
+        )
 
 
 def train_elastic(config: TrainConfig) -> list[EpochRecord]:

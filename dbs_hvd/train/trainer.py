@@ -3,33 +3,35 @@
 It is also the reference for using the library in a script: the training loop
 below is a plain Horovod loop except for the sampler and the optimizer wrapper.
 """
+
 from __future__ import annotations
 
 import gc
 import os
 import re
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from . import checkpoint, data, models
+from ..averaging import ModelAveragingOptimizer
 from ..comm import check_same_on_all_ranks, decide_on_root, default_exchange
+from ..grid import GridPolicy
+from ..optim import DistributedOptimizer, DynamicBatchState
+from ..options import RebalanceOptions
+from ..plan import Bounds, Plan, PlanError, Policy
+from ..policies import make_policy
+from ..sampler import DynamicBatchSampler
+from ..waiting import install_quiet_wait
+from . import checkpoint, data, models
 from .devices import gpu_for_local_rank, resolve_device
 from .emulate import DeviceEmulator, make_emulator
 from .metrics import EpochRecord, JsonLinesLog, balance_efficiency
-from ..averaging import ModelAveragingOptimizer
-from ..optim import DistributedOptimizer
-from ..grid import GridPolicy
-from ..plan import Bounds, Plan, PlanError, Policy
-from ..policies import make_policy
-from ..options import RebalanceOptions
-from ..sampler import DynamicBatchSampler
-from ..waiting import install_quiet_wait
 
 
 @dataclass
@@ -38,7 +40,7 @@ class TrainConfig:
 
     model: str = "mlp"
     dataset: str = "digits"
-    data_dir: Optional[str] = None
+    data_dir: str | None = None
     samples: int = 4096  # synthetic data set size
     image_size: int = 8  # digits only: upsample to this size
     hidden: int = 128
@@ -50,56 +52,65 @@ class TrainConfig:
     mode: str = "gradient"  # or "average": local SGD, parameters averaged every average_every steps
     average_every: int = 8
     # The rebalance schedule, flat for the command line: RebalanceOptions (options.py).
-    rebalance_every: Optional[int] = None  # None: every 2 steps for dbs, epoch ends otherwise
+    rebalance_every: int | None = None  # None: every 2 steps for dbs, epoch ends otherwise
     rebalance_budget: float = RebalanceOptions.budget  # interval stretched to cost <= this (0: exactly K)
     rebalance_min_seconds: float = RebalanceOptions.min_seconds  # and at least this apart
     warmup_steps: int = 10  # dbs: the first steps move the plan only for a large gain
-    max_deadband: Optional[float] = None  # dbs: the widest noise-following band (policies.py)
+    max_deadband: float | None = None  # dbs: the widest noise-following band (policies.py)
     discount_new_sizes: str = "auto"  # "on"/"off"; auto: on for --device cuda (optim.py)
     min_batch: int = 1
-    max_batch: Optional[int] = None
+    max_batch: int | None = None
     batch_multiple: int = 1  # every local batch a multiple of this (grid.py); 1: any size
-    plan: Optional[str] = None  # "B1,B2,...": the first plan (with --policy static: kept for the run)
-    slowdown: Optional[str] = None
+    plan: str | None = None  # "B1,B2,...": the first plan (with --policy static: kept for the run)
+    slowdown: str | None = None
     slowdown_clock: str = "wall"  # or "cpu": scale the thread's CPU time (emulate.py)
-    virtual_device: Optional[str] = None
-    disturb: Optional[str] = None
-    step_change: Optional[str] = None
+    virtual_device: str | None = None
+    disturb: str | None = None
+    step_change: str | None = None
     seed: int = 0
     threads: int = 1
     workers: int = 0
-    log: Optional[str] = None
-    rebalance_log: Optional[str] = None  # rank 0: one JSON line per rebalance (window, plan, policy)
+    log: str | None = None
+    rebalance_log: str | None = None  # rank 0: one JSON line per rebalance (window, plan, policy)
     progress: bool = False
     device: str = "cpu"  # "cuda": one GPU per local rank, NCCL when Horovod has it
-    timeline: Optional[str] = None  # Horovod timeline (chrome://tracing JSON), rank 0 writes it
+    timeline: str | None = None  # Horovod timeline (chrome://tracing JSON), rank 0 writes it
     stall_timeout: float = 300.0  # seconds a rank may lag in a collective before the job stops
-    checkpoint_dir: Optional[str] = None
+    checkpoint_dir: str | None = None
     resume: bool = False
     keep_checkpoints: int = 3
     elastic: bool = False  # Horovod elastic mode (horovodrun --host-discovery-script), see elastic.py
     commit_every: int = 10  # elastic: commit the state every K steps (and at every epoch end)
-    read_log: Optional[str] = None  # elastic debugging: each process logs the indices it trains on
+    read_log: str | None = None  # elastic debugging: each process logs the indices it trains on
 
 
-def evaluate(model: nn.Module, dataset: TensorDataset, batch: int = 1024,
-             device: torch.device = torch.device("cpu")) -> float:
+def evaluate(
+    model: nn.Module, dataset: TensorDataset, batch: int = 1024, device: torch.device = torch.device("cpu")
+) -> float:
     """Accuracy on the whole test set (every rank evaluates alike: no collective)."""
     model.eval()
     correct = 0
     with torch.no_grad():
         x_all, y_all = dataset.tensors
         for start in range(0, len(y_all), batch):
-            out = model(x_all[start:start + batch].to(device))
-            correct += int((out.argmax(1).cpu() == y_all[start:start + batch]).sum())
+            out = model(x_all[start : start + batch].to(device))
+            correct += int((out.argmax(1).cpu() == y_all[start : start + batch]).sum())
     model.train()
     return correct / len(y_all)
 
 
-def _epoch_summary(epoch: int, optimizer, sampler: DynamicBatchSampler, start_plan,
-                   loss: float, accuracy: float, seconds: float, policy: str) -> EpochRecord:
+def _epoch_summary(
+    epoch: int,
+    dbs: DynamicBatchState,
+    start_plan: Plan,
+    loss: float,
+    accuracy: float,
+    seconds: float,
+    policy: str,
+) -> EpochRecord:
     """Sum the epoch's rebalance windows (every rank holds all ranks' figures)."""
-    windows = optimizer.rebalancer.records_of_epoch(epoch)
+    sampler = dbs.sampler
+    windows = dbs.rebalancer.records_of_epoch(epoch)
     world = sampler.world_size
     samples = np.zeros(world)
     compute = np.zeros(world)
@@ -112,75 +123,111 @@ def _epoch_summary(epoch: int, optimizer, sampler: DynamicBatchSampler, start_pl
         if record.start_step < sampler.steps_per_epoch and list(record.plan_after) != plans[-1]:
             plans.append(list(record.plan_after))
     return EpochRecord(
-        epoch=epoch, loss=loss, accuracy=accuracy, seconds=seconds,
+        epoch=epoch,
+        loss=loss,
+        accuracy=accuracy,
+        seconds=seconds,
         batch_sizes=list(start_plan.batch_sizes),
         next_batch_sizes=list(sampler.plan.batch_sizes),
-        compute_seconds=compute.round(4).tolist(), wait_seconds=wait.round(4).tolist(),
+        compute_seconds=compute.round(4).tolist(),
+        wait_seconds=wait.round(4).tolist(),
         samples=samples.astype(int).tolist(),
         efficiency=balance_efficiency(samples, compute, compute + wait),
-        policy=policy, plans=plans,
+        policy=policy,
+        plans=plans,
     )
 
 
 @dataclass
-class _Run:
-    """The parts of a run that differ between DBS and the plain-Horovod baseline."""
+class Run:
+    """The parts of a run that differ between DBS and the plain-Horovod baseline.
+
+    ``dbs`` is the DBS optimizer's state (``optimizer.dbs``: sampler,
+    rebalancer, timer); None for plain Horovod.
+    """
 
     loader: DataLoader
     optimizer: torch.optim.Optimizer
-    sampler: object
+    set_epoch: Callable[[int], None]
     steps_per_epoch: int
     dropped_per_epoch: int
+    dbs: DynamicBatchState | None = None
+
+    @property
+    def state(self) -> DynamicBatchState:
+        """The DBS state; raises ValueError for a plain-Horovod run, which has none."""
+        if self.dbs is None:
+            raise ValueError("a plain Horovod run has no DBS sampler or rebalancer")
+        return self.dbs
 
 
-def _dbs_policy_and_sampler(config: TrainConfig, dataset_size: int, rank: Optional[int] = None,
-                            world_size: Optional[int] = None) -> tuple[Policy, DynamicBatchSampler]:
+def _dbs_policy_and_sampler(
+    config: TrainConfig, dataset_size: int, rank: int | None = None, world_size: int | None = None
+) -> tuple[Policy, DynamicBatchSampler]:
     """The run's policy and sampler (rank and world size default to Horovod's; no collective)."""
     policy = make_run_policy(config)
     try:
-        sampler = DynamicBatchSampler(dataset_size, config.global_batch, rank=rank,
-                                      world_size=world_size, seed=config.seed,
-                                      bounds=Bounds(config.min_batch, config.max_batch),
-                                      plan=parse_plan(config.plan) if config.plan else None)
+        sampler = DynamicBatchSampler(
+            dataset_size,
+            config.global_batch,
+            rank=rank,
+            world_size=world_size,
+            seed=config.seed,
+            bounds=Bounds(config.min_batch, config.max_batch),
+            plan=parse_plan(config.plan) if config.plan else None,
+        )
     except PlanError as error:  # the library names its arguments; dbs-train, its flags
         raise PlanError(flag_names(str(error))) from None
     if isinstance(policy, GridPolicy) and not policy.on_grid(sampler.plan):
         if config.plan:
-            raise PlanError(f"--plan {config.plan} is not on the grid of --batch-multiple "
-                            f"{config.batch_multiple}: give sizes that are multiples of it")
+            raise PlanError(
+                f"--plan {config.plan} is not on the grid of --batch-multiple "
+                f"{config.batch_multiple}: give sizes that are multiples of it"
+            )
         sampler.set_plan(policy.initial_plan(sampler.world_size), 0)  # nothing handed out yet
     return policy, sampler
 
 
-def _dbs_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset, exchange,
-             device: torch.device) -> _Run:
+def _dbs_run(
+    config: TrainConfig, model: nn.Module, train_set: TensorDataset, exchange, device: torch.device
+) -> Run:
     policy, sampler = _dbs_policy_and_sampler(config, len(train_set))
     # The sampler yields index lists; a TensorDataset indexes them in one go.
-    loader = DataLoader(train_set, sampler=sampler, batch_size=None, num_workers=config.workers,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        train_set,
+        sampler=sampler,
+        batch_size=None,
+        num_workers=config.workers,
+        pin_memory=device.type == "cuda",
+    )
     local = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     # CUDA kernels run asynchronously: finish this rank's own work before
     # the allreduce wait is timed, or compute would be counted as waiting.
     device_sync = torch.cuda.synchronize if device.type == "cuda" else None
-    shared = dict(policy=policy, rebalance=RebalanceOptions.from_config(asdict(config)),
-                  exchange=exchange,
-                  device_sync=device_sync,
-                  discount_new_sizes={"auto": None, "on": True, "off": False}[
-                      config.discount_new_sizes])
+    shared = dict(
+        policy=policy,
+        rebalance=RebalanceOptions.from_config(asdict(config)),
+        exchange=exchange,
+        device_sync=device_sync,
+        discount_new_sizes={"auto": None, "on": True, "off": False}[config.discount_new_sizes],
+    )
+    optimizer: torch.optim.Optimizer
     if config.mode == "average":
         optimizer = ModelAveragingOptimizer(
-            local, sampler, model.named_parameters(), average_every=config.average_every,
-            **shared)
+            local, sampler, model.named_parameters(), average_every=config.average_every, **shared
+        )
     elif config.mode == "gradient":
         # model=: the b_i / B weight goes on the output's gradient (batch x classes)
         # instead of on every parameter's gradient: the same update (backward is
         # linear in it), without a pass over every gradient per step: on the
         # 400k-parameter MLP, cProfile counted those at about 0.1 ms of a 4-5 ms step.
         optimizer = DistributedOptimizer(
-            local, sampler, named_parameters=model.named_parameters(), model=model, **shared)
+            local, sampler, named_parameters=model.named_parameters(), model=model, **shared
+        )
     else:
         raise ValueError(f"--mode must be gradient or average, got {config.mode!r}")
-    return _Run(loader, optimizer, sampler, sampler.steps_per_epoch, sampler.dropped_per_epoch)
+    dbs: DynamicBatchState = optimizer.dbs  # type: ignore[attr-defined]
+    return Run(loader, optimizer, sampler.set_epoch, sampler.steps_per_epoch, sampler.dropped_per_epoch, dbs)
 
 
 def scales_cpu_time(config: TrainConfig) -> bool:
@@ -188,40 +235,51 @@ def scales_cpu_time(config: TrainConfig) -> bool:
     if config.slowdown_clock not in ("wall", "cpu"):
         raise ValueError(f"--slowdown-clock must be wall or cpu, got {config.slowdown_clock!r}")
     if config.slowdown_clock == "cpu" and (config.device != "cpu" or config.threads != 1):
-        raise ValueError("--slowdown-clock cpu needs --device cpu and --threads 1: only then is "
-                         "the calling thread's CPU time the step's work; use --slowdown-clock wall")
+        raise ValueError(
+            "--slowdown-clock cpu needs --device cpu and --threads 1: only then is "
+            "the calling thread's CPU time the step's work; use --slowdown-clock wall"
+        )
     return config.slowdown_clock == "cpu"
 
 
 def make_run_policy(config: TrainConfig) -> Policy:
     """The run's --policy, with --warmup-steps and --max-deadband for dbs, which has them."""
-    options = {}
+    options: dict[str, object] = {}
     if config.policy == "dbs":
         options["warmup_steps"] = config.warmup_steps
         if config.max_deadband is not None:
             options["max_deadband"] = config.max_deadband
-    return make_policy(config.policy, config.global_batch,
-                       Bounds(config.min_batch, config.max_batch),
-                       batch_multiple=config.batch_multiple, **options)
+    return make_policy(
+        config.policy,
+        config.global_batch,
+        Bounds(config.min_batch, config.max_batch),
+        batch_multiple=config.batch_multiple,
+        **options,
+    )
 
 
-def _plain_horovod_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset,
-                       world: int, rank: int) -> _Run:
+def _plain_horovod_run(
+    config: TrainConfig, model: nn.Module, train_set: TensorDataset, world: int, rank: int
+) -> Run:
     """The baseline as users run Horovod today: DistributedSampler, equal batches, Average."""
     import horovod.torch as hvd
     from torch.utils.data import BatchSampler, DistributedSampler
 
     _check_plain_horovod(config, world)
     local = config.global_batch // world
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=config.seed, drop_last=True)
+    sampler: DistributedSampler[int] = DistributedSampler(
+        train_set, num_replicas=world, rank=rank, shuffle=True, seed=config.seed, drop_last=True
+    )
     batches = BatchSampler(sampler, local, drop_last=True)
     loader = DataLoader(train_set, sampler=batches, batch_size=None, num_workers=config.workers)
     optimizer = hvd.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum),
-        named_parameters=model.named_parameters(), op=hvd.Average,
+        named_parameters=model.named_parameters(),
+        op=hvd.Average,
     )
-    return _Run(loader, optimizer, sampler, len(batches), len(train_set) - len(batches) * local * world)
+    return Run(
+        loader, optimizer, sampler.set_epoch, len(batches), len(train_set) - len(batches) * local * world
+    )
 
 
 def _check_plain_horovod(config: TrainConfig, world: int) -> None:
@@ -233,8 +291,15 @@ def _check_plain_horovod(config: TrainConfig, world: int) -> None:
         )
 
 
-def build_run(config: TrainConfig, model: nn.Module, train_set: TensorDataset, exchange,
-              device: torch.device, world: int, rank: int) -> _Run:
+def build_run(
+    config: TrainConfig,
+    model: nn.Module,
+    train_set: TensorDataset,
+    exchange,
+    device: torch.device,
+    world: int,
+    rank: int,
+) -> Run:
     """The loader, sampler and optimizer of ``config.policy``: plain Horovod for "horovod".
 
     Collective for the DBS policies (they check their settings on all ranks).
@@ -249,30 +314,45 @@ def parse_plan(text: str) -> Plan:
     try:
         return Plan(tuple(int(part) for part in text.split(",")))
     except ValueError:
-        raise PlanError(f"--plan takes one local batch size per rank, comma-separated "
-                        f"(e.g. 100,28), got {text!r}") from None
+        raise PlanError(
+            f"--plan takes one local batch size per rank, comma-separated (e.g. 100,28), got {text!r}"
+        ) from None
 
 
 def flag_names(message: str) -> str:
     """A library error's argument names (``global_batch=``) as dbs-train's flags."""
-    for argument, flag in (("global_batch", "--global-batch"), ("min_batch", "--min-batch"),
-                           ("max_batch", "--max-batch"), ("plan", "--plan")):
+    for argument, flag in (
+        ("global_batch", "--global-batch"),
+        ("min_batch", "--min-batch"),
+        ("max_batch", "--max-batch"),
+        ("plan", "--plan"),
+    ):
         message = re.sub(rf"\b{argument}=(?=\d)", f"{flag} ", message)
         message = re.sub(rf"\b{argument}= ?", f"{flag} ", message)
     return message
 
 
-def _plain_summary(epoch: int, world: int, global_batch: int, loss: float, accuracy: float,
-                   seconds: float) -> EpochRecord:
+def _plain_summary(
+    epoch: int, world: int, global_batch: int, loss: float, accuracy: float, seconds: float
+) -> EpochRecord:
     sizes = [global_batch // world] * world
-    return EpochRecord(epoch=epoch, loss=loss, accuracy=accuracy, seconds=seconds,
-                       batch_sizes=sizes, next_batch_sizes=sizes, compute_seconds=[],
-                       wait_seconds=[], samples=[], efficiency=float("nan"),
-                       policy="horovod", plans=[sizes])
+    return EpochRecord(
+        epoch=epoch,
+        loss=loss,
+        accuracy=accuracy,
+        seconds=seconds,
+        batch_sizes=sizes,
+        next_batch_sizes=sizes,
+        compute_seconds=[],
+        wait_seconds=[],
+        samples=[],
+        efficiency=float("nan"),
+        policy="horovod",
+        plans=[sizes],
+    )
 
 
-def _checkpoint_payload(config: TrainConfig, epoch: int, model: nn.Module, run: _Run,
-                        plain: bool) -> dict:
+def _checkpoint_payload(config: TrainConfig, epoch: int, model: nn.Module, run: Run, plain: bool) -> dict:
     payload = {
         "epoch": epoch,
         "config": asdict(config),
@@ -281,16 +361,19 @@ def _checkpoint_payload(config: TrainConfig, epoch: int, model: nn.Module, run: 
         "torch_rng": torch.get_rng_state(),
     }
     if not plain:
-        payload["sampler"] = run.sampler.state_dict()
-        payload["policy"] = run.optimizer.rebalancer.policy.state_dict()
+        payload["sampler"] = run.state.sampler.state_dict()
+        payload["policy"] = run.state.rebalancer.policy.state_dict()
     return payload
 
 
-def _resume(config: TrainConfig, model: nn.Module, run: _Run, exchange, plain: bool) -> int:
+def _resume(config: TrainConfig, model: nn.Module, run: Run, exchange, plain: bool) -> int:
     """Load the newest checkpoint (read on rank 0, sent to all); return the next epoch."""
+    if not config.checkpoint_dir:
+        raise ValueError("--resume needs --checkpoint-dir (the folder of the run to continue)")
+    directory = config.checkpoint_dir
 
     def read() -> dict:
-        payload = checkpoint.load_latest(config.checkpoint_dir)
+        payload = checkpoint.load_latest(directory)
         checkpoint.check_config(payload["config"], asdict(config))
         return payload
 
@@ -299,8 +382,8 @@ def _resume(config: TrainConfig, model: nn.Module, run: _Run, exchange, plain: b
     run.optimizer.load_state_dict(payload["optimizer"])
     torch.set_rng_state(payload["torch_rng"])
     if not plain:
-        run.sampler.load_state_dict(payload["sampler"])
-        run.optimizer.rebalancer.policy.load_state_dict(payload["policy"])
+        run.state.sampler.load_state_dict(payload["sampler"])
+        run.state.rebalancer.policy.load_state_dict(payload["policy"])
     return int(payload["epoch"]) + 1
 
 
@@ -334,14 +417,39 @@ def init_horovod(config: TrainConfig) -> None:
     hvd.init()
 
 
-def build_data_and_model(config: TrainConfig, local_rank: int, local_size: int = 1
-                         ) -> tuple[TensorDataset, TensorDataset, torch.device, nn.Module]:
+def load_data(config: TrainConfig) -> tuple[TensorDataset, TensorDataset]:
+    """The run's training and test sets (``--dataset`` and the flags that shape it)."""
+    return data.load(
+        config.dataset,
+        flatten=config.model == "mlp",
+        seed=config.seed,
+        samples=config.samples,
+        data_dir=config.data_dir,
+        image_size=config.image_size,
+    )
+
+
+def make_run_emulator(config: TrainConfig, rank: int, world: int) -> DeviceEmulator:
+    """Rank ``rank``'s emulated device from the emulation flags (a no-op without them)."""
+    return make_emulator(
+        rank,
+        world,
+        config.slowdown,
+        config.virtual_device,
+        config.disturb,
+        config.step_change,
+        config.seed,
+        scales_cpu_time(config),
+    )
+
+
+def build_data_and_model(
+    config: TrainConfig, local_rank: int, local_size: int = 1
+) -> tuple[TensorDataset, TensorDataset, torch.device, nn.Module]:
     """Threads and seed, the data set, this rank's device and the model on it (no collective)."""
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    train_set, test_set = data.load(config.dataset, flatten=config.model == "mlp",
-                                    seed=config.seed, samples=config.samples,
-                                    data_dir=config.data_dir, image_size=config.image_size)
+    train_set, test_set = load_data(config)
     device = resolve_device(config.device, local_rank, local_size)
     model = models.build(config.model, train_set.tensors[0].shape[1:], hidden=config.hidden)
     model.to(device)
@@ -368,9 +476,17 @@ def freeze_setup_objects() -> None:
     gc.freeze()
 
 
-def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-               emulator: DeviceEmulator, device: torch.device, x: torch.Tensor, y: torch.Tensor,
-               epoch: int, global_step: int) -> torch.Tensor:
+def train_step(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    emulator: DeviceEmulator,
+    device: torch.device,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epoch: int,
+    global_step: int,
+) -> torch.Tensor:
     """One training step (emulated device delays included); returns the local mean loss."""
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     emulator.at(epoch, global_step)
@@ -389,19 +505,78 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
     return loss
 
 
-def epoch_record(config: TrainConfig, epoch: int, model: nn.Module, run: _Run,
-                 test_set: TensorDataset, device: torch.device, loss_sum: torch.Tensor,
-                 seconds: float, start_plan, world: int, plain: bool) -> EpochRecord:
+class EpochLoop(NamedTuple):
+    """What one pass of ``train_epoch`` trained.
+
+    ``loss_sum`` is float64 ``[sum of loss * samples, samples]`` over this
+    rank's batches (``epoch_record`` sums it over the ranks), ``seconds`` the
+    loop's wall time and ``steps`` the batches trained.
+    """
+
+    loss_sum: torch.Tensor
+    seconds: float
+    steps: int
+
+
+def train_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    emulator: DeviceEmulator,
+    device: torch.device,
+    batches: Iterable[Sequence[torch.Tensor]],
+    epoch: int,
+    global_step: int,
+    on_step: Callable[[Sequence[torch.Tensor], torch.Tensor], None] | None = None,
+) -> EpochLoop:
+    """Train on every batch of ``batches``: the epoch loop of dbs-train, elastic runs and benchmarks.
+
+    Args:
+        model, criterion, optimizer, emulator, device: as ``train_step`` takes them.
+        batches: the epoch's batches, each ``(x, y, ...)`` (a DataLoader, or
+            an iterable that wraps one).
+        epoch: the epoch (the emulator's schedule reads it).
+        global_step: the run's step number of the first batch.
+        on_step: called after each step with the batch and its local mean loss.
+
+    Returns:
+        The loop's ``EpochLoop``: loss sums, wall time and steps trained.
+    """
+    loss_sum = torch.zeros(2, dtype=torch.float64)
+    started = time.perf_counter()
+    steps = 0
+    for batch in batches:
+        x, y = batch[0], batch[1]
+        loss = train_step(model, criterion, optimizer, emulator, device, x, y, epoch, global_step + steps)
+        steps += 1
+        loss_sum += torch.tensor([loss.item() * len(y), len(y)], dtype=torch.float64)
+        if on_step is not None:
+            on_step(batch, loss)
+    return EpochLoop(loss_sum, time.perf_counter() - started, steps)
+
+
+def epoch_record(
+    config: TrainConfig,
+    epoch: int,
+    model: nn.Module,
+    run: Run,
+    test_set: TensorDataset,
+    device: torch.device,
+    loss_sum: torch.Tensor,
+    seconds: float,
+    start_plan: Plan | None,
+    world: int,
+    plain: bool,
+) -> EpochRecord:
     """Close an epoch: the global mean loss (a collective), test accuracy, the summary."""
     import horovod.torch as hvd
 
     totals = hvd.allreduce(loss_sum, op=hvd.Sum, name="dbs_hvd.epoch_loss")
     loss = float(totals[0] / totals[1])
     accuracy = evaluate(model, test_set, device=device)
-    if plain:
+    if plain or start_plan is None:
         return _plain_summary(epoch, world, config.global_batch, loss, accuracy, seconds)
-    return _epoch_summary(epoch, run.optimizer, run.sampler, start_plan, loss, accuracy,
-                          seconds, config.policy)
+    return _epoch_summary(epoch, run.state, start_plan, loss, accuracy, seconds, config.policy)
 
 
 def check_flags(config: TrainConfig) -> None:
@@ -411,19 +586,25 @@ def check_flags(config: TrainConfig) -> None:
         ValueError: naming the dbs-train flags, as dbs-train reports it.
     """
     if config.read_log:
-        raise ValueError("--read-log records elastic runs: add --elastic (and launch with "
-                         "horovodrun --host-discovery-script)")
+        raise ValueError(
+            "--read-log records elastic runs: add --elastic (and launch with "
+            "horovodrun --host-discovery-script)"
+        )
     if config.plan and config.policy == "horovod":
-        raise ValueError("--plan needs a DBS policy (plain Horovod splits the batch equally); "
-                         "use --policy static to keep a plan fixed")
+        raise ValueError(
+            "--plan needs a DBS policy (plain Horovod splits the batch equally); "
+            "use --policy static to keep a plan fixed"
+        )
     if config.rebalance_log and config.policy == "horovod":
-        raise ValueError("--rebalance-log records DBS rebalances, and plain Horovod has none: "
-                         "use --policy dbs, paper or static")
+        raise ValueError(
+            "--rebalance-log records DBS rebalances, and plain Horovod has none: "
+            "use --policy dbs, paper or static"
+        )
     if config.resume and not config.checkpoint_dir:
         raise ValueError("--resume needs --checkpoint-dir (the folder of the run to continue)")
 
 
-def validate(config: TrainConfig, world_size: int, dataset_size: Optional[int] = None) -> None:
+def validate(config: TrainConfig, world_size: int, dataset_size: int | None = None) -> None:
     """Raise the error a run of ``world_size`` ranks meets with these settings, in one process.
 
     Runs, in ``train``'s order, every check of the settings that needs no
@@ -449,12 +630,9 @@ def validate(config: TrainConfig, world_size: int, dataset_size: Optional[int] =
         FileNotFoundError: for a CIFAR-10 folder without its batch files.
     """
     check_flags(config)
-    make_emulator(0, world_size, config.slowdown, config.virtual_device, config.disturb,
-                  config.step_change, config.seed, scales_cpu_time(config))
+    make_run_emulator(config, 0, world_size)
     if dataset_size is None:
-        train_set, _ = data.load(config.dataset, flatten=config.model == "mlp", seed=config.seed,
-                                 samples=config.samples, data_dir=config.data_dir,
-                                 image_size=config.image_size)
+        train_set, _ = load_data(config)
         dataset_size = len(train_set)
         if config.device == "cuda":  # as resolve_device, without selecting the GPU
             gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -485,12 +663,8 @@ def train(config: TrainConfig) -> list[EpochRecord]:
     # First collective of the run: ranks launched with different settings fail
     # here, together, before any of them could diverge into other collectives.
     check_same_on_all_ranks(exchange, asdict(config))
-    emulator: DeviceEmulator = make_emulator(
-        rank, world, config.slowdown, config.virtual_device, config.disturb,
-        config.step_change, config.seed, scales_cpu_time(config),
-    )
-    train_set, test_set, device, model = build_data_and_model(
-        config, hvd.local_rank(), hvd.local_size())
+    emulator = make_run_emulator(config, rank, world)
+    train_set, test_set, device, model = build_data_and_model(config, hvd.local_rank(), hvd.local_size())
     # Every check of the settings for this world and data set, before any collective they feed.
     validate(config, world, len(train_set))
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
@@ -503,53 +677,74 @@ def train(config: TrainConfig) -> list[EpochRecord]:
     rebalance_log = None
     if config.rebalance_log and rank == 0:
         rebalance_log = JsonLinesLog(config.rebalance_log)
-        run.optimizer.rebalancer.record_policy = True
+        run.state.rebalancer.record_policy = True
     if rank == 0:
-        emulation = ", ".join(filter(None, [config.slowdown, config.virtual_device,
-                                            config.disturb and f"disturb {config.disturb}",
-                                            config.step_change and f"step change {config.step_change}"]))
-        print(f"dbs-train: {world} ranks, {config.model} on {config.dataset} "
-              f"({len(train_set)} train / {len(test_set)} test), global batch "
-              f"{config.global_batch}, policy {config.policy}, "
-              f"{run.steps_per_epoch} steps/epoch, {run.dropped_per_epoch} samples "
-              f"dropped/epoch, emulation: {emulation or 'none'}", flush=True)
+        emulation = ", ".join(
+            filter(
+                None,
+                [
+                    config.slowdown,
+                    config.virtual_device,
+                    config.disturb and f"disturb {config.disturb}",
+                    config.step_change and f"step change {config.step_change}",
+                ],
+            )
+        )
+        print(
+            f"dbs-train: {world} ranks, {config.model} on {config.dataset} "
+            f"({len(train_set)} train / {len(test_set)} test), global batch "
+            f"{config.global_batch}, policy {config.policy}, "
+            f"{run.steps_per_epoch} steps/epoch, {run.dropped_per_epoch} samples "
+            f"dropped/epoch, emulation: {emulation or 'none'}",
+            flush=True,
+        )
 
-    records = []
+    records: list[EpochRecord] = []
     global_step = first_epoch * run.steps_per_epoch
     freeze_setup_objects()
     try:
         if rank == 0 and first_epoch:
-            print(f"dbs-train: resumed from {config.checkpoint_dir} at epoch {first_epoch}",
-                  flush=True)
+            print(f"dbs-train: resumed from {config.checkpoint_dir} at epoch {first_epoch}", flush=True)
         for epoch in range(first_epoch, config.epochs):
-            run.sampler.set_epoch(epoch)
-            start_plan = None if plain else run.sampler.plan
-            loss_sum = torch.zeros(2, dtype=torch.float64)
-            started = time.perf_counter()
-            batches = tqdm(run.loader, disable=not (config.progress and rank == 0),
-                           desc=f"epoch {epoch}", leave=False)
-            for x, y in batches:
-                loss = train_step(model, criterion, run.optimizer, emulator, device, x, y,
-                                  epoch, global_step)
-                global_step += 1
-                loss_sum += torch.tensor([loss.item() * len(y), len(y)], dtype=torch.float64)
-                if not plain:
-                    batches.set_postfix(batch=list(run.sampler.plan.batch_sizes), refresh=False)
-            seconds = time.perf_counter() - started
-            record = epoch_record(config, epoch, model, run, test_set, device, loss_sum,
-                                  seconds, start_plan, world, plain)
+            run.set_epoch(epoch)
+            start_plan = None if plain else run.state.sampler.plan
+            batches = tqdm(
+                run.loader, disable=not (config.progress and rank == 0), desc=f"epoch {epoch}", leave=False
+            )
+
+            def show_plan(batch: Sequence[torch.Tensor], loss: torch.Tensor, bar: tqdm = batches) -> None:
+                bar.set_postfix(batch=list(run.state.sampler.plan.batch_sizes), refresh=False)
+
+            loss_sum, seconds, steps = train_epoch(
+                model,
+                criterion,
+                run.optimizer,
+                emulator,
+                device,
+                batches,
+                epoch,
+                global_step,
+                None if plain else show_plan,
+            )
+            global_step += steps
+            record = epoch_record(
+                config, epoch, model, run, test_set, device, loss_sum, seconds, start_plan, world, plain
+            )
             records.append(record)
             if rank == 0:
                 print(record.line(), flush=True)
                 if log:
                     log.write(record)
                 if rebalance_log:
-                    for rebalance in run.optimizer.rebalancer.records_of_epoch(epoch):
+                    for rebalance in run.state.rebalancer.records_of_epoch(epoch):
                         rebalance_log.write(rebalance)
                 if config.checkpoint_dir:
-                    checkpoint.save(config.checkpoint_dir, epoch,
-                                    _checkpoint_payload(config, epoch, model, run, plain),
-                                    keep=config.keep_checkpoints)
+                    checkpoint.save(
+                        config.checkpoint_dir,
+                        epoch,
+                        _checkpoint_payload(config, epoch, model, run, plain),
+                        keep=config.keep_checkpoints,
+                    )
     finally:
         for opened in (log, rebalance_log):
             if opened:
