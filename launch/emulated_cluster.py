@@ -2,7 +2,7 @@
 """An emulated cluster on one Linux machine: hosts as network namespaces.
 
 usage (as root):
-  emulated_cluster.py up N [--decoy] [--prefix P] [--subnet 10.77.0]
+  emulated_cluster.py up N [--decoy] [--prefix P] [--subnet 10.77.0] [--sshd DIR] [--slurm]
   emulated_cluster.py down
   emulated_cluster.py status
   emulated_cluster.py slow HOST --rate R [--delay-ms D]   (R as tc spells it: 20mbit)
@@ -27,7 +27,12 @@ What ``up N`` builds (hosts named P1..PN, default dbsh1..dbsh3):
   (``exec dbsh1 -- mpirun ...``), as one would from a cluster's login node;
 * ``--decoy``: on every host a second interface ``docker0`` with the same
   address, 172.17.0.1/16, as docker leaves on real machines (a launcher that
-  picks it hangs or fails; see docs/deployment/multi-host.md).
+  picks it hangs or fails; see docs/deployment/multi-host.md);
+* ``--slurm``: a Slurm cluster on the hosts (Debian's slurmctld, slurmd,
+  slurm-client and munge packages): munged and slurmctld on the first host, a
+  slurmd on every host under its own NodeName, one partition of all hosts.
+  ``up`` prints the SLURM_CONF that sbatch, srun and sinfo need; submit from
+  a host (``exec dbsh1 -- sbatch ...``).
 
 Faults, on one host's link (both directions):
 
@@ -127,7 +132,7 @@ def host_names(prefix: str, n: int) -> list[str]:
 
 
 def up(n: int, prefix: str = "dbsh", subnet: str = "10.77.0", decoy: bool = False,
-       sshd: str | None = None) -> dict:
+       sshd: str | None = None, slurm: bool = False) -> dict:
     if not 1 <= n <= 8:
         raise ClusterError("between 1 and 8 hosts")
     old = load_state()
@@ -142,7 +147,8 @@ def up(n: int, prefix: str = "dbsh", subnet: str = "10.77.0", decoy: bool = Fals
                            "(another cluster with this --prefix?)")
     state = {"prefix": prefix, "subnet": subnet, "hosts": hosts, "addresses": addresses,
              "bridge_ns": bridge_ns, "netns": [], "etc": [], "relays": {}, "faults": {},
-             "decoy": decoy, "bin": str(STATE_DIR / "bin"), "pid": os.getpid()}
+             "decoy": decoy, "bin": str(STATE_DIR / "bin"), "pid": os.getpid(),
+             "daemons": {}}
     try:
         _record(state, "netns", bridge_ns)
         sh("ip", "netns", "add", bridge_ns)
@@ -176,6 +182,8 @@ def up(n: int, prefix: str = "dbsh", subnet: str = "10.77.0", decoy: bool = Fals
         wait_reachable(state)
         if sshd:
             start_sshd(state, sshd)
+        if slurm:
+            start_slurm(state)
     except BaseException:
         down(quiet=True)
         raise
@@ -294,6 +302,126 @@ def start_sshd(state: dict, root: str) -> None:
             time.sleep(0.2)
 
 
+SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "sinfo")
+
+
+def slurm_missing() -> str | None:
+    """None when Slurm's daemons and commands are installed, else what is missing."""
+    missing = [p for p in SLURM_PROGRAMS if not shutil.which(p, path=CLEAN_PATH)]
+    if missing:
+        return (f"{', '.join(missing)} not found (Debian: apt-get install slurmctld slurmd "
+                "slurm-client munge)")
+    return None
+
+
+def slurm_conf(state: dict, folder: Path) -> str:
+    """slurm.conf of the emulated hosts: root runs the daemons, no cgroups, no accounting."""
+    hosts, addresses = state["hosts"], state["addresses"]
+    cpus = os.cpu_count() or 1
+    nodes = "".join(f"NodeName={h} NodeAddr={addresses[h]} CPUs={cpus} State=UNKNOWN\n"
+                    for h in hosts)
+    return (
+        f"ClusterName={state['prefix']}\n"
+        f"SlurmctldHost={hosts[0]}({addresses[hosts[0]]})\n"
+        "SlurmUser=root\n"
+        "AuthType=auth/munge\nCredType=cred/munge\n"
+        f"AuthInfo=socket={folder / 'munge.sock'}\n"
+        f"StateSaveLocation={folder / 'state'}\n"
+        f"SlurmdSpoolDir={folder / 'spool' / '%n'}\n"
+        f"SlurmctldPidFile={folder / 'slurmctld.pid'}\n"
+        f"SlurmdPidFile={folder / 'slurmd.%n.pid'}\n"
+        f"SlurmctldLogFile={folder / 'slurmctld.log'}\n"
+        f"SlurmdLogFile={folder / 'slurmd.%n.log'}\n"
+        "ProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\n"
+        "SelectType=select/cons_tres\nSelectTypeParameters=CR_CPU\n"
+        "ReturnToService=2\nMpiDefault=none\n"
+        "JobAcctGatherType=jobacct_gather/none\nAccountingStorageType=accounting_storage/none\n"
+        "SlurmdTimeout=30\nInactiveLimit=0\nKillWait=5\n"
+        + nodes +
+        "PartitionName=emulated Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n")
+
+
+def start_slurm(state: dict, timeout: float = 30.0) -> None:
+    """munged and slurmctld on the first host, a slurmd per host; returns once all are idle.
+
+    The hosts share the machine's file system, so what a real host keeps to
+    itself is kept per host here: each slurmd reads its own copy of the
+    configuration, whose mpi.conf gives PMIx a client folder of that host
+    (PMIx would otherwise create the same /tmp folder for a step on every
+    host, and the second host's step fails). The one munged serves every host
+    through its socket file. Slurm's cgroup plugin is told the machine's
+    cgroup version (v1 here; autodetection fails where /sys/fs/cgroup is a
+    tmpfs of v1 controllers), and tracks processes without cgroups.
+    """
+    missing = slurm_missing()
+    if missing:
+        raise ClusterError(f"--slurm: {missing}")
+    folder = STATE_DIR / "slurm"
+    if folder.exists():
+        shutil.rmtree(folder)
+    state["slurm"] = {"dir": str(folder), "conf": str(folder / "slurm.conf")}
+    save_state(state)
+    for sub in ("state", "spool", "tmp", "etc"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o755)  # munged wants its socket's folder searchable by all
+    key = folder / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    conf = slurm_conf(state, folder)
+    cgroup = "CgroupPlugin=" + ("cgroup/v2" if _cgroup_v2() else "cgroup/v1") + "\nIgnoreSystemd=yes\n"
+    (folder / "slurm.conf").write_text(conf)
+    (folder / "cgroup.conf").write_text(cgroup)
+    for host in state["hosts"]:
+        etc = folder / "etc" / host
+        etc.mkdir()
+        (etc / "slurm.conf").write_text(conf)
+        (etc / "cgroup.conf").write_text(cgroup)
+        (folder / "tmp" / host).mkdir()
+        (etc / "mpi.conf").write_text(f"PMIxCliTmpDirBase={folder / 'tmp' / host}\n")
+        (folder / "spool" / host).mkdir()
+    first = state["hosts"][0]
+    daemons = [("munged", first, ["munged", "-F", "-f", f"--key-file={key}",
+                                  f"--socket={folder / 'munge.sock'}",
+                                  f"--pid-file={folder / 'munged.pid'}",
+                                  f"--log-file={folder / 'munged.log'}",
+                                  f"--seed-file={folder / 'munged.seed'}"]),
+               ("slurmctld", first, ["slurmctld", "-D", "-f", str(folder / "slurm.conf")])]
+    daemons += [(f"slurmd.{h}", h, ["slurmd", "-D", "-N", h, "-f",
+                                     str(folder / "etc" / h / "slurm.conf")])
+                for h in state["hosts"]]
+    for name, host, argv in daemons:
+        if name == "slurmctld":
+            _wait_for(lambda: (folder / "munge.sock").exists(), 10, "munged", folder / "munged.out")
+        proc = subprocess.Popen(
+            host_argv(host, argv, env={"PATH": CLEAN_PATH}), stdin=subprocess.DEVNULL,
+            stdout=open(folder / f"{name}.out", "w"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        state["daemons"][name] = proc.pid
+        save_state(state)
+    env = {**os.environ, "SLURM_CONF": str(folder / "slurm.conf")}
+
+    def all_idle() -> bool:
+        done = subprocess.run(host_argv(first, ["sinfo", "-h", "-N", "-o", "%N %T"]),
+                              capture_output=True, text=True, env=env)
+        states = dict(line.split()[:2] for line in done.stdout.splitlines() if line.strip())
+        return sorted(states) == sorted(state["hosts"]) and all(
+            s == "idle" for s in states.values())
+
+    _wait_for(all_idle, timeout, "the slurmd of every host", folder / "slurmctld.log")
+
+
+def _cgroup_v2() -> bool:
+    return Path("/sys/fs/cgroup/cgroup.controllers").exists()
+
+
+def _wait_for(ready, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise ClusterError(f"{what} not ready after {timeout:g} s: see {log}")
+        time.sleep(0.3)
+
+
 def wait_reachable(state: dict, timeout: float = 10.0) -> None:
     """Every host can open a TCP connection to every other (bridge ports learn)."""
     hosts = state["hosts"]
@@ -335,7 +463,7 @@ def down(quiet: bool = False) -> list[str]:
         if not quiet:
             print("no emulated cluster is up")
         return removed
-    for pid in state.get("relays", {}).values():
+    for pid in [*state.get("relays", {}).values(), *state.get("daemons", {}).values()]:
         _kill(pid)
     for ns in state.get("netns", []):
         for _ in range(3):  # processes in the namespace; a launcher may restart some
@@ -354,6 +482,8 @@ def down(quiet: bool = False) -> list[str]:
     agent = Path(state.get("bin", STATE_DIR / "bin")) / "ssh"
     if agent.exists():
         agent.unlink()
+    if state.get("slurm"):
+        shutil.rmtree(state["slurm"]["dir"], ignore_errors=True)
     STATE_FILE.unlink(missing_ok=True)
     if not quiet:
         print("removed: " + (", ".join(removed) or "nothing"))
@@ -544,6 +674,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decoy", action="store_true", help="docker0 172.17.0.1/16 on every host")
     p.add_argument("--sshd", metavar="DIR",
                    help="also an sshd per host, from openssh-server's .deb unpacked in DIR")
+    p.add_argument("--slurm", action="store_true",
+                   help="also Slurm: slurmctld and munged on the first host, a slurmd per host")
     sub.add_parser("down", help="remove the cluster (also after a crash)")
     sub.add_parser("status", help="print the state")
     p = sub.add_parser("slow", help="rate-limit and/or delay one host's link")
@@ -570,10 +702,12 @@ def main(argv: list[str] | None = None) -> int:
             reason = can_create_namespaces()
             if reason:
                 raise ClusterError(reason)
-            state = up(args.n, args.prefix, args.subnet, args.decoy, args.sshd)
+            state = up(args.n, args.prefix, args.subnet, args.decoy, args.sshd, args.slurm)
             for h in state["hosts"]:
                 print(f"{h}\t{state['addresses'][h]}")
             print(f"agent\t{state['bin']}/ssh   (PATH={state['bin']}:$PATH uses it as ssh)")
+            if args.slurm:
+                print(f"slurm\tSLURM_CONF={state['slurm']['conf']}   (sbatch, srun, sinfo)")
         elif args.cmd == "down":
             down()
         elif args.cmd == "status":

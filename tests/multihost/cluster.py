@@ -49,6 +49,8 @@ class Cluster:
         """The launching shell's environment: the agent is ``ssh`` on PATH (unless sshd runs)."""
         agent = "" if self.state.get("sshd") else f"{self.state['bin']}:"
         env = {"PATH": f"{agent}{VENV_BIN}:{os.environ.get('PATH', '')}"}
+        if self.state.get("slurm"):
+            env["SLURM_CONF"] = self.state["slurm"]["conf"]
         env.update(extra or {})
         return env
 
@@ -75,6 +77,8 @@ class Cluster:
 
         sshd is left out: its listener, and the session of a host whose link was
         cut, which lasts until TCP gives up on the connection (not ours to end).
+        So are the Slurm daemons (munged, slurmctld and its script helper,
+        slurmd); a job's slurmstepd is not.
         """
         left = {}
         for host in self.hosts:
@@ -85,7 +89,7 @@ class Cluster:
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
                 except OSError:
                     continue
-                if cmd.startswith(b"sshd"):
+                if cmd.startswith(DAEMONS):
                     continue
                 lines.append(f"{pid} {cmd.decode(errors='replace')[:200]}")
             if lines:
@@ -111,19 +115,25 @@ class Cluster:
 
 
 SSHD_ROOT = os.environ.get("DBS_HVD_SSHD_ROOT", "")
+DAEMONS = (b"sshd", b"munged ", b"slurmctld ", b"slurmd ", b": slurmscriptd")
 
 
 @contextlib.contextmanager
-def emulated_cluster(n: int, decoy: bool = False, sshd: bool = False) -> Iterator[Cluster]:
-    """n hosts; with ``sshd``, real ssh to each (DBS_HVD_SSHD_ROOT: openssh-server unpacked)."""
+def emulated_cluster(n: int, decoy: bool = False, sshd: bool = False,
+                     slurm: bool = False) -> Iterator[Cluster]:
+    """n hosts; with ``sshd``, real ssh to each (DBS_HVD_SSHD_ROOT: openssh-server unpacked);
+    with ``slurm``, slurmctld and a slurmd per host (skipped where Slurm is not installed)."""
     reason = ec.can_create_namespaces()
     if reason:
         pytest.skip(f"no emulated hosts here: {reason}")
+    if slurm and ec.slurm_missing():
+        pytest.skip(f"Slurm is not installed: {ec.slurm_missing()}")
     if sshd and not Path(SSHD_ROOT, "usr/sbin/sshd").exists():
         pytest.skip("real ssh needs DBS_HVD_SSHD_ROOT: a folder with openssh-server's .deb "
                     "unpacked (apt-get download openssh-server libwrap0; dpkg -x each DEB DIR)")
     ec.down(quiet=True)  # what a crashed earlier run left
-    state = ec.up(n, prefix="dbst", subnet="10.77.1", decoy=decoy, sshd=SSHD_ROOT if sshd else None)
+    state = ec.up(n, prefix="dbst", subnet="10.77.1", decoy=decoy, sshd=SSHD_ROOT if sshd else None,
+                  slurm=slurm)
     try:
         yield Cluster(state)
     finally:
