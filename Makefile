@@ -25,8 +25,8 @@ test-fast: install
 demo: install
 	$(PYTHON) launch/demo.py
 
-# Lint the package: ruff (rules in ruff.toml), its formatting, and mypy (settings
-# in setup.cfg). Files still being cleaned are listed as PENDING in both.
+# Lint the package (the library and dbs_hvd.train): ruff (rules in ruff.toml),
+# its formatting, and mypy (settings in setup.cfg), every file held to them.
 lint: install
 	$(VENV)/bin/ruff check dbs_hvd
 	$(VENV)/bin/ruff format --check dbs_hvd

@@ -26,10 +26,10 @@ import os
 import signal
 import subprocess
 import time
-from collections import Counter
 
 import pytest
-from tests.multihost.cluster import DBS_TRAIN, ROOT, ec, emulated_cluster
+
+from tests.multihost.cluster import DBS_TRAIN, ROOT, ec, emulated_cluster, epoch_reads, kill_job
 
 pytestmark = [pytest.mark.multihost, pytest.mark.mpi]
 
@@ -65,9 +65,7 @@ def test_a_cut_host_ends_the_job_within_the_bound(tmp_path, launcher, mode, ssh)
                 pytest.fail(f"still running {BOUND} s after the cut:\n" + out.read_text()[-3000:])
             took = time.monotonic() - cut_at
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            kill_job(proc)
         output = out.read_text()
         print(f"{launcher}, cut by {mode}: the job ended {took:.1f} s after the cut")
         assert proc.returncode != 0, output[-3000:]
@@ -141,9 +139,7 @@ def test_elastic_a_lost_host_the_run_finishes_on_the_others_reading_each_sample_
             proc.wait(timeout=120)
             took = time.monotonic() - killed_at
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            kill_job(proc)
         output = out.read_text()
         assert proc.returncode == 0, output[-5000:]
         print(f"elastic: host {lost} lost ({fault}), the run finished on 2 hosts {took:.1f} s later")
@@ -154,16 +150,7 @@ def test_elastic_a_lost_host_the_run_finishes_on_the_others_reading_each_sample_
         final = max(commits, key=lambda c: (c["epoch"], c["step"]))
         assert (final["epoch"], final["step"], final["world"]) == (ELASTIC_EPOCHS, 0, 2), final
         assert {r["world"] for r in read if r["epoch"] == ELASTIC_EPOCHS - 1} == {2}
-        from dbs_hvd.train import data
-        from dbs_hvd.sampler import DynamicBatchSampler
-        train_set, _ = data.load("digits", flatten=True, seed=0)
-        stream = DynamicBatchSampler(len(train_set), GLOBAL_BATCH, rank=0, world_size=1, seed=0)
-        steps = stream.steps_per_epoch
-        for epoch in range(ELASTIC_EPOCHS):
-            stream.set_epoch(epoch)
-            expected = set(stream.permutation()[:steps * GLOBAL_BATCH].tolist())
-            counts = Counter(i for r in read if r["epoch"] == epoch for i in r["indices"])
-            assert set(counts) == expected, f"epoch {epoch}: samples missed or foreign"
+        for epoch, counts in epoch_reads(read, ELASTIC_EPOCHS, GLOBAL_BATCH):
             if epoch != FAIL_EPOCH:
                 assert max(counts.values()) == 1, f"epoch {epoch} read samples twice"
                 continue

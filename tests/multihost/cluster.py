@@ -11,9 +11,11 @@ import contextlib
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -138,3 +140,27 @@ def emulated_cluster(n: int, decoy: bool = False, sshd: bool = False,
         yield Cluster(state)
     finally:
         ec.down(quiet=True)
+
+
+def epoch_reads(read: list[dict], epochs: int, global_batch: int) -> Iterator[tuple[int, Counter]]:
+    """(epoch, how often each sample was read) for dbs-train's digits data, after checking
+    that the reads of each epoch cover exactly its global batches' samples (--read-log)."""
+    from dbs_hvd.sampler import DynamicBatchSampler
+    from dbs_hvd.train import data
+
+    train_set, _ = data.load("digits", flatten=True, seed=0)
+    stream = DynamicBatchSampler(len(train_set), global_batch, rank=0, world_size=1, seed=0)
+    steps = stream.steps_per_epoch
+    for epoch in range(epochs):
+        stream.set_epoch(epoch)
+        expected = set(stream.permutation()[:steps * global_batch].tolist())
+        counts = Counter(i for r in read if r["epoch"] == epoch for i in r["indices"])
+        assert set(counts) == expected, f"epoch {epoch}: samples missed or foreign"
+        yield epoch, counts
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """Kill a job from ``Cluster.popen`` (launcher and local ranks: its process group) if it runs."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
