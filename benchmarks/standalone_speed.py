@@ -6,7 +6,7 @@ at one batch size for ``--seconds`` after a warm-up and prints
 whole job: no plan can train faster than every rank busy all the time.
 
     python launch/hetero_ranks.py --rank 1 --share 1,0.25 -- \\
-        python -m benchmarks.standalone_speed --model cnn --dataset digits --image-size 24 --batch 13
+        python -m benchmarks.standalone_speed --model cnn-flat --dataset digits-shifted --batch 13
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--lr-schedule", help="accepted with the workload's flags; not used")
+    parser.add_argument("--eval-every", help="accepted with the workload's flags; not used")
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--seconds", type=float, default=3.0, help="measured time after warm-up")
     parser.add_argument("--warmup", type=float, default=0.5)

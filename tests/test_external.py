@@ -38,7 +38,7 @@ def run(policy, repeat, seconds, plans=None, cpu=(1.0, 1.0)):
 
 
 def test_summary_ratios(monkeypatch):
-    monkeypatch.setattr(external, "train_size", lambda: 640)
+    monkeypatch.setattr(external, "train_size", lambda workload: 640)
     scenario = external.ExternalScenario("s", 2, ["--share", "1,1"], [1, 1],
                                          ["horovod", "dbs", "fixed 40,24"], epochs=2)
     runs = [run("horovod", 0, [2, 2]), run("horovod", 1, [3, 3]),

@@ -67,6 +67,7 @@ class EpochRecord:
     efficiency: float
     policy: str
     plans: list[list[int]] = field(default_factory=list)  # every plan used in the epoch
+    evaluations: list[list[float]] = field(default_factory=list)  # [step, accuracy]: --eval-every
 
     def line(self) -> str:
         """The record as one human-readable line (dbs-train's per-epoch output)."""

@@ -7,6 +7,7 @@ below is a plain Horovod loop except for the sampler and the optimizer wrapper.
 from __future__ import annotations
 
 import gc
+import math
 import os
 import re
 import time
@@ -48,6 +49,8 @@ class TrainConfig:
     epochs: int = 20
     lr: float = 0.05
     momentum: float = 0.9
+    lr_schedule: str = "constant"  # or "cosine": annealed to 0 over the run's steps
+    eval_every: int = 0  # rank 0 evaluates on the test set every N steps, between steps (0: never)
     policy: str = "dbs"
     mode: str = "gradient"  # or "average": local SGD, parameters averaged every average_every steps
     average_every: int = 8
@@ -555,6 +558,26 @@ def train_epoch(
     return EpochLoop(loss_sum, time.perf_counter() - started, steps)
 
 
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, first_step: int, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The run's learning-rate schedule (``--lr-schedule``), stepped after every optimizer step.
+
+    A function of the global step only, so a resumed run continues the schedule
+    where its checkpoint left it: ``cosine`` anneals ``--lr`` to 0 over
+    ``total_steps`` (half a cosine wave); ``constant`` returns None.
+    """
+    if config.lr_schedule == "constant":
+        return None
+    for group in optimizer.param_groups:
+        group["initial_lr"] = config.lr  # the base, whatever lr a resumed state carries
+
+    def factor(step: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(first_step + step, total_steps) / total_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def epoch_record(
     config: TrainConfig,
     epoch: int,
@@ -585,6 +608,13 @@ def check_flags(config: TrainConfig) -> None:
     Raises:
         ValueError: naming the dbs-train flags, as dbs-train reports it.
     """
+    if config.eval_every < 0:
+        raise ValueError(f"--eval-every must be 0 (off) or a number of steps, got {config.eval_every}")
+    if config.elastic and (config.lr_schedule != "constant" or config.eval_every):
+        raise ValueError(
+            "--lr-schedule and --eval-every are not available with --elastic: drop them, or "
+            "run without --elastic"
+        )
     if config.read_log:
         raise ValueError(
             "--read-log records elastic runs: add --elastic (and launch with "
@@ -701,6 +731,9 @@ def train(config: TrainConfig) -> list[EpochRecord]:
 
     records: list[EpochRecord] = []
     global_step = first_epoch * run.steps_per_epoch
+    schedule = lr_scheduler(run.optimizer, config, global_step, config.epochs * run.steps_per_epoch)
+    evaluations: list[list[float]] = []  # [global step, accuracy] of --eval-every, this epoch
+    done = [global_step]  # steps trained so far in the run
     freeze_setup_objects()
     try:
         if rank == 0 and first_epoch:
@@ -712,8 +745,16 @@ def train(config: TrainConfig) -> list[EpochRecord]:
                 run.loader, disable=not (config.progress and rank == 0), desc=f"epoch {epoch}", leave=False
             )
 
-            def show_plan(batch: Sequence[torch.Tensor], loss: torch.Tensor, bar: tqdm = batches) -> None:
-                bar.set_postfix(batch=list(run.state.sampler.plan.batch_sizes), refresh=False)
+            def after_step(batch: Sequence[torch.Tensor], loss: torch.Tensor, bar: tqdm = batches) -> None:
+                done[0] += 1
+                if not plain:
+                    bar.set_postfix(batch=list(run.state.sampler.plan.batch_sizes), refresh=False)
+                if schedule is not None:
+                    schedule.step()
+                if config.eval_every and rank == 0 and done[0] % config.eval_every == 0:
+                    # Between steps, so not in rank 0's measured compute; the other
+                    # ranks wait for it in the next step's allreduce.
+                    evaluations.append([done[0], evaluate(model, test_set, device=device)])
 
             loss_sum, seconds, steps = train_epoch(
                 model,
@@ -724,12 +765,14 @@ def train(config: TrainConfig) -> list[EpochRecord]:
                 batches,
                 epoch,
                 global_step,
-                None if plain else show_plan,
+                after_step,
             )
             global_step += steps
             record = epoch_record(
                 config, epoch, model, run, test_set, device, loss_sum, seconds, start_plan, world, plain
             )
+            record.evaluations = list(evaluations)
+            evaluations.clear()
             records.append(record)
             if rank == 0:
                 print(record.line(), flush=True)
