@@ -249,6 +249,10 @@ def summarise(scenario: ExternalScenario, runs: list[Run], speeds: list[float]) 
             "moves_per_epoch": statistics.median(r.moves_per_epoch for r in these),
             "cpu_seconds": [statistics.median(r.ranks[i]["cpu_seconds"] for r in these)
                             for i in range(scenario.ranks)],
+            # of which outside the training loop's thread (Horovod's background thread, ...)
+            "other_threads_cpu_seconds": [
+                statistics.median(r.ranks[i].get("other_threads_cpu_seconds", 0.0) for r in these)
+                for i in range(scenario.ranks)],
             "final_plan": these[-1].epochs[-1]["next_batch_sizes"],
             "final_accuracy": statistics.median(r.epochs[-1]["accuracy"] for r in these),
             "totals": totals,
@@ -261,9 +265,16 @@ def summarise(scenario: ExternalScenario, runs: list[Run], speeds: list[float]) 
     return rows
 
 
+def cpu_cell(row: dict) -> str:
+    """CPU seconds per rank, each with its other threads' part in brackets."""
+    others = row.get("other_threads_cpu_seconds") or [0.0] * len(row["cpu_seconds"])
+    return ", ".join(f"{c:.1f} ({o:.1f})" for c, o in zip(row["cpu_seconds"], others))
+
+
 def markdown(summary: dict, speeds: dict) -> str:
     lines = ["| scenario | policy | time vs plain Horovod | paired (lowest-highest) | vs best "
-             "fixed plan | vs ideal | plan moves per epoch | CPU s per rank | final plan | "
+             "fixed plan | vs ideal | plan moves per epoch | CPU s per rank (other threads) | "
+             "final plan | "
              "final accuracy |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, rows in summary.items():
         for policy, row in rows.items():
@@ -273,7 +284,7 @@ def markdown(summary: dict, speeds: dict) -> str:
                 f"| {name} | {policy} | {row['time_vs_horovod']:.3f} | "
                 f"{row['paired_vs_horovod']:.3f} ({span[0]:.3f}-{span[1]:.3f}) | "
                 f"{'n/a' if vs_fixed is None else f'{vs_fixed:.3f}'} | {row['time_vs_ideal']:.3f} | "
-                f"{row['moves_per_epoch']:.1f} | {', '.join(f'{c:.1f}' for c in row['cpu_seconds'])}"
+                f"{row['moves_per_epoch']:.1f} | {cpu_cell(row)}"
                 f" | {row['final_plan']} | {100 * row['final_accuracy']:.1f}% |")
     lines.append("")
     lines.append("Standalone speeds (samples/s, each rank alone under its spec): " + "; ".join(

@@ -34,8 +34,9 @@ open). The rank's command gets SIGKILL if its wrapper dies. Groups left by a
 keeper that was itself killed are removed by the next run.
 
 ``--report DIR`` writes ``DIR/rank<R>.json`` per rank: share, period, core, wall
-seconds, CPU seconds charged to the command, throttled periods and time, and
-the neighbour schedule.
+seconds, CPU seconds charged to the command (and how they split between its
+main thread and its other threads, sampled every 0.25 s), throttled periods and
+time, and the neighbour schedule.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -448,6 +450,9 @@ def run(spec: RankSpec, command: list[str], report_dir: Path | None,
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, forward)
+    threads = ThreadSampler(child.pid)
+    if report_dir is not None:
+        threads.start()
     _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
     wall = time.monotonic() - started
@@ -456,7 +461,7 @@ def run(spec: RankSpec, command: list[str], report_dir: Path | None,
                   "core": spec.core, "wall_seconds": wall,
                   "cpu_seconds": usage.ru_utime + usage.ru_stime,
                   "user_seconds": usage.ru_utime, "system_seconds": usage.ru_stime,
-                  "returncode": child.returncode,
+                  "returncode": child.returncode, **threads.split(),
                   "noise": asdict(spec.noise) if spec.noise else None,
                   "noise_spans": noise_schedule(spec.noise, spec.rank, wall) if spec.noise else [],
                   **(group.stats() if group is not None else {})}
@@ -465,6 +470,47 @@ def run(spec: RankSpec, command: list[str], report_dir: Path | None,
     os.close(write_fd)  # the keeper cleans up
     os.waitpid(keeper_pid, 0)
     return child.returncode if child.returncode >= 0 else 128 - child.returncode
+
+
+class ThreadSampler(threading.Thread):
+    """Samples the CPU seconds of each thread of a process until it exits.
+
+    ``main`` is the process's first thread (the training loop of a Python
+    rank), ``others`` the sum over its other threads as last seen (Horovod's
+    background thread, MPI's and Gloo's helpers, data-loading threads): where
+    a throttled rank's quota goes. Threads that end between two samples lose
+    their last interval, so ``others`` is a lower bound.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.last: dict[int, float] = {}
+        self.done = threading.Event()
+
+    def sample(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        try:
+            tids = os.listdir(f"/proc/{self.pid}/task")
+        except OSError:
+            return
+        for tid in tids:
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            self.last[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            self.sample()
+
+    def split(self) -> dict:
+        self.done.set()
+        main = self.last.get(self.pid, 0.0)
+        return {"main_thread_cpu_seconds": main,
+                "other_threads_cpu_seconds": sum(self.last.values()) - main}
 
 
 def _quota_set(group: CpuGroup) -> bool:

@@ -145,6 +145,8 @@ def test_a_quota_slows_the_rank_to_its_share(tmp_path):
     reports = {r: json.loads((tmp_path / "rep" / f"rank{r}.json").read_text()) for r in (0, 1)}
     assert reports[1]["throttled_periods"] > 0.5 * reports[1]["periods"]
     assert reports[1]["cpu_seconds"] < 0.5 * reports[0]["cpu_seconds"]
+    for report in reports.values():  # the spin runs in the main thread
+        assert 0.8 * report["cpu_seconds"] < report["main_thread_cpu_seconds"] <= report["cpu_seconds"]
     assert not any(p.name.startswith("r") for p in _group_parent().iterdir() if p.is_dir())
 
 
@@ -184,3 +186,18 @@ def test_sigkill_of_the_wrapper_leaves_no_group_command_or_neighbour(tmp_path):
     assert not any(g.exists() for g in groups)
     assert not _pids_matching(marker)
     assert not _pids_matching("while :; do :; done")
+
+
+def test_thread_sampler_tells_the_main_thread_from_the_others():
+    busy = ("import threading, time\n"
+            "def spin():\n"
+            "    end = time.process_time() + 0.8\n"
+            "    while time.process_time() < end: pass\n"
+            "t = threading.Thread(target=spin); t.start(); time.sleep(1.2); t.join()\n")
+    child = subprocess.Popen([sys.executable, "-c", busy])
+    sampler = hr.ThreadSampler(child.pid, interval=0.05)
+    sampler.start()
+    child.wait(timeout=30)
+    split = sampler.split()
+    assert split["other_threads_cpu_seconds"] > 0.4, split
+    assert split["main_thread_cpu_seconds"] < split["other_threads_cpu_seconds"], split
