@@ -32,8 +32,8 @@ without torch.
 from .comm import DbsError, claim_mpi
 from .grid import GridPolicy
 from .options import RebalanceOptions
-from .plan import Bounds, Plan, PlanError, Policy, ProportionalPolicy, StaticPolicy, WindowStats
-from .policies import POLICIES, CostModelPolicy, make_policy
+from .plan import Bounds, Plan, PlanError, Policy, WindowStats
+from .policies import POLICIES, CostModelPolicy, ProportionalPolicy, StaticPolicy, make_policy
 from .quota import configure_horovod_cycle
 
 _LAZY = {

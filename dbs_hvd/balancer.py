@@ -16,7 +16,20 @@ from .comm import Exchange, decide_on_root
 from .plan import Plan, Policy, WindowStats
 from .sampler import DynamicBatchSampler
 from .schedule import RebalanceSchedule
-from .timing import StepTimer
+from .timing import StepTimer, WindowTotals
+
+
+@dataclass
+class RankWindow(WindowTotals):
+    """One rank's window as the ranks exchange it: its totals and what the rebalance needs.
+
+    The same record goes from the timer (``WindowTotals``) through the
+    exchange to the policy (``WindowStats.from_windows``) and into the
+    rebalance log (one flat JSON object per rank).
+    """
+
+    steps_generated: int = 0  # the sampler's steps handed out: the new plan starts after the most
+    rebalance_seconds: float | None = None  # this rank's previous rebalance (None: none yet)
 
 
 @dataclass
@@ -25,7 +38,7 @@ class RebalanceRecord:
 
     epoch: int
     step: int  # the last step of the measured window
-    ranks: list[dict]  # each rank's window totals, in rank order
+    ranks: list[RankWindow]  # each rank's window, in rank order
     plan_before: tuple[int, ...]
     plan_after: tuple[int, ...]
     start_step: int  # the step of ``epoch`` from which plan_after is used
@@ -71,19 +84,21 @@ class Rebalancer:
     def rebalance(self, step: int) -> RebalanceRecord:
         """Exchange the window's stats and install the next plan on every rank."""
         began = time.perf_counter()
-        window = self.timer.take_window().as_record()
-        window["steps_generated"] = self.sampler.steps_generated
-        window["rebalance_seconds"] = self._last_cost
-        gathered = self.exchange.allgather(window)
+        window = RankWindow(
+            **vars(self.timer.take_window()),
+            steps_generated=self.sampler.steps_generated,
+            rebalance_seconds=self._last_cost,
+        )
+        gathered: list[RankWindow] = self.exchange.allgather(window)
         current = self.sampler.plan
         diagnostics = None  # the policy's view, on rank 0 (where it decides)
 
         def decide() -> tuple[tuple[int, ...], int, int | None]:
             nonlocal diagnostics
-            start = max(record["steps_generated"] for record in gathered)
-            if all(record["steps"] == 0 for record in gathered):
+            start = max(window.steps_generated for window in gathered)
+            if all(window.steps == 0 for window in gathered):
                 return current.batch_sizes, start, self.interval  # nothing measured: keep all
-            stats = WindowStats.from_records(gathered)
+            stats = WindowStats.from_windows(gathered)
             sizes = self.policy.next_plan(stats, current).batch_sizes
             if self.record_policy:
                 diagnostics = self.policy.diagnostics()
@@ -116,7 +131,7 @@ class Rebalancer:
             self.interval = self.schedule.interval
         self._last_cost = None
 
-    def _next_interval(self, gathered: list[dict], stats: WindowStats) -> int | None:
+    def _next_interval(self, gathered: list[RankWindow], stats: WindowStats) -> int | None:
         """Rank 0: the schedule's next interval from the ranks' rebalance costs and step time.
 
         The rank that reached the previous rebalance last waited for nobody, so
@@ -124,7 +139,7 @@ class Rebalancer:
         """
         if self.schedule is None:
             return self.interval
-        costs = [r["rebalance_seconds"] for r in gathered if r.get("rebalance_seconds") is not None]
+        costs = [w.rebalance_seconds for w in gathered if w.rebalance_seconds is not None]
         cost = min(costs) if len(costs) == len(gathered) else None
         if not (stats.steps > 0).all():
             return self.schedule.update(cost, None)

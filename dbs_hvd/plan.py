@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
+
+from .timing import WindowTotals
 
 
 class PlanError(ValueError):
@@ -190,23 +192,49 @@ class WindowStats:
     wait_seconds: np.ndarray | None = None  # time blocked in the allreduce, when known
 
     @classmethod
-    def from_records(cls, records: Sequence[dict]) -> WindowStats:
-        """Build from one dict per rank with keys samples, compute_seconds, steps
-        (and optionally wait_seconds).
+    def from_windows(cls, windows: Sequence[WindowTotals]) -> WindowStats:
+        """Build from each rank's window totals (``StepTimer.take_window``), in rank order.
 
-        A rank's steps at batch sizes new to it (the ``new_size_*`` keys,
+        A rank's steps at batch sizes new to it (the ``new_size_*`` totals,
         timing.py) are left out where it ran other steps in the window: on a
         GPU such a step builds kernel plans for the new shapes, and read as
         compute it makes the rank look slow right after every plan change.
+
+        Args:
+            windows: one ``WindowTotals`` (or subclass) per rank.
+
+        Returns:
+            The window's figures as arrays, one entry per rank.
         """
-        records = [_settled(record) for record in records]
-        wait = [r.get("wait_seconds") for r in records]
+        settled = [_settled(window) for window in windows]
         return cls(
-            samples=np.array([r["samples"] for r in records], dtype=float),
-            compute_seconds=np.array([r["compute_seconds"] for r in records], dtype=float),
-            steps=np.array([r["steps"] for r in records], dtype=float),
-            wait_seconds=None if None in wait else np.array(wait, dtype=float),
+            samples=np.array([w.samples for w in settled], dtype=float),
+            compute_seconds=np.array([w.compute_seconds for w in settled], dtype=float),
+            steps=np.array([w.steps for w in settled], dtype=float),
+            wait_seconds=np.array([w.wait_seconds for w in settled], dtype=float),
         )
+
+    @classmethod
+    def from_records(cls, records: Sequence[Mapping[str, Any]]) -> WindowStats:
+        """Build from one mapping per rank, as the rebalance log holds them (``ranks``).
+
+        Keys are ``WindowTotals``'s fields: samples, compute_seconds and steps,
+        optionally wait_seconds (without it in every record, ``wait_seconds`` is
+        None) and the ``new_size_*`` totals; other keys are ignored.
+
+        Raises:
+            KeyError: for a record without samples, compute_seconds or steps.
+        """
+        names = {f.name for f in fields(WindowTotals)}
+        for record in records:
+            missing = {"samples", "compute_seconds", "steps"} - set(record)
+            if missing:
+                raise KeyError(f"a window record needs {sorted(missing)}, got keys {sorted(record)}")
+        windows = [WindowTotals(**{k: v for k, v in r.items() if k in names}) for r in records]
+        stats = cls.from_windows(windows)
+        if any("wait_seconds" not in record for record in records):
+            return replace(stats, wait_seconds=None)
+        return stats
 
     def step_wall_seconds(self) -> float | None:
         """The measured synchronous step time: compute + wait per step, of the rank that began last.
@@ -254,18 +282,19 @@ class WindowStats:
         return self.samples / self.compute_seconds
 
 
-def _settled(record: dict) -> dict:
-    """One rank's window figures without its steps at new batch sizes, where others remain."""
-    new_steps = record.get("new_size_steps", 0)
-    if not new_steps or record["steps"] <= new_steps:
-        return record
-    settled = dict(record)
-    for key in ("steps", "samples", "compute_seconds", "wait_seconds"):
-        if key in record:
-            settled[key] = record[key] - record.get(f"new_size_{key}", 0)
-    if settled["compute_seconds"] <= 0:  # a clock that went wrong: keep every step
-        return record
-    return settled
+def _settled(window: WindowTotals) -> WindowTotals:
+    """One rank's window totals without its steps at new batch sizes, where others remain."""
+    if not window.new_size_steps or window.steps <= window.new_size_steps:
+        return window
+    compute = window.compute_seconds - window.new_size_compute_seconds
+    if compute <= 0:  # a clock that went wrong: keep every step
+        return window
+    return WindowTotals(
+        steps=window.steps - window.new_size_steps,
+        samples=window.samples - window.new_size_samples,
+        compute_seconds=compute,
+        wait_seconds=window.wait_seconds - window.new_size_wait_seconds,
+    )
 
 
 def apportion(weights: np.ndarray, global_batch: int, bounds: Bounds) -> np.ndarray:
@@ -597,31 +626,3 @@ class Policy(ABC):
         Read on rank 0 right after ``next_plan``, where the decision was made.
         """
         return {}
-
-
-class StaticPolicy(Policy):
-    """Never changes the plan, whatever the measurements say.
-
-    From the equal split this is plain Horovod's split with the DBS machinery
-    around it; from a plan given at the start (``dbs-train --plan``) it keeps
-    that plan, e.g. for devices whose relative speeds are known.
-    """
-
-    name = "static"
-
-    def propose(self, stats: WindowStats, current: Plan) -> Plan:
-        return current
-
-
-class ProportionalPolicy(Policy):
-    """The DBS paper's rule: each rank's share proportional to its speed in the last window.
-
-    Speed is samples per compute second. With no smoothing the plan follows
-    every fluctuation, and with the default window of one epoch it reacts one
-    epoch late; the bounds are ours (the paper can drive a batch to 0).
-    """
-
-    name = "paper"
-
-    def propose(self, stats: WindowStats, current: Plan) -> Plan:
-        return Plan(tuple(apportion(stats.speeds(), self.global_batch, self.bounds)))

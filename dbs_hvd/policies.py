@@ -1,4 +1,16 @@
-"""Policies beyond the paper's rule, and the registry dbs-train chooses from.
+"""The policies, under the names dbs-train's ``--policy`` gives them, and their registry.
+
+* ``StaticPolicy`` (``static``): never moves the plan.
+* ``ProportionalPolicy`` (``paper``): the DBS paper's rule, shares in
+  proportion to the last window's speeds.
+* ``CostModelPolicy`` (``dbs``, the default): below.
+
+``make_policy`` builds one by name (``POLICIES``), on the grid of
+``GridPolicy`` (grid.py) for ``batch_multiple`` > 1. dbs-train's fourth
+choice, ``horovod``, is no policy: it trains with Horovod's own
+DistributedSampler and optimizer and no DBS at all. The interface they share
+(``Policy``) and the arithmetic (``apportion``, ``equalise_step_times``) are
+in plan.py.
 
 ``CostModelPolicy`` ("dbs", our default) differs from the paper's rule in these ways:
 
@@ -70,11 +82,38 @@ from .plan import (
     Plan,
     PlanError,
     Policy,
-    ProportionalPolicy,
-    StaticPolicy,
     WindowStats,
+    apportion,
     equalise_step_times,
 )
+
+
+class StaticPolicy(Policy):
+    """Never changes the plan, whatever the measurements say.
+
+    From the equal split this is plain Horovod's split with the DBS machinery
+    around it; from a plan given at the start (``dbs-train --plan``) it keeps
+    that plan, e.g. for devices whose relative speeds are known.
+    """
+
+    name = "static"
+
+    def propose(self, stats: WindowStats, current: Plan) -> Plan:
+        return current
+
+
+class ProportionalPolicy(Policy):
+    """The DBS paper's rule: each rank's share proportional to its speed in the last window.
+
+    Speed is samples per compute second. With no smoothing the plan follows
+    every fluctuation, and with the default window of one epoch it reacts one
+    epoch late; the bounds are ours (the paper can drive a batch to 0).
+    """
+
+    name = "paper"
+
+    def propose(self, stats: WindowStats, current: Plan) -> Plan:
+        return Plan(tuple(apportion(stats.speeds(), self.global_batch, self.bounds)))
 
 
 def fit_step_costs(

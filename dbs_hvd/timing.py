@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 
@@ -68,9 +68,6 @@ class WindowTotals:
             self.new_size_samples += batch_size
             self.new_size_compute_seconds += compute
             self.new_size_wait_seconds += wait
-
-    def as_record(self) -> dict:
-        return asdict(self)
 
 
 class StepTimer:

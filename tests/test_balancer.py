@@ -1,7 +1,7 @@
 """balancer.py in a world of one: the rebalance record and the bounded history."""
 from dbs_hvd.balancer import Rebalancer
 from dbs_hvd.comm import LocalExchange
-from dbs_hvd.plan import StaticPolicy
+from dbs_hvd.policies import StaticPolicy
 from dbs_hvd.sampler import DynamicBatchSampler
 from dbs_hvd.timing import StepTimer
 
@@ -15,5 +15,5 @@ def test_history_keeps_only_the_most_recent_rebalances():
     for step in range(5):
         timer.end_step(10)
         record = rebalancer.rebalance(step)
-        assert record.plan_after == (10,) and record.ranks[0]["samples"] == 10
+        assert record.plan_after == (10,) and record.ranks[0].samples == 10
     assert [r.step for r in rebalancer.history] == [2, 3, 4]

@@ -71,7 +71,7 @@ def test_elastic_state_survives_a_killed_rank_and_ends_as_one_process_would(tmp_
     # restore the last commit, adopt a world of 2 and finish. Every update
     # after the restore is the single-process one on the same global batch,
     # so the final model equals one process trained on all of them.
-    from test_elastic import read_records
+    from tests.test_elastic import read_records
     sys.path.insert(0, str(MPI_TESTS))
     import elastic_dropin_train as script
     from problems import make_problem
@@ -373,7 +373,7 @@ def test_each_micro_batch_is_weighted_by_its_own_size_as_it_accumulates():
     from dbs_hvd.balancer import Rebalancer
     from dbs_hvd.comm import LocalExchange
     from dbs_hvd.optim import DynamicBatchState
-    from dbs_hvd.plan import StaticPolicy
+    from dbs_hvd.policies import StaticPolicy
 
     sampler = DynamicBatchSampler(32 * 4, 32, rank=0, world_size=2, plan=Plan((20, 12)))
     timer = StepTimer()

@@ -18,10 +18,11 @@ from dbs_hvd.comm import LocalExchange
 from dbs_hvd.train.emulate import VirtualDevice, make_emulator, parse_virtual_devices
 from dbs_hvd.train.metrics import read_jsonl
 from dbs_hvd.optim import DynamicBatchState, resolve_discount_new_sizes
-from dbs_hvd.plan import Plan, StaticPolicy, WindowStats
+from dbs_hvd.plan import Plan, WindowStats
+from dbs_hvd.policies import StaticPolicy
 from dbs_hvd.sampler import DynamicBatchSampler
 from tests.harness import run_job
-from dbs_hvd.timing import StepTimer
+from dbs_hvd.timing import StepTimer, WindowTotals
 
 
 def _timer(step_seconds):
@@ -67,6 +68,10 @@ def test_stats_leave_out_new_size_steps_where_other_steps_remain():
     # The slowed rank's speed is that of its settled steps: 100 samples/s, not 43.
     np.testing.assert_allclose(stats.speeds(), [100, 25, 100])
     np.testing.assert_allclose(stats.wait_seconds, [0.3, 0.0, 0.1])
+    # The typed windows the ranks exchange give the same figures as the log's records.
+    typed = WindowStats.from_windows([WindowTotals(**r) for r in (slowed, only_new, plain)])
+    for name in ("steps", "samples", "compute_seconds", "wait_seconds"):
+        np.testing.assert_allclose(getattr(typed, name), getattr(stats, name))
 
 
 @given(settled=st.lists(st.tuples(st.integers(1, 512), st.floats(1e-4, 1.0)), min_size=1,
@@ -77,7 +82,7 @@ def test_the_speed_is_that_of_the_settled_steps_alone(settled, new):
     for (size, _), is_new in zip(new + settled, [True] * len(new) + [False] * len(settled)):
         advance()
         timer.end_step(size, new_size=is_new)
-    stats = WindowStats.from_records([timer.take_window().as_record()])
+    stats = WindowStats.from_windows([timer.take_window()])
     expected = sum(size for size, _ in settled) / sum(seconds for _, seconds in settled)
     assert stats.speeds()[0] == pytest.approx(expected, rel=1e-6)
     assert stats.steps[0] == len(settled)

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 from dbs_hvd.plan import (
-    Bounds, Plan, PlanError, ProportionalPolicy, StaticPolicy, WindowStats, apportion,
-    equalise_step_times, round_to_total, solve_clipped_linear,
+    Bounds, Plan, PlanError, WindowStats, apportion, equalise_step_times, round_to_total,
+    solve_clipped_linear,
 )
-from dbs_hvd.policies import make_policy
+from dbs_hvd.policies import ProportionalPolicy, StaticPolicy, make_policy
 
 
 def stats(samples, seconds):

@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 
 from dbs_hvd.balancer import Rebalancer
 from dbs_hvd.comm import LocalExchange
-from dbs_hvd.plan import StaticPolicy
+from dbs_hvd.policies import StaticPolicy
 from dbs_hvd.sampler import DynamicBatchSampler
 from dbs_hvd.optim import DynamicBatchState
 from dbs_hvd.schedule import RebalanceSchedule, rebalance_due
@@ -134,7 +134,7 @@ def test_rebalancer_stretches_the_interval_from_its_own_measured_cost():
         timer.end_step(10)
         record = rebalancer.rebalance(step)
     assert rebalancer.interval > 2 and record.extra["interval"] == rebalancer.interval
-    assert record.ranks[0]["rebalance_seconds"] > 0
+    assert record.ranks[0].rebalance_seconds > 0
     rebalancer.restart_schedule()
     assert rebalancer.interval == 2
 

@@ -63,12 +63,21 @@ STEP_CHANGE_RUN = ["--virtual-device", "0:2,0:2", "--step-change", "1:10:3",
                    "--rebalance-budget", "0", "--rebalance-min-seconds", "0"]
 
 
+@pytest.fixture(scope="module")
+def step_change_run(tmp_path_factory):
+    """One 2-epoch run of STEP_CHANGE_RUN with --log and --rebalance-log, read by two tests."""
+    folder = tmp_path_factory.mktemp("step_change")
+    log, rebalances = folder / "run.jsonl", folder / "rebalances.jsonl"
+    train(2, *STEP_CHANGE_RUN, "--epochs", "2", "--log", str(log),
+          "--rebalance-log", str(rebalances))
+    return read_jsonl(log), read_jsonl(rebalances)
+
+
 @mpi
-def test_dbs_answers_a_step_change_within_the_same_epoch(tmp_path):
+def test_dbs_answers_a_step_change_within_the_same_epoch(step_change_run):
     # The plan must move inside epoch 0.
-    log = tmp_path / "run.jsonl"
-    train(2, *STEP_CHANGE_RUN, "--epochs", "1", "--log", str(log))
-    (record,) = read_jsonl(log)
+    record = step_change_run[0][0]
+    assert record["epoch"] == 0
     plans = record["plans"]
     assert plans[0] == [32, 32]
     assert len(plans) > 1, plans
@@ -76,14 +85,11 @@ def test_dbs_answers_a_step_change_within_the_same_epoch(tmp_path):
 
 
 @mpi
-def test_the_rebalance_log_says_when_and_why_the_plan_moved(tmp_path):
+def test_the_rebalance_log_says_when_and_why_the_plan_moved(step_change_run):
     # The step change above, with --rebalance-log: one line per rebalance, in
     # order, each plan following from the one before, and the move that
     # answered the change explained by the costs the policy fitted.
-    log, rebalances = tmp_path / "run.jsonl", tmp_path / "rebalances.jsonl"
-    train(2, *STEP_CHANGE_RUN, "--epochs", "2", "--log", str(log),
-          "--rebalance-log", str(rebalances))
-    epochs, records = read_jsonl(log), read_jsonl(rebalances)
+    epochs, records = step_change_run
     assert [r["epoch"] for r in records] == sorted(r["epoch"] for r in records)
     assert {r["epoch"] for r in records} == {0, 1}
     assert records[0]["plan_before"] == [32, 32]
@@ -277,13 +283,16 @@ def test_bad_input_fails_on_every_rank_without_hanging(args):
 
 
 @mpi
-@pytest.mark.parametrize("setting, a, b", [("--global-batch", "64", "32"), ("--seed", "1", "2"),
-                                            ("--batch-multiple", "8", "16")])
-def test_ranks_started_with_different_settings_fail_together(setting, a, b):
-    argv = mpmd_argv(DBS_TRAIN + ["--epochs", "1", setting, a],
-                     DBS_TRAIN + ["--epochs", "1", setting, b])
+def test_ranks_started_with_different_settings_fail_together():
+    # One launch, three settings that differ: every rank names each of them.
+    differing = [("--global-batch", "64", "32"), ("--seed", "1", "2"), ("--batch-multiple", "8", "16")]
+    argv = mpmd_argv(DBS_TRAIN + ["--epochs", "1"] + [v for f, a, _ in differing for v in (f, a)],
+                     DBS_TRAIN + ["--epochs", "1"] + [v for f, _, b in differing for v in (f, b)])
     result = run_argv(argv, timeout=120)
     _assert_fails_alike(result, "different settings", ranks=2)
+    for flag, a, b in differing:
+        key = flag.removeprefix("--").replace("-", "_")
+        _assert_fails_alike(result, f"{key}: rank 0={int(a)!r}, rank 1={int(b)!r}", ranks=2)
 
 
 def _params(path):

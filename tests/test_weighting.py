@@ -11,7 +11,8 @@ from torch import nn
 from dbs_hvd.balancer import Rebalancer
 from dbs_hvd.comm import LocalExchange
 from dbs_hvd.optim import DynamicBatchState, LocalBatchWeighting
-from dbs_hvd.plan import Plan, StaticPolicy
+from dbs_hvd.plan import Plan
+from dbs_hvd.policies import StaticPolicy
 from dbs_hvd.sampler import DynamicBatchSampler
 from dbs_hvd.timing import StepTimer
 

@@ -120,9 +120,9 @@ def _epoch_summary(
     wait = np.zeros(world)
     plans = [list(start_plan.batch_sizes)]
     for record in windows:
-        samples += [r["samples"] for r in record.ranks]
-        compute += [r["compute_seconds"] for r in record.ranks]
-        wait += [r["wait_seconds"] for r in record.ranks]
+        samples += [window.samples for window in record.ranks]
+        compute += [window.compute_seconds for window in record.ranks]
+        wait += [window.wait_seconds for window in record.ranks]
         if record.start_step < sampler.steps_per_epoch and list(record.plan_after) != plans[-1]:
             plans.append(list(record.plan_after))
     return EpochRecord(

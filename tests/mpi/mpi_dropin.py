@@ -174,7 +174,7 @@ def test_gradient_accumulation_is_exact_with_a_moving_plan(hvd, passes, workers,
     assert plans_moved(optimizer)
     history = optimizer.rebalancer.history
     # Every micro-batch counted once; both epochs' rebalances, the last at each epoch end.
-    assert sum(r.ranks[0]["steps"] for r in history) == epochs * steps
+    assert sum(r.ranks[0].steps for r in history) == epochs * steps
     assert [r.step for r in history if r.step == steps - 1] and {r.epoch for r in history} == {0, 1}
     if workers:  # the plan changed inside some optimizer step
         assert any(len(set(group)) > 1 for group in sizes_by_group), sizes_by_group
@@ -253,8 +253,8 @@ def test_mixed_precision_recipe_skips_an_overflow_on_every_rank_and_stays_exact(
     assert scales[bad_step] == scales[bad_step - 1] / 2  # the overflow was seen here too
     assert not sampler._yielded  # no batch record left behind
     history = optimizer.rebalancer.history
-    assert sum(r.ranks[hvd.rank()]["steps"] for r in history) == epochs * sampler.steps_per_epoch
-    assert all(r["compute_seconds"] > 0 for record in history for r in record.ranks)
+    assert sum(r.ranks[hvd.rank()].steps for r in history) == epochs * sampler.steps_per_epoch
+    assert all(r.compute_seconds > 0 for record in history for r in record.ranks)
 
     train_reference(reference, dataset, seed, epochs, clip, skip={(0, bad_step)})  # every rank
     assert_same_parameters(model, reference)
@@ -285,7 +285,7 @@ def test_evaluation_on_rank_0_between_steps_does_not_move_the_plan(hvd):
             model.train()
     history = optimizer.rebalancer.history
     assert len(history) >= 10
-    compute = [sum(r.ranks[k]["compute_seconds"] for r in history) for k in range(hvd.size())]
+    compute = [sum(r.ranks[k].compute_seconds for r in history) for k in range(hvd.size())]
     assert max(compute) < 1.25 * min(compute), compute
     # Counting the evaluation as rank 0's compute made it look several times
     # slower, and every window with an evaluation swung the plan by a third of
