@@ -1,14 +1,16 @@
 # The two commands of the README. Both set up a fresh machine first
 # (launch/install.sh: Debian's Open MPI, torch 2.13.0 CPU, Horovod built for it);
 # on a ready machine that step only verifies, in seconds.
+# TORCH=2.14 or TORCH=2.15 installs that torch instead, with Horovod built for it.
 VENV ?= .venv
+TORCH ?=
 PYTHON := $(VENV)/bin/python
 NP ?= 4
 
 .PHONY: install test test-fast demo lint docs
 
 install:
-	bash launch/install.sh
+	$(if $(TORCH),TORCH_VERSION=$(TORCH) )bash launch/install.sh
 
 # Everything: unit, property and multi-rank tests (each multi-rank launch has a timeout).
 test: install

@@ -2,10 +2,17 @@
 # Build a Horovod 0.28.1 wheel that works with today's torch.
 #
 # Why this script exists: the last Horovod release (0.28.1) pins C++14 in its
-# CMake files, but torch >= 2.1 headers need C++17. Raising the standard in
-# *both* CMakeLists.txt files (top level and horovod/torch) builds and links;
-# raising only the torch one fails to link (gloo's kDefaultTimeout is defined
-# twice). The build must see the installed torch, hence --no-build-isolation.
+# CMake files, but torch >= 2.1 headers need C++17 and torch >= 2.14 headers
+# C++20. Raising the standard in *both* CMakeLists.txt files (top level and
+# horovod/torch) builds and links; raising only the torch one fails to link
+# (gloo's kDefaultTimeout is defined twice). The standard is read off the
+# installed torch's headers (ATen/ATen.h states the one it needs). The build
+# must see the installed torch, hence --no-build-isolation.
+#
+# A CPU build (no HOROVOD_GPU_* set) against a CUDA build of torch: Horovod's
+# CMake turns GPU support on whenever torch was built with CUDA and a CUDA
+# compiler is found, and then fails without the CUDA toolkit's libraries; here
+# it is told that torch has no CUDA, so it builds the MPI and Gloo CPU ops only.
 #
 # Shared by the CPU installer (launch/install.sh) and the GPU Dockerfile, so
 # the fix lives in one place.
@@ -14,7 +21,8 @@
 #   PYTHON   interpreter whose site-packages hold torch (and will hold horovod)
 #   OUT_DIR  where the wheel is written
 # Environment: HOROVOD_GPU_OPERATIONS=NCCL (etc.) is passed through for GPU builds;
-#   HOROVOD_VERSION (default 0.28.1), HOROVOD_CXX_STANDARD (default 17);
+#   HOROVOD_VERSION (default 0.28.1), HOROVOD_CXX_STANDARD (default: what the
+#     installed torch's headers need, 17 or 20);
 #   HOROVOD_SDIST: a horovod-VERSION.tar.gz already on disk, for machines that
 #     cannot reach PyPI (default: download it);
 #   HOROVOD_WITHOUT_MPI=1: Gloo only, for machines without an MPI library
@@ -24,7 +32,18 @@ set -euo pipefail
 python=${1:?usage: build_horovod.sh PYTHON OUT_DIR}
 out_dir=${2:?usage: build_horovod.sh PYTHON OUT_DIR}
 version=${HOROVOD_VERSION:-0.28.1}
-cxx_standard=${HOROVOD_CXX_STANDARD:-17}
+# The C++ standard torch's headers ask for: ATen/ATen.h stops the build below
+# it with `#if ... __cplusplus < 202002L` (torch 2.14 and 2.15; 201703L before).
+torch_cxx_standard() {
+    "$python" - <<'PY'
+import pathlib, re, torch
+header = pathlib.Path(torch.__file__).parent / "include" / "ATen" / "ATen.h"
+text = header.read_text() if header.exists() else ""
+need = max([int(y) for y in re.findall(r"__cplusplus\s*<\s*(\d{6})L", text)] + [201703])
+print(str(need)[2:4])  # 201703 -> 17, 202002 -> 20
+PY
+}
+cxx_standard=${HOROVOD_CXX_STANDARD:-$(torch_cxx_standard)}
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -65,6 +84,13 @@ replace "$src/horovod/common/ops/cuda/CMakeLists.txt" \
 replace "$src/horovod/torch/CMakeLists.txt" \
     'from distutils.sysconfig import get_python_inc; print(get_python_inc())' \
     "import sysconfig; print(sysconfig.get_path('include'))"
+
+# CPU build: torch's CUDA is not Horovod's to use (see the header).
+if [[ -z ${HOROVOD_GPU_OPERATIONS:-}${HOROVOD_GPU_ALLREDUCE:-}${HOROVOD_GPU:-} ]]; then
+    replace "$src/cmake/Modules/FindPytorch.cmake" \
+        'print(True if ((torch.version.cuda is not None) and (CUDA_HOME is not None)) else False)' \
+        'print(False)'
+fi
 
 # GCC 13 no longer pulls <string>, <stdexcept> and <cstdint> in through other
 # standard headers, which Horovod 0.28.1 relied on (group_table.h, common.h);

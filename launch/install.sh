@@ -5,11 +5,17 @@
 # What it installs, and where:
 #   * Debian packages: Open MPI (runtime and headers), cmake, a C++ compiler.
 #   * A virtual environment in $DBS_HVD_VENV (default: .venv in the repo) with
-#     torch==$TORCH_VERSION (CPU), mpi4py built against Debian's Open MPI, the
+#     torch $TORCH_VERSION, mpi4py built against Debian's Open MPI, the
 #     test tools, the documentation tools (make docs), the linters (make
 #     lint), dbs_hvd itself
 #     (editable), and Horovod 0.28.1 built from the
-#     PyPI sdist with the C++17 fix (launch/build_horovod.sh).
+#     PyPI sdist with the C++17/C++20 fix (launch/build_horovod.sh), with
+#     its CPU operations (MPI and Gloo).
+#   * TORCH_VERSION: 2.13 (the default, 2.13.0), 2.14 (2.14.1) or 2.15
+#     (2.15.0), or an exact version. torch 2.13.0 is a CPU build; PyPI's
+#     2.14 and 2.15 for Linux are CUDA builds (several GB), which run on the
+#     CPU too: Horovod is built without GPU operations against them unless
+#     HOROVOD_GPU_OPERATIONS is set.
 #   * The Horovod wheel is cached in $DBS_HVD_CACHE (default ~/.cache/dbs_hvd),
 #     keyed by Horovod, torch and Python versions, so it is built once (about
 #     4 minutes on 2 cores) and reused while torch stays the same.
@@ -21,7 +27,13 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${DBS_HVD_VENV:-$repo/.venv}
 cache=${DBS_HVD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dbs_hvd}
-torch_version=${TORCH_VERSION:-2.13.0}
+# The torch releases the installer is verified with (docs/deployment/torch-versions.md).
+case ${TORCH_VERSION:-2.13} in
+    2.13) torch_version=2.13.0 ;;
+    2.14) torch_version=2.14.1 ;;
+    2.15) torch_version=2.15.0 ;;
+    *) torch_version=$TORCH_VERSION ;;
+esac
 horovod_version=0.28.1
 base_python=${PYTHON:-python3}
 
@@ -46,11 +58,12 @@ install_debian_packages() {
     fi
 }
 
-# The stamp records what the venv was last built from; when it matches, the
-# pip steps are skipped and only the checks at the end run.
+# The stamp records what the venv was last built from (the scripts, the
+# package's settings and the torch asked for); when it matches, the pip steps
+# are skipped and only the checks at the end run.
 stamp_value() {
-    cat "$repo/launch/install.sh" "$repo/launch/build_horovod.sh" "$repo/setup.cfg" \
-        | sha256sum | cut -d' ' -f1
+    { cat "$repo/launch/install.sh" "$repo/launch/build_horovod.sh" "$repo/setup.cfg"
+      echo "torch==$torch_version"; } | sha256sum | cut -d' ' -f1
 }
 
 create_venv() {
@@ -80,7 +93,7 @@ horovod_wheel() {
     dir="$cache/horovod-$horovod_version-$key"
     wheel=$(ls "$dir"/horovod-*.whl 2>/dev/null | head -n1 || true)
     if [ -z "$wheel" ]; then
-        say "building Horovod $horovod_version for $key (about 4 minutes on 2 cores)"
+        say "building Horovod $horovod_version for $key (minutes: about 4 on 2 free cores)"
         "$repo/launch/build_horovod.sh" "$py" "$dir.partial" >&2
         rm -rf "$dir" && mv "$dir.partial" "$dir"
         wheel=$(ls "$dir"/horovod-*.whl | head -n1)
