@@ -33,12 +33,14 @@ import time
 from pathlib import Path
 
 from benchmarks.hetero import rotation
+from dbs_hvd.balancer import RankWindow
 from tests.harness import run_job
 
 STEPS = 50
 VARIANTS = ("none", "block", "poll", "poll, no spin", "sleep")
-RECORD = {"samples": 1280.0, "compute_seconds": 0.1, "steps": 20, "wait_seconds": 0.05,
-          "steps_generated": 30, "rebalance_seconds": 0.001}  # a window, as rebalance() sends
+# A window, as rebalance() sends it.
+RECORD = RankWindow(steps=20, samples=1280, compute_seconds=0.1, wait_seconds=0.05,
+                    steps_generated=30, rebalance_seconds=0.001)
 
 
 def summarise(rounds: list[dict[str, float]], self_timed: dict[str, list[float]],
