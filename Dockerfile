@@ -95,7 +95,7 @@ RUN pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VE
 # a binary wheel could carry another MPI and clash with Horovod's.
 RUN pip install --no-cache-dir --no-binary mpi4py mpi4py==4.1.2
 
-# Horovod: the very script the CPU installer uses (C++17 patch, PyTorch + MPI +
+# Horovod: the very script the CPU installer uses (C++ standard patch, PyTorch + MPI +
 # Gloo), with GPU settings passed through the environment (cffi first: Horovod's
 # setup.py needs it to build):
 #   HOROVOD_GPU_OPERATIONS=NCCL  allreduce/allgather/broadcast on GPU tensors via NCCL;
