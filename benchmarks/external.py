@@ -16,7 +16,8 @@ seconds charged per rank (the wrapper's rusage of the rank).
     python -m benchmarks.external --quick           # one small scenario, for checks
 
 Writes results.json, results.md and external.png to --out (default
-runs/external).
+runs/external). A family run in several jobs (``--only`` with texts separated
+by ``|``) is joined with ``--merge DIR ...``.
 """
 from __future__ import annotations
 
@@ -266,8 +267,10 @@ def summarise(scenario: ExternalScenario, runs: list[Run], speeds: list[float]) 
 
 
 def cpu_cell(row: dict) -> str:
-    """CPU seconds per rank, each with its other threads' part in brackets."""
-    others = row.get("other_threads_cpu_seconds") or [0.0] * len(row["cpu_seconds"])
+    """CPU seconds per rank, each with its other threads' part in brackets (where measured)."""
+    others = row.get("other_threads_cpu_seconds")
+    if others is None:
+        return ", ".join(f"{c:.1f}" for c in row["cpu_seconds"])
     return ", ".join(f"{c:.1f} ({o:.1f})" for c, o in zip(row["cpu_seconds"], others))
 
 
@@ -320,14 +323,51 @@ def run_all(scenario_list: list[ExternalScenario], repeats: int, out: Path) -> i
     return 1 if any(r.error for r in runs) else 0
 
 
+def merge(parts: list[Path], out: Path) -> None:
+    """Join the results.json of jobs that ran different scenarios into one table and plot.
+
+    A scenario measured by several parts keeps the last part's rows.
+    """
+    summary: dict = {}
+    speeds: dict = {}
+    runs: list[Run] = []
+    chosen: dict[str, ExternalScenario] = {}
+    for part in parts:
+        data = json.loads((part / "results.json").read_text())
+        summary.update(data["summary"])
+        speeds.update(data["speeds"])
+        measured = set(data["summary"])
+        runs = [r for r in runs if r.scenario not in measured]
+        runs += [Run(**r) for r in data["runs"] if r["scenario"] in measured]
+        chosen.update({s["name"]: ExternalScenario(**s) for s in data["scenarios"]
+                       if s["name"] in measured})
+    order = [s.name for s in scenarios(quick=False)]
+    rank = {name: order.index(name) if name in order else len(order) for name in summary}
+    summary = {name: summary[name] for name in sorted(summary, key=rank.__getitem__)}
+    speeds = {name: speeds[name] for name in summary if name in speeds}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(markdown(summary, speeds))
+    (out / "results.json").write_text(json.dumps({
+        "summary": summary, "speeds": speeds, "runs": [r.__dict__ for r in runs],
+        "scenarios": [s.__dict__ for s in chosen.values()]}, indent=1))
+    plot(runs, list(chosen.values()), out / "external.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one small scenario")
     parser.add_argument("--repeats", type=int, default=None, help="default 3 (1 with --quick)")
-    parser.add_argument("--only", help="run only scenarios whose name contains this text")
+    parser.add_argument("--only", help="run only scenarios whose name contains this text "
+                        "(several texts separated by |: any of them)")
     parser.add_argument("--out", default="runs/external", help="output folder")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="DIR",
+                        help="instead of running: join these jobs' results into --out")
     args = parser.parse_args(argv)
-    chosen = [s for s in scenarios(args.quick) if not args.only or args.only in s.name]
+    if args.merge:
+        merge(args.merge, Path(args.out))
+        return 0
+    wanted = args.only.split("|") if args.only else []
+    chosen = [s for s in scenarios(args.quick) if not wanted or any(w in s.name for w in wanted)]
     return run_all(chosen, args.repeats or (1 if args.quick else 3), Path(args.out))
 
 

@@ -52,3 +52,33 @@ def test_summary_ratios(monkeypatch):
     assert rows["dbs"]["time_vs_ideal"] == pytest.approx(2.5 / 2)
     assert rows["dbs"]["time_vs_best_fixed"] == pytest.approx(2.5 / 3)
     assert rows["dbs"]["moves_per_epoch"] == 0.0  # moves after the first epoch only
+
+
+def test_merge_joins_jobs_in_scenario_order_and_the_last_part_wins(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(external, "plot", lambda runs, scenarios, path: path.write_bytes(b"png"))
+    names = [s.name for s in external.scenarios(quick=False)]
+    first, second = names[1], names[0]
+
+    def part(folder, name, seconds):
+        scenario = external.ExternalScenario(name, 2, ["--share", "1,1"], [1, 1], ["horovod"])
+        row = {"time_vs_horovod": 1.0, "paired_vs_horovod": 1.0, "paired_range": [1.0, 1.0],
+               "time_vs_ideal": seconds, "moves_per_epoch": 0.0, "cpu_seconds": [1.0, 2.0],
+               "final_plan": [32, 32], "final_accuracy": 0.9, "totals": [seconds]}
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({
+            "summary": {name: {"horovod": row}}, "speeds": {name: [1.0, 1.0]},
+            "runs": [run("horovod", 0, [seconds]).__dict__ | {"scenario": name}],
+            "scenarios": [scenario.__dict__]}))
+        return folder
+
+    parts = [part(tmp_path / "a", first, 2.0), part(tmp_path / "b", second, 3.0),
+             part(tmp_path / "c", first, 5.0)]
+    external.merge(parts, tmp_path / "out")
+    merged = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(merged["summary"]) == [second, first]  # the family's order
+    assert merged["summary"][first]["horovod"]["time_vs_ideal"] == 5.0  # the last part's
+    assert [r["scenario"] for r in merged["runs"]] == [second, first]
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert table.index(second) < table.index(first) and "1.0, 2.0 |" in table
