@@ -232,13 +232,13 @@ def summarise(scenario: ExternalScenario, runs: list[Run], speeds: list[float]) 
         return {}
     base = statistics.median(r.total_seconds for r in plain)
     per_repeat = {r.repeat: r.total_seconds for r in plain}
+    samples_per_epoch = scenario.global_batch * (train_size(scenario.workload) // scenario.global_batch)
     rows = {}
     for policy in scenario.policies:
         these = [r for r in mine if r.policy == policy]
         if not these:
             continue
-        samples = len(these[0].epochs) * scenario.global_batch * (
-            train_size(scenario.workload) // scenario.global_batch)
+        samples = len(these[0].epochs) * samples_per_epoch
         ideal = samples / sum(speeds)
         totals = [r.total_seconds for r in these]
         paired = [r.total_seconds / per_repeat[r.repeat] for r in these if r.repeat in per_repeat]

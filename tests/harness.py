@@ -164,6 +164,20 @@ def run_job(
     return run_argv(launcher_argv(np, launcher) + list(command), timeout, env, cwd)
 
 
+def train_or_fail(np: int, *args: str, timeout: float = 240.0) -> JobResult:
+    """Run ``dbs-train ARGS`` on ``np`` local ranks under mpirun; fail the calling test if it fails.
+
+    Returns:
+        The job's result (its output, split by rank).
+    """
+    import pytest
+
+    result = run_job([sys.executable, "-m", "dbs_hvd.train.cli", *args], np=np, timeout=timeout)
+    if not result.ok:
+        pytest.fail(result.describe(), pytrace=False)
+    return result
+
+
 def mpmd_argv(*commands: Sequence[str]) -> list[str]:
     """One mpirun launching one rank per command (``mpirun ... A : -np 1 B``)."""
     argv = launcher_argv(1, "mpirun") + list(commands[0])

@@ -1,5 +1,4 @@
 """Batch sizes on a grid of M samples (grid.py): pure plans, then dbs-train under mpirun."""
-import sys
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ from dbs_hvd.grid import GridPolicy, unit_bounds
 from dbs_hvd.train.metrics import read_jsonl
 from dbs_hvd.plan import Bounds, Plan, PlanError, WindowStats
 from dbs_hvd.policies import make_policy
-from tests.harness import run_job
+from tests.harness import train_or_fail
 
 
 def window(plan: Plan, seconds_per_sample, overhead=0.0, steps: int = 4) -> WindowStats:
@@ -115,11 +114,8 @@ def test_a_policy_object_with_a_multiple_is_refused_with_the_way_to_build_one():
 def test_dbs_train_keeps_every_batch_on_the_grid_and_still_balances(tmp_path):
     # Per-sample costs 2 ms and 6 ms: the balance is 48,16 of 64, on the grid of 8.
     log = tmp_path / "run.jsonl"
-    result = run_job([sys.executable, "-m", "dbs_hvd.train.cli", "--virtual-device", "0:2,0:6",
-                      "--epochs", "2", "--global-batch", "64", "--batch-multiple", "8",
-                      "--log", str(log)], np=2, timeout=240)
-    if not result.ok:
-        pytest.fail(result.describe(), pytrace=False)
+    train_or_fail(2, "--virtual-device", "0:2,0:6", "--epochs", "2", "--global-batch", "64",
+                  "--batch-multiple", "8", "--log", str(log))
     records = read_jsonl(log)
     plans = [plan for record in records for plan in record["plans"]]
     assert all(b % 8 == 0 for plan in plans for b in plan), plans

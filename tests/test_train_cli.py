@@ -10,17 +10,11 @@ import torch
 from dbs_hvd.train.cli import USER_ERRORS, error_line, train_config
 from dbs_hvd.train.metrics import read_jsonl
 from tests.harness import mpmd_argv, run_argv, run_job
+from tests.harness import train_or_fail as train
 from dbs_hvd.train.trainer import validate
 
 mpi = pytest.mark.mpi  # every test that launches ranks (make test-fast leaves them out)
 DBS_TRAIN = [sys.executable, "-m", "dbs_hvd.train.cli"]
-
-
-def train(np_, *args, timeout=240):
-    result = run_job(DBS_TRAIN + list(args), np=np_, timeout=timeout)
-    if not result.ok:
-        pytest.fail(result.describe(), pytrace=False)
-    return result
 
 
 @mpi

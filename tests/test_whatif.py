@@ -25,7 +25,7 @@ from dbs_hvd.train.whatif import (
     read_rebalance_log,
     what_if,
 )
-from tests.harness import run_job
+from tests.harness import train_or_fail
 
 mpi = pytest.mark.mpi
 
@@ -221,11 +221,8 @@ def test_read_rebalance_log_raises_for_a_record_without_plans(tmp_path):
 def test_dbs_plan_reads_a_real_rebalance_log(tmp_path):
     # Virtual devices: rank 1 costs 3x per sample (2 ms and 6 ms).
     rebalances = tmp_path / "rebalances.jsonl"
-    result = run_job([sys.executable, "-m", "dbs_hvd.train.cli", "--virtual-device", "0:2,0:6",
-                      "--epochs", "2", "--global-batch", "64", "--policy", "dbs",
-                      "--rebalance-log", str(rebalances)], np=2, timeout=240)
-    if not result.ok:
-        pytest.fail(result.describe(), pytrace=False)
+    train_or_fail(2, "--virtual-device", "0:2,0:6", "--epochs", "2", "--global-batch", "64",
+                  "--policy", "dbs", "--rebalance-log", str(rebalances))
     done = subprocess.run([sys.executable, "-m", "dbs_hvd.train.whatif", str(rebalances)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

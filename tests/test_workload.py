@@ -1,6 +1,5 @@
 """dbs-train's workloads: the shifted digits, the cnn-flat model, --lr-schedule, --eval-every."""
 import math
-import sys
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from hypothesis import strategies as st
 from dbs_hvd.train import data, models
 from dbs_hvd.train.metrics import read_jsonl
 from dbs_hvd.train.trainer import TrainConfig, check_flags, lr_scheduler
-from tests.harness import run_job
+from tests.harness import train_or_fail
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +87,8 @@ def test_eval_every_must_not_be_negative_and_needs_no_elastic():
 @pytest.mark.mpi
 def test_dbs_train_anneals_and_evaluates_between_steps(tmp_path):
     log = tmp_path / "run.jsonl"
-    result = run_job([sys.executable, "-m", "dbs_hvd.train.cli", "--epochs", "2", "--lr-schedule",
-                      "cosine", "--eval-every", "5", "--slowdown", "1,2", "--log", str(log)],
-                     np=2, timeout=240)
-    assert result.ok, result.describe()
+    train_or_fail(2, "--epochs", "2", "--lr-schedule", "cosine", "--eval-every", "5",
+                  "--slowdown", "1,2", "--log", str(log))
     records = read_jsonl(log)
     steps = [[int(step) for step, _ in r["evaluations"]] for r in records]
     assert steps == [[5, 10, 15, 20], [25, 30, 35, 40]]
