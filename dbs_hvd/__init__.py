@@ -13,9 +13,11 @@ Horovod script changes three lines:
 * ``sampler.set_epoch(epoch)`` at the start of every epoch.
 
 ``ElasticState`` keeps DBS's state across worker failures and joins under
-``hvd.elastic.run``. ``RebalanceOptions`` sets when plans move (the defaults are the recommended
-ones); ``make_policy``/``POLICIES`` name the policies ("dbs", "paper",
-"static"); ``Plan`` and ``Bounds`` describe plans and their limits.
+``hvd.elastic.run``. ``MemoryGuard`` (with ``MemoryOptions``) trains a step
+again under a lower cap where a rank runs out of memory. ``RebalanceOptions``
+sets when plans move (the defaults are the recommended ones);
+``make_policy``/``POLICIES`` name the policies ("dbs", "paper", "static");
+``Plan`` and ``Bounds`` describe plans and their limits.
 ``DbsError`` is raised alike on every rank (mismatched settings, bad
 measurements); ``PlanError`` for a configuration no plan can meet.
 
@@ -31,7 +33,7 @@ without torch.
 
 from .comm import DbsError, claim_mpi
 from .grid import GridPolicy
-from .options import RebalanceOptions
+from .options import MemoryOptions, RebalanceOptions
 from .plan import Bounds, Plan, PlanError, Policy, WindowStats
 from .policies import POLICIES, CostModelPolicy, ProportionalPolicy, StaticPolicy, make_policy
 from .quota import configure_horovod_cycle
@@ -40,6 +42,7 @@ _LAZY = {
     "DistributedOptimizer": "optim",
     "DynamicBatchSampler": "sampler",
     "ElasticState": "elastic_state",
+    "MemoryGuard": "memory",
     "ModelAveragingOptimizer": "averaging",
 }
 
@@ -71,6 +74,8 @@ __all__ = [
     "DynamicBatchSampler",
     "ElasticState",
     "GridPolicy",
+    "MemoryGuard",
+    "MemoryOptions",
     "ModelAveragingOptimizer",
     "POLICIES",
     "Plan",

@@ -72,6 +72,7 @@ def unit_bounds(global_batch: int, multiple: int, bounds: Bounds) -> Bounds:
     return Bounds(
         max(1, math.ceil(bounds.min_batch / multiple)),
         None if bounds.max_batch is None else upper // multiple,
+        None if bounds.rank_max is None else tuple(cap // multiple for cap in bounds.rank_max),
     )
 
 
@@ -115,6 +116,11 @@ class GridPolicy(Policy):
         self.inner = inner
         self.multiple = int(multiple)
         self.name = inner.name
+
+    def set_bounds(self, bounds: Bounds) -> None:
+        """New bounds in samples, and the inner policy's in units."""
+        super().set_bounds(bounds)
+        self.inner.set_bounds(unit_bounds(self.global_batch, self.multiple, bounds))
 
     def initial_plan(self, world_size: int) -> Plan:
         self._check_fits(world_size)

@@ -63,7 +63,7 @@ import torch
 from .balancer import Rebalancer, RebalanceRecord
 from .comm import DbsError, Exchange, LocalExchange, check_same_on_all_ranks, default_exchange
 from .options import RebalanceOptions, resolve_options
-from .plan import Bounds, PlanError, Policy
+from .plan import PlanError, Policy
 from .policies import make_policy
 from .quota import min_window_seconds, own_quota
 from .sampler import DynamicBatchSampler, StepBatch
@@ -523,7 +523,7 @@ def require_batch_norm_floor(
     """
     if not has_plain_batch_norm(model) or sampler.bounds.min_batch >= 2:
         return
-    floor = Bounds(2, sampler.bounds.max_batch)
+    floor = dataclasses.replace(sampler.bounds, min_batch=2)
     if sampler.global_batch < 2 * sampler.world_size:
         raise PlanError(
             f"the model has BatchNorm layers, which need at least 2 samples per rank, but "
@@ -594,6 +594,7 @@ def dynamic_batch_state(
         "world_size": sampler.world_size,
         "min_batch": sampler.bounds.min_batch,
         "max_batch": sampler.bounds.max_batch,
+        "rank_max": sampler.bounds.rank_max,
         "policy": policy.name,
         "batch_multiple": getattr(policy, "multiple", 1),
         "rebalance": rebalance.resolved(policy.name),

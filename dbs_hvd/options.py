@@ -161,3 +161,31 @@ def resolve_options(
     if not legacy:
         return RebalanceOptions()
     return RebalanceOptions(every=every, budget=budget or 0.0, min_seconds=min_seconds or 0.0)
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """What DBS does when a rank runs out of memory during a step (memory.py).
+
+    Args:
+        recover: abandon the step on every rank, lower the failing rank's
+            cap and train the step's global batch again (default). ``False``
+            lets the error end the run, as without DBS.
+        shrink: a failing rank's new cap is at most this fraction of the
+            batch it failed at, and at least one sample below it
+            (``plan.cap_below``); in (0, 1).
+
+    Raises:
+        ValueError: for a ``shrink`` outside (0, 1).
+
+    Example::
+
+        guard = dbs_hvd.MemoryGuard(optimizer, dbs_hvd.MemoryOptions(shrink=0.75))
+    """
+
+    recover: bool = True
+    shrink: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.shrink, (int, float)) and 0 < self.shrink < 1):
+            raise ValueError(f"MemoryOptions(shrink=...) must be a fraction in (0, 1), got {self.shrink!r}")

@@ -29,19 +29,25 @@ class PlanError(ValueError):
     """A plan cannot be made from the given configuration or measurements."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Bounds:
-    """Per-rank limits on the local batch size.
+    """Limits on the local batch size: one floor for all ranks, a cap for all and per rank.
 
     Args:
         min_batch: keeps a slow rank from falling to an empty batch (the
             paper's rule has no floor).
-        max_batch: caps memory on a fast rank; ``None`` means no cap beyond
+        max_batch: caps memory on every rank; ``None`` means no cap beyond
             the global batch itself.
+        rank_max: one cap per rank, in rank order, for ranks whose memory
+            differs (a card with less memory, or a cap learned from an
+            out-of-memory failure, see ``with_cap``); ``None`` for no
+            per-rank caps. Where both are given a rank's cap is the smaller.
 
     Examples:
         >>> Bounds(min_batch=4).upper(128)
         128
+        >>> Bounds(max_batch=100, rank_max=(40, 120)).uppers(128, 2).tolist()
+        [40, 100]
         >>> Bounds(max_batch=8).check(global_batch=64, world_size=4)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
@@ -50,10 +56,55 @@ class Bounds:
 
     min_batch: int = 1
     max_batch: int | None = None
+    rank_max: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.rank_max is not None:
+            object.__setattr__(self, "rank_max", tuple(int(cap) for cap in self.rank_max))
+
+    def __repr__(self) -> str:
+        caps = "" if self.rank_max is None else f", rank_max={self.rank_max}"
+        return f"Bounds(min_batch={self.min_batch}, max_batch={self.max_batch}{caps})"
 
     def upper(self, global_batch: int) -> int:
-        """The largest local batch allowed: ``max_batch``, or the global batch if none."""
+        """The largest local batch any rank may take: ``max_batch``, or the global batch if none.
+
+        Per-rank caps (``rank_max``) are in ``uppers``.
+        """
         return global_batch if self.max_batch is None else self.max_batch
+
+    def uppers(self, global_batch: int, world_size: int) -> np.ndarray:
+        """Each rank's largest local batch: ``upper`` tightened by ``rank_max`` (``int64``)."""
+        upper = np.full(world_size, self.upper(global_batch), dtype=np.int64)
+        if self.rank_max is None:
+            return upper
+        if len(self.rank_max) != world_size:
+            raise PlanError(
+                f"max_batch gives {len(self.rank_max)} per-rank caps {list(self.rank_max)} for "
+                f"{world_size} ranks: give one cap per rank, or one cap for all"
+            )
+        return np.minimum(upper, np.asarray(self.rank_max, dtype=np.int64))
+
+    def with_cap(self, rank: int, cap: int, world_size: int) -> Bounds:
+        """These bounds with ``rank``'s cap lowered to ``cap`` (never raised).
+
+        Args:
+            rank: the rank whose cap drops.
+            cap: its new largest local batch.
+            world_size: the number of ranks (the length of ``rank_max``).
+
+        Returns:
+            New bounds; the caps of the other ranks are unchanged.
+
+        Example:
+            >>> Bounds().with_cap(1, 30, world_size=3)
+            Bounds(min_batch=1, max_batch=None, rank_max=(1073741824, 30, 1073741824))
+        """
+        caps = list(self.rank_max) if self.rank_max is not None else [NO_CAP] * world_size
+        if len(caps) != world_size:
+            raise PlanError(f"per-rank caps {caps} for {world_size} ranks")
+        caps[rank] = min(caps[rank], int(cap))
+        return replace(self, rank_max=tuple(caps))
 
     def check(self, global_batch: int, world_size: int) -> None:
         """Raise PlanError unless some plan for ``world_size`` ranks meets the bounds."""
@@ -87,6 +138,28 @@ class Bounds:
                 f"the global batch {global_batch}: raise max_batch to at least "
                 f"{math.ceil(global_batch / world_size)}"
             )
+        if self.rank_max is not None:
+            self._check_rank_caps(global_batch, world_size)
+
+    def _check_rank_caps(self, global_batch: int, world_size: int) -> None:
+        """PlanError where a per-rank cap is below the floor or the caps cannot hold the batch."""
+        uppers = self.uppers(global_batch, world_size)
+        low = [rank for rank, cap in enumerate(uppers) if cap < self.min_batch]
+        if low:
+            raise PlanError(
+                f"max_batch caps rank {low[0]} at {int(uppers[low[0]])} samples, below "
+                f"min_batch {self.min_batch}: every rank must take at least min_batch samples"
+            )
+        if int(uppers.sum()) < global_batch:
+            shown = [int(cap) for cap in uppers]
+            raise PlanError(
+                f"the per-rank max_batch caps {shown} sum to {sum(shown)}, below the global "
+                f"batch {global_batch}: the ranks cannot hold one global batch together. "
+                f"Raise max_batch, lower global_batch= to at most {sum(shown)}, or add ranks"
+            )
+
+
+NO_CAP = 2**30  # a per-rank cap that caps nothing (every global batch is smaller)
 
 
 @dataclass(frozen=True)
@@ -156,11 +229,15 @@ class Plan:
             raise PlanError(
                 f"plan {self.batch_sizes} sums to {self.global_batch}, not the global batch {global_batch}"
             )
-        upper = bounds.upper(global_batch)
-        bad = [b for b in self.batch_sizes if not bounds.min_batch <= b <= upper]
+        uppers = bounds.uppers(global_batch, self.world_size)
+        bad = [
+            (rank, b) for rank, b in enumerate(self.batch_sizes) if not bounds.min_batch <= b <= uppers[rank]
+        ]
         if bad:
+            rank, size = bad[0]
             raise PlanError(
-                f"plan {self.batch_sizes} has batch sizes {bad} outside [{bounds.min_batch}, {upper}]"
+                f"plan {self.batch_sizes} gives rank {rank} {size} samples, outside "
+                f"[{bounds.min_batch}, {int(uppers[rank])}]"
             )
 
 
@@ -329,10 +406,65 @@ def apportion(weights: np.ndarray, global_batch: int, bounds: Bounds) -> np.ndar
     if not np.all(np.isfinite(weights)) or np.any(weights <= 0):
         raise PlanError(f"weights must be finite and positive, got {weights.tolist()}")
     bounds.check(global_batch, len(weights))
-    lower, upper = float(bounds.min_batch), float(bounds.upper(global_batch))
+    lower, upper = float(bounds.min_batch), bounds.uppers(global_batch, len(weights)).astype(float)
     scaled = weights / weights.max()
     targets = solve_clipped_linear(scaled, 0.0, lower, upper, global_batch)
     return round_to_total(targets, global_batch, bounds)
+
+
+def fit_plan(plan: Plan, bounds: Bounds) -> Plan:
+    """``plan`` itself where it meets ``bounds``, else the split nearest to it that does.
+
+    Used when a rank's cap drops (an out-of-memory failure, ``Bounds.with_cap``):
+    the samples a capped rank can no longer take go to the others in
+    proportion to their batches (``apportion`` with the current sizes as
+    weights), so the plan stays as close to balanced as the caps allow.
+    Pure and deterministic: every rank computes the same plan.
+
+    Args:
+        plan: the plan in force.
+        bounds: the bounds the plan must now meet.
+
+    Returns:
+        A plan with the same global batch within ``bounds``.
+
+    Raises:
+        PlanError: if no plan of this global batch meets ``bounds``.
+
+    Examples:
+        >>> fit_plan(Plan((40, 20, 20)), Bounds(rank_max=(30, 80, 80))).batch_sizes
+        (30, 25, 25)
+    """
+    global_batch, world = plan.global_batch, plan.world_size
+    bounds.check(global_batch, world)
+    sizes = np.asarray(plan.batch_sizes)
+    if np.all((sizes >= bounds.min_batch) & (sizes <= bounds.uppers(global_batch, world))):
+        return plan
+    return Plan(tuple(apportion(np.maximum(sizes, 0.5).astype(float), global_batch, bounds)))
+
+
+def cap_below(failed: int, min_batch: int, shrink: float) -> int:
+    """The cap of a rank that failed at ``failed`` samples: below it, at least ``min_batch``.
+
+    A failure at ``b`` samples says little about ``b - 1``: on a GPU the
+    memory a step needs grows with the batch in steps of the allocator's
+    blocks. So the cap drops by the fraction ``shrink`` of the failed size,
+    and by at least one sample; a rank that fails at the floor itself gets
+    a cap below the floor, which ``Bounds.check`` reports.
+
+    Args:
+        failed: the local batch the rank ran out of memory at.
+        min_batch: the floor every rank keeps.
+        shrink: the new cap's largest fraction of ``failed``, in (0, 1).
+
+    Returns:
+        The new cap (below ``failed``).
+
+    Examples:
+        >>> cap_below(40, 1, 0.9), cap_below(5, 1, 0.9), cap_below(10, 8, 0.5)
+        (36, 4, 8)
+    """
+    return min(failed - 1, max(min_batch, math.floor(failed * shrink)))
 
 
 def solve_clipped_linear(
@@ -435,9 +567,7 @@ def round_to_total(
     n = len(targets)
     low = np.full(n, bounds.min_batch) if lower is None else np.maximum(lower, bounds.min_batch)
     high = (
-        np.full(n, bounds.upper(global_batch))
-        if upper is None
-        else np.minimum(upper, bounds.upper(global_batch))
+        bounds.uppers(global_batch, n) if upper is None else np.minimum(upper, bounds.uppers(global_batch, n))
     )
     sizes = np.clip(np.floor(targets), low, high).astype(np.int64)
     deficit = int(global_batch - sizes.sum())
@@ -483,7 +613,7 @@ def equalise_step_times(
     bounds per rank (a trust region).
     """
     low = np.full(len(per_sample), float(bounds.min_batch)) if lower is None else lower
-    high = np.full(len(per_sample), float(bounds.upper(global_batch))) if upper is None else upper
+    high = bounds.uppers(global_batch, len(per_sample)).astype(float) if upper is None else upper
     targets = solve_clipped_linear(1.0 / per_sample, -overhead / per_sample, low, high, global_batch)
     return round_to_total(
         targets,
@@ -581,6 +711,14 @@ class Policy(ABC):
 
     def __init__(self, global_batch: int, bounds: Bounds = Bounds()):
         self.global_batch = global_batch
+        self.bounds = bounds
+
+    def set_bounds(self, bounds: Bounds) -> None:
+        """Plan within ``bounds`` from now on (a rank's cap dropped after running out of memory).
+
+        Every rank calls it with the same bounds at the same step, so the
+        policies on all ranks stay alike.
+        """
         self.bounds = bounds
 
     def initial_plan(self, world_size: int) -> Plan:

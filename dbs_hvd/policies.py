@@ -333,6 +333,11 @@ class CostModelPolicy(Policy):
         """
         return self._misfit > 2.0 * self.surprise
 
+    def set_bounds(self, bounds: Bounds) -> None:
+        """New bounds; the last change is no longer judged (its plan may not meet them)."""
+        super().set_bounds(bounds)
+        self._trial = None
+
     def _change_did_not_pay(self, stats: WindowStats, current: Plan) -> Plan | None:
         """The plan before the last change, if that change made the measured step slower.
 
@@ -397,7 +402,7 @@ class CostModelPolicy(Policy):
         # is measured afresh, and may move further in one go.
         reach = np.where(self._changed, self.surprise_change, self.max_change)
         lower = np.maximum(np.floor(sizes / reach), self.bounds.min_batch)
-        upper = np.minimum(np.ceil(sizes * reach), self.bounds.upper(self.global_batch))
+        upper = np.minimum(np.ceil(sizes * reach), self.bounds.uppers(self.global_batch, len(sizes)))
         # Equal predicted step times: b_i = (t - overhead_i) / per_sample_i.
         proposal = Plan(
             tuple(equalise_step_times(overhead, per_sample, self.global_batch, self.bounds, lower, upper))

@@ -35,14 +35,14 @@ import collections
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
 from torch.utils.data import Sampler
 
 from .comm import DbsError
-from .plan import Bounds, Plan, PlanError
+from .plan import Bounds, Plan, PlanError, fit_plan
 
 
 @dataclass(frozen=True)
@@ -306,6 +306,51 @@ class DynamicBatchSampler(Sampler[list]):
             )
         self._schedule = [(s, p) for s, p in self._schedule if s < start] + [(start, plan)]
 
+    def retry_step(self, batch: StepBatch, bounds: Bounds, keep_until: int | None = None) -> list[int]:
+        """Hand out ``batch``'s step again within new ``bounds``; return this rank's indices for it.
+
+        After a step is abandoned on every rank (a rank ran out of memory,
+        memory.py), its global batch is trained again under the plan in force
+        there, fitted to the lowered caps (``fit_plan``): the same samples,
+        split anew, so none is lost or read twice. Steps after it that some
+        rank already handed out (prefetched), those before ``keep_until``,
+        keep their plans, since a rank may be reading them; the plans from
+        ``keep_until`` on are fitted too. The retried batch goes back to the
+        front of the batches waiting for the optimizer, with its new size,
+        for the gradient weighting. Every rank calls this with the same
+        arguments, so the plans stay identical.
+
+        Args:
+            batch: the abandoned step's batch (``pop_consumed`` returned it).
+            bounds: the bounds from now on (a rank's cap lowered).
+            keep_until: the first step no rank has handed out (the largest
+                ``steps_generated`` over the ranks); default this rank's.
+
+        Returns:
+            The sample indices this rank reads for the step.
+
+        Raises:
+            PlanError: for bounds no plan meets, or a step of another epoch
+                or not handed out.
+        """
+        step = batch.step
+        keep_until = self._generated if keep_until is None else max(int(keep_until), step + 1)
+        if batch.epoch != self.epoch or not self._start_step <= step < self._generated:
+            raise PlanError(
+                f"cannot retry step {step} of epoch {batch.epoch}: steps {self._start_step} to "
+                f"{self._generated - 1} of epoch {self.epoch} were handed out"
+            )
+        entries = [(start, plan) for start, plan in self._schedule if start < step]
+        entries.append((step, fit_plan(self.plan_at(step), bounds)))
+        entries += [(later, self.plan_at(later)) for later in range(step + 1, keep_until)]
+        entries.append((keep_until, fit_plan(self.plan_at(keep_until), bounds)))
+        entries += [(start, fit_plan(plan, bounds)) for start, plan in self._schedule if start > keep_until]
+        self.bounds = bounds
+        self._schedule = entries
+        indices = self.indices(step)
+        self._yielded.appendleft(StepBatch(self.epoch, step, len(indices)))
+        return indices
+
     # -- elastic worlds ---------------------------------------------------------------
 
     def resize(self, rank: int, world_size: int, plan: Plan | None = None) -> None:
@@ -319,6 +364,9 @@ class DynamicBatchSampler(Sampler[list]):
         """
         if not 0 <= rank < world_size:
             raise PlanError(f"rank {rank} is outside a world of {world_size}")
+        if self.bounds.rank_max is not None and len(self.bounds.rank_max) != world_size:
+            # Per-rank caps name the old world's ranks: the new world starts without them.
+            self.bounds = replace(self.bounds, rank_max=None)
         _check_fits(self.global_batch, world_size, self.bounds)
         plan = plan or Plan.equal(self.global_batch, world_size, self.bounds)
         self._check_plan(plan, world_size)

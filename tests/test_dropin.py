@@ -74,7 +74,7 @@ def test_elastic_state_survives_a_killed_rank_and_ends_as_one_process_would(tmp_
     from tests.test_elastic import read_records
     sys.path.insert(0, str(MPI_TESTS))
     import elastic_dropin_train as script
-    from problems import make_problem
+    from problems import make_problem, train_single_process
 
     path = str(MPI_TESTS / "elastic_dropin_train.py")
     argv = [str(Path(sys.executable).parent / "horovodrun"), "-np", "3", "--min-np", "2",
@@ -117,17 +117,9 @@ def test_elastic_state_survives_a_killed_rank_and_ends_as_one_process_would(tmp_
     assert any(plan != equal for plan in plans), plans
 
     dataset, reference = make_problem(n=script.SAMPLES)
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
-    x_all, y_all = dataset.tensors
     stream = DynamicBatchSampler(script.SAMPLES, script.GLOBAL_BATCH, rank=0, world_size=1,
                                  seed=script.SEED)
-    for epoch in range(script.EPOCHS):
-        stream.set_epoch(epoch)
-        for step in range(stream.steps_per_epoch):
-            idx = torch.as_tensor(stream.global_batch_indices(step))
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(reference(x_all[idx]), y_all[idx]).backward()
-            optimizer.step()
+    train_single_process(reference, dataset, stream, script.EPOCHS)
     final = torch.load(tmp_path / "final.pt", weights_only=True)
     for name, parameter in reference.state_dict().items():
         torch.testing.assert_close(final[name], parameter, rtol=1e-6, atol=1e-9, msg=name)

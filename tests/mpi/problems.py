@@ -26,3 +26,18 @@ def make_problem(seed=0, n=512, features=10, classes=4):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(features, 16), nn.Tanh(), nn.Linear(16, classes)).double()
     return TensorDataset(x, y), model
+
+
+def train_single_process(model, dataset, sampler, epochs):
+    """Train ``model`` in one process on ``sampler``'s global batches, epoch by epoch
+    (SGD, lr 0.1, momentum 0.9): the reference a DBS run must end equal to."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x_all, y_all = dataset.tensors
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for step in range(sampler.steps_per_epoch):
+            idx = torch.as_tensor(sampler.global_batch_indices(step))
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x_all[idx]), y_all[idx]).backward()
+            optimizer.step()
+    return model
