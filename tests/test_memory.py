@@ -27,19 +27,17 @@ from dbs_hvd.plan import (
 )
 from dbs_hvd.policies import make_policy
 from dbs_hvd.sampler import DynamicBatchSampler, StepBatch
-from tests.test_plan import stats
+from tests.test_plan import stats, weights_batch_bounds
 
 
 @st.composite
 def capped_cases(draw):
-    """Weights, a global batch and bounds with per-rank caps that can hold it."""
-    n = draw(st.integers(1, 32))
-    weights = np.array(draw(st.lists(st.floats(1e-3, 1e3), min_size=n, max_size=n)))
-    global_batch = draw(st.integers(n, 2048))
-    min_batch = draw(st.integers(1, global_batch // n))
-    caps = tuple(draw(st.lists(st.integers(min_batch, global_batch), min_size=n, max_size=n)))
-    assume(sum(caps) >= global_batch)
-    return weights, global_batch, Bounds(min_batch, None, caps)
+    """test_plan's weights, global batch and bounds, with per-rank caps that can hold the batch."""
+    weights, global_batch, bounds = draw(weights_batch_bounds())
+    n = len(weights)
+    caps = tuple(draw(st.lists(st.integers(bounds.min_batch, global_batch), min_size=n, max_size=n)))
+    assume(np.minimum(caps, bounds.upper(global_batch)).sum() >= global_batch)
+    return weights, global_batch, Bounds(bounds.min_batch, bounds.max_batch, caps)
 
 
 @settings(max_examples=300, deadline=None)
@@ -49,7 +47,7 @@ def test_apportion_keeps_every_rank_within_its_own_cap(case):
     sizes = apportion(weights, global_batch, bounds)
     assert sizes.sum() == global_batch
     assert sizes.min() >= bounds.min_batch
-    assert np.all(sizes <= np.asarray(bounds.rank_max))
+    assert np.all(sizes <= bounds.uppers(global_batch, len(weights)))
     Plan(tuple(sizes)).check(global_batch, bounds)
 
 
@@ -61,22 +59,24 @@ def test_equalised_step_times_keep_every_rank_within_its_own_cap(case, data):
                                            max_size=len(weights))))
     sizes = equalise_step_times(overhead, 1.0 / weights, global_batch, bounds)
     assert sizes.sum() == global_batch
-    assert np.all(sizes <= np.asarray(bounds.rank_max)) and sizes.min() >= bounds.min_batch
+    assert np.all(sizes <= bounds.uppers(global_batch, len(weights)))
+    assert sizes.min() >= bounds.min_batch
 
 
 @settings(max_examples=300, deadline=None)
 @given(capped_cases(), st.data())
 def test_fit_plan_moves_only_what_the_caps_forbid(case, data):
     weights, global_batch, bounds = case
-    plan = Plan(tuple(apportion(weights, global_batch, Bounds(bounds.min_batch))))
+    plan = Plan(tuple(apportion(weights, global_batch, Bounds(bounds.min_batch, bounds.max_batch))))
     fitted = fit_plan(plan, bounds)
     fitted.check(global_batch, bounds)
     before, after = np.array(plan.batch_sizes), np.array(fitted.batch_sizes)
-    over = before > np.asarray(bounds.rank_max)
+    caps = bounds.uppers(global_batch, len(weights))
+    over = before > caps
     if not over.any():
         assert fitted == plan  # a plan that fits is kept as it is
     else:
-        assert np.all(after[over] == np.asarray(bounds.rank_max)[over])  # capped ranks at their cap
+        assert np.all(after[over] == caps[over])  # capped ranks at their cap
         # The others only gain (within rounding of one sample), none loses.
         assert np.all(after[~over] >= np.floor(before[~over] * 0.999) - 1)
 
