@@ -80,8 +80,8 @@ class Bounds:
             return upper
         if len(self.rank_max) != world_size:
             raise PlanError(
-                f"max_batch gives {len(self.rank_max)} per-rank caps {list(self.rank_max)} for "
-                f"{world_size} ranks: give one cap per rank, or one cap for all"
+                f"rank_max= gives {len(self.rank_max)} per-rank caps {self.rank_max} for "
+                f"{world_size} ranks: give one cap per rank"
             )
         return np.minimum(upper, np.asarray(self.rank_max, dtype=np.int64))
 
@@ -102,7 +102,7 @@ class Bounds:
         """
         caps = list(self.rank_max) if self.rank_max is not None else [NO_CAP] * world_size
         if len(caps) != world_size:
-            raise PlanError(f"per-rank caps {caps} for {world_size} ranks")
+            raise PlanError(f"rank_max= gives {len(caps)} per-rank caps for {world_size} ranks")
         caps[rank] = min(caps[rank], int(cap))
         return replace(self, rank_max=tuple(caps))
 
@@ -147,15 +147,15 @@ class Bounds:
         low = [rank for rank, cap in enumerate(uppers) if cap < self.min_batch]
         if low:
             raise PlanError(
-                f"max_batch caps rank {low[0]} at {int(uppers[low[0]])} samples, below "
+                f"rank_max= caps rank {low[0]} at {int(uppers[low[0]])} samples, below "
                 f"min_batch {self.min_batch}: every rank must take at least min_batch samples"
             )
         if int(uppers.sum()) < global_batch:
-            shown = [int(cap) for cap in uppers]
+            shown = tuple(int(cap) for cap in uppers)
             raise PlanError(
-                f"the per-rank max_batch caps {shown} sum to {sum(shown)}, below the global "
-                f"batch {global_batch}: the ranks cannot hold one global batch together. "
-                f"Raise max_batch, lower global_batch= to at most {sum(shown)}, or add ranks"
+                f"the per-rank caps rank_max={shown} sum to {sum(shown)}, below the global "
+                f"batch {global_batch}: the ranks cannot hold one global batch together; "
+                f"raise the caps, pass global_batch= of at most {sum(shown)}, or add ranks"
             )
 
 

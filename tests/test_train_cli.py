@@ -120,6 +120,32 @@ def test_static_policy_keeps_a_given_plan(tmp_path):
 
 
 @mpi
+def test_a_rank_out_of_memory_retrains_the_step_and_matches_the_run_without(tmp_path, monkeypatch):
+    # Rank 2 fails (injected) at 28 samples or more: the run goes on with lower caps,
+    # and, trained on the same global batches, ends where a run without failures ends.
+    common = ["--policy", "static", "--plan", "12,20,32", "--epochs", "2", "--oom-recovery", "on"]
+    clean_log, failing_log = tmp_path / "clean.jsonl", tmp_path / "failing.jsonl"
+    train(3, *common, "--log", str(clean_log))
+    monkeypatch.setenv("DBS_HVD_INJECT_OOM", "2:28")
+    result = train(3, *common, "--log", str(failing_log))
+    told = [line for line in result.rank_output[0] if "out of memory" in line]
+    assert told == [
+        "dbs-train: out of memory on rank 2 at 32 samples (epoch 0, step 0); caps lowered "
+        "(rank 2 now 28), step trained again with plan [14, 22, 28]",
+        "dbs-train: out of memory on rank 2 at 28 samples (epoch 0, step 0); caps lowered "
+        "(rank 2 now 25), step trained again with plan [15, 24, 25]",
+    ], result.describe()
+    clean, failing = read_jsonl(clean_log), read_jsonl(failing_log)
+    assert [r["next_batch_sizes"] for r in failing] == [[15, 24, 25]] * 2
+    assert [r["batch_sizes"] for r in clean] == [[12, 20, 32]] * 2
+    # Every sample of each epoch trained once: the same counts as the run without failures.
+    assert [sum(r["samples"]) for r in failing] == [sum(r["samples"]) for r in clean]
+    for a, b in zip(clean, failing):  # only the float summation order differs
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["accuracy"] == pytest.approx(a["accuracy"], abs=0.003)
+
+
+@mpi
 def test_main_job_reaches_97_percent_with_heterogeneous_ranks(tmp_path):
     """The README's main job (Makefile DEMO_FLAGS), checked end to end."""
     log = tmp_path / "run.jsonl"
@@ -221,6 +247,21 @@ BAD_INPUT = [
      "on a grid of 64 samples the global batch 64 makes 1 multiples for 2 ranks, and "
      "with every rank's batch between 64 and 64 samples (the bounds rounded to the grid) "
      "no plan fits: lower the batch multiple or raise the global batch"),
+    (["--max-batch", "20,20"],
+     "the per-rank caps --max-batch (20, 20) sum to 40, below the global batch 64: the "
+     "ranks cannot hold one global batch together; raise the caps, pass --global-batch "
+     "of at most 40, or add ranks"),
+    (["--max-batch", "40,40,40"],
+     "--max-batch 40,40,40 gives 3 per-rank caps for 2 ranks: give one cap per rank, or "
+     "one cap for all"),
+    (["--max-batch", "52,12", "--plan", "32,32"],
+     "plan (32, 32) gives rank 1 32 samples, outside [1, 12]"),
+    (["--oom-recovery", "on", "--policy", "horovod"],
+     "--oom-recovery on needs a DBS policy and --mode gradient: it lowers a rank's cap "
+     "and trains the step again, which plain Horovod and --mode average cannot"),
+    (["--oom-recovery", "on", "--elastic"],
+     "--oom-recovery on and per-rank --max-batch caps are not available with --elastic "
+     "(the ranks change): give one --max-batch for all ranks, or run without --elastic"),
     # Flag checks that train runs before Horovod starts.
     (["--read-log", "reads"],
      "--read-log records elastic runs: add --elastic (and launch with horovodrun "
@@ -254,6 +295,16 @@ def test_bad_flag_values_are_refused_by_the_parser(capsys):
     assert caught.value.code == 2
     assert "dbs-train: error: argument --epochs: must be a positive integer, got 0" in (
         capsys.readouterr().err)
+
+
+def test_max_batch_takes_one_cap_or_one_per_rank(capsys):
+    assert train_config(["--max-batch", "40"]).max_batch == 40
+    assert train_config(["--max-batch", "40,24"]).max_batch == "40,24"
+    validate(train_config(["--max-batch", "40,24"]), world_size=2)
+    with pytest.raises(SystemExit):
+        train_config(["--max-batch", "40,0"])
+    assert ("argument --max-batch: --max-batch takes one positive cap for every rank (e.g. 64) "
+            "or one per rank, comma-separated (e.g. 40,80,80), got '40,0'") in capsys.readouterr().err
 
 
 def test_good_settings_pass_validation():

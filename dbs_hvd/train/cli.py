@@ -12,7 +12,7 @@ from ..plan import PlanError
 from ..policies import POLICIES
 from .checkpoint import CheckpointError
 from .metrics import EpochRecord
-from .trainer import TrainConfig, train
+from .trainer import TrainConfig, flag_names, parse_max_batch, train
 
 # The errors every rank meets alike: dbs-train reports them in one line, no traceback.
 USER_ERRORS = (DbsError, PlanError, CheckpointError, ValueError, FileNotFoundError)
@@ -23,6 +23,15 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def _max_batch(text: str) -> int | str:
+    """--max-batch: one positive cap (an int), or a comma list of them, one per rank (kept as text)."""
+    try:
+        caps = parse_max_batch(text)
+    except PlanError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return caps if isinstance(caps, int) else ",".join(map(str, caps))
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -146,7 +155,13 @@ def train_parser() -> argparse.ArgumentParser:
         "--min-batch", type=int, default=defaults.min_batch, help="smallest local batch of any rank"
     )
     dbs.add_argument(
-        "--max-batch", type=int, default=None, help="largest local batch of any rank (default: no bound)"
+        "--max-batch",
+        type=_max_batch,
+        default=None,
+        metavar="C | C1,C2,...",
+        help="largest local batch: one cap for every rank, or one per rank in rank order "
+        "(ranks with less memory); --oom-recovery lowers a rank's cap where it runs out of "
+        "memory (default: no cap)",
     )
     dbs.add_argument(
         "--batch-multiple",
@@ -269,7 +284,9 @@ def train_parser() -> argparse.ArgumentParser:
         "--timeline", metavar="FILE", help="write Horovod's timeline (chrome://tracing JSON) here"
     )
 
-    reliability = p.add_argument_group("reliability", "stalls, checkpoints and elastic training")
+    reliability = p.add_argument_group(
+        "reliability", "stalls, out-of-memory steps, checkpoints and elastic training"
+    )
     reliability.add_argument(
         "--stall-timeout",
         type=float,
@@ -277,6 +294,15 @@ def train_parser() -> argparse.ArgumentParser:
         help="seconds a rank may lag behind in a collective before Horovod "
         "stops the job (a hung rank ends the run with an error instead "
         "of hanging it)",
+    )
+    reliability.add_argument(
+        "--oom-recovery",
+        choices=["auto", "on", "off"],
+        default=defaults.oom_recovery,
+        help="where a rank runs out of memory in a step, every rank abandons the step, the "
+        "rank's --max-batch cap drops below the batch it failed at and the step's global "
+        "batch is trained again under the new plan (auto: on with --device cuda; costs one "
+        "small collective per step)",
     )
     reliability.add_argument(
         "--checkpoint-dir",
@@ -372,8 +398,8 @@ def run_training(config: TrainConfig) -> list[EpochRecord]:
 
 
 def error_line(error: BaseException) -> str:
-    """The line dbs-train prints on stderr for one of ``USER_ERRORS``."""
-    return f"dbs-train: error: {error}"
+    """The line dbs-train prints on stderr for one of ``USER_ERRORS`` (library names as flags)."""
+    return f"dbs-train: error: {flag_names(str(error)) if isinstance(error, PlanError) else error}"
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..averaging import ModelAveragingOptimizer
 from ..comm import check_same_on_all_ranks, decide_on_root, default_exchange
 from ..grid import GridPolicy
+from ..memory import MemoryFailure, MemoryGuard
 from ..optim import DistributedOptimizer, DynamicBatchState
-from ..options import RebalanceOptions
+from ..options import MemoryOptions, RebalanceOptions
 from ..plan import Bounds, Plan, PlanError, Policy
 from ..policies import make_policy
 from ..sampler import DynamicBatchSampler
@@ -62,7 +63,8 @@ class TrainConfig:
     max_deadband: float | None = None  # dbs: the widest noise-following band (policies.py)
     discount_new_sizes: str = "auto"  # "on"/"off"; auto: on for --device cuda (optim.py)
     min_batch: int = 1
-    max_batch: int | None = None
+    max_batch: int | str | None = None  # one cap for all ranks, or "C1,C2,...": one per rank
+    oom_recovery: str = "auto"  # "on"/"off"; auto: on for --device cuda (memory.py)
     batch_multiple: int = 1  # every local batch a multiple of this (grid.py); 1: any size
     plan: str | None = None  # "B1,B2,...": the first plan (with --policy static: kept for the run)
     slowdown: str | None = None
@@ -141,6 +143,11 @@ def _epoch_summary(
     )
 
 
+Batch = Sequence[torch.Tensor]
+# Runs one step on a batch through a MemoryGuard: (batch, attempt) -> (batch trained, loss).
+GuardedStep = Callable[[Batch, Callable[[Batch], torch.Tensor]], tuple[Batch, torch.Tensor]]
+
+
 @dataclass
 class Run:
     """The parts of a run that differ between DBS and the plain-Horovod baseline.
@@ -155,6 +162,8 @@ class Run:
     steps_per_epoch: int
     dropped_per_epoch: int
     dbs: DynamicBatchState | None = None
+    guarded: GuardedStep | None = None  # --oom-recovery: steps run through a MemoryGuard
+    guard: MemoryGuard | None = None
 
     @property
     def state(self) -> DynamicBatchState:
@@ -168,15 +177,19 @@ def _dbs_policy_and_sampler(
     config: TrainConfig, dataset_size: int, rank: int | None = None, world_size: int | None = None
 ) -> tuple[Policy, DynamicBatchSampler]:
     """The run's policy and sampler (rank and world size default to Horovod's; no collective)."""
-    policy = make_run_policy(config)
+    if world_size is None:
+        import horovod.torch as hvd
+
+        world_size = hvd.size()
     try:
+        policy = make_run_policy(config, world_size)
         sampler = DynamicBatchSampler(
             dataset_size,
             config.global_batch,
             rank=rank,
             world_size=world_size,
             seed=config.seed,
-            bounds=Bounds(config.min_batch, config.max_batch),
+            bounds=run_bounds(config, world_size),
             plan=parse_plan(config.plan) if config.plan else None,
         )
     except PlanError as error:  # the library names its arguments; dbs-train, its flags
@@ -230,7 +243,59 @@ def _dbs_run(
     else:
         raise ValueError(f"--mode must be gradient or average, got {config.mode!r}")
     dbs: DynamicBatchState = optimizer.dbs  # type: ignore[attr-defined]
-    return Run(loader, optimizer, sampler.set_epoch, sampler.steps_per_epoch, sampler.dropped_per_epoch, dbs)
+    run = Run(loader, optimizer, sampler.set_epoch, sampler.steps_per_epoch, sampler.dropped_per_epoch, dbs)
+    if oom_recovery(config):
+        guard: MemoryGuard[Batch] = MemoryGuard(optimizer, MemoryOptions(), model=model)
+
+        def guarded(batch: Batch, attempt: Callable[[Batch], torch.Tensor]) -> tuple[Batch, torch.Tensor]:
+            return guard.step(batch, attempt, load=lambda indices: train_set[indices])
+
+        run.guard, run.guarded = guard, guarded
+    return run
+
+
+def oom_recovery(config: TrainConfig) -> bool:
+    """Whether steps run through a MemoryGuard: --oom-recovery on, or auto on a GPU."""
+    return config.oom_recovery == "on" or (config.oom_recovery == "auto" and config.device == "cuda")
+
+
+def run_bounds(config: TrainConfig, world_size: int | None) -> Bounds:
+    """--min-batch and --max-batch as Bounds: one cap for all ranks, or one per rank.
+
+    Raises:
+        PlanError: for a list of caps whose length is not the world size (or
+            with no world size, as in elastic runs).
+    """
+    caps = config.max_batch
+    if caps is None or isinstance(caps, int):
+        return Bounds(config.min_batch, caps)
+    per_rank = parse_max_batch(caps)
+    if isinstance(per_rank, int):
+        return Bounds(config.min_batch, per_rank)
+    if world_size is None or len(per_rank) != world_size:
+        raise PlanError(
+            f"--max-batch {caps} gives {len(per_rank)} per-rank caps for "
+            f"{world_size or 'a changing number of'} ranks: give one cap per rank, or one cap for all"
+        )
+    return Bounds(config.min_batch, None, per_rank)
+
+
+def parse_max_batch(text: str | int) -> int | tuple[int, ...]:
+    """``--max-batch 64`` (one cap for every rank) or ``--max-batch 40,80,80`` (one per rank).
+
+    Raises:
+        PlanError: naming the flag, for anything but positive integers.
+    """
+    try:
+        caps = tuple(int(part) for part in str(text).split(","))
+    except ValueError:
+        caps = ()
+    if not caps or min(caps) < 1:
+        raise PlanError(
+            f"--max-batch takes one positive cap for every rank (e.g. 64) or one per rank, "
+            f"comma-separated (e.g. 40,80,80), got {text!r}"
+        )
+    return caps[0] if len(caps) == 1 and "," not in str(text) else caps
 
 
 def scales_cpu_time(config: TrainConfig) -> bool:
@@ -245,8 +310,11 @@ def scales_cpu_time(config: TrainConfig) -> bool:
     return config.slowdown_clock == "cpu"
 
 
-def make_run_policy(config: TrainConfig) -> Policy:
-    """The run's --policy, with --warmup-steps and --max-deadband for dbs, which has them."""
+def make_run_policy(config: TrainConfig, world_size: int | None = None) -> Policy:
+    """The run's --policy, with --warmup-steps and --max-deadband for dbs, which has them.
+
+    ``world_size`` is needed for per-rank --max-batch caps (``run_bounds``).
+    """
     options: dict[str, object] = {}
     if config.policy == "dbs":
         options["warmup_steps"] = config.warmup_steps
@@ -255,7 +323,7 @@ def make_run_policy(config: TrainConfig) -> Policy:
     return make_policy(
         config.policy,
         config.global_batch,
-        Bounds(config.min_batch, config.max_batch),
+        run_bounds(config, world_size),
         batch_multiple=config.batch_multiple,
         **options,
     )
@@ -328,6 +396,7 @@ def flag_names(message: str) -> str:
         ("global_batch", "--global-batch"),
         ("min_batch", "--min-batch"),
         ("max_batch", "--max-batch"),
+        ("rank_max", "--max-batch"),  # the per-rank caps
         ("plan", "--plan"),
     ):
         message = re.sub(rf"\b{argument}=(?=\d)", f"{flag} ", message)
@@ -489,8 +558,13 @@ def train_step(
     y: torch.Tensor,
     epoch: int,
     global_step: int,
+    apply: bool = True,
 ) -> torch.Tensor:
-    """One training step (emulated device delays included); returns the local mean loss."""
+    """One training step (emulated device delays included); returns the local mean loss.
+
+    With ``apply`` False the step stops after the backward pass: a MemoryGuard
+    completes it (memory.py).
+    """
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     emulator.at(epoch, global_step)
     optimizer.zero_grad()
@@ -504,7 +578,8 @@ def train_step(
     backward_start = clock()
     loss.backward()
     emulator.after_backward(forward, clock() - backward_start)
-    optimizer.step()
+    if apply:
+        optimizer.step()
     return loss
 
 
@@ -531,6 +606,7 @@ def train_epoch(
     epoch: int,
     global_step: int,
     on_step: Callable[[Sequence[torch.Tensor], torch.Tensor], None] | None = None,
+    guarded: GuardedStep | None = None,
 ) -> EpochLoop:
     """Train on every batch of ``batches``: the epoch loop of dbs-train, elastic runs and benchmarks.
 
@@ -541,6 +617,8 @@ def train_epoch(
         epoch: the epoch (the emulator's schedule reads it).
         global_step: the run's step number of the first batch.
         on_step: called after each step with the batch and its local mean loss.
+        guarded: runs each step through a MemoryGuard (``Run.guarded``);
+            the batch trained may then be a retried step's, not the loader's.
 
     Returns:
         The loop's ``EpochLoop``: loss sums, wall time and steps trained.
@@ -549,8 +627,17 @@ def train_epoch(
     started = time.perf_counter()
     steps = 0
     for batch in batches:
-        x, y = batch[0], batch[1]
-        loss = train_step(model, criterion, optimizer, emulator, device, x, y, epoch, global_step + steps)
+        step = global_step + steps
+        if guarded is None:
+            loss = train_step(model, criterion, optimizer, emulator, device, batch[0], batch[1], epoch, step)
+        else:
+
+            def attempt(tried: Batch, at: int = step) -> torch.Tensor:
+                x, y = tried[0], tried[1]
+                return train_step(model, criterion, optimizer, emulator, device, x, y, epoch, at, apply=False)
+
+            batch, loss = guarded(batch, attempt)
+        y = batch[1]
         steps += 1
         loss_sum += torch.tensor([loss.item() * len(y), len(y)], dtype=torch.float64)
         if on_step is not None:
@@ -602,6 +689,16 @@ def epoch_record(
     return _epoch_summary(epoch, run.state, start_plan, loss, accuracy, seconds, config.policy)
 
 
+def memory_failure_line(failure: MemoryFailure) -> str:
+    """The line rank 0 prints when ranks ran out of memory and the step was trained again."""
+    ranks = ", ".join(f"rank {rank} at {size} samples" for rank, size in sorted(failure.failed.items()))
+    caps = ", ".join(f"rank {rank} now {failure.caps[rank]}" for rank in sorted(failure.failed))
+    return (
+        f"dbs-train: out of memory on {ranks} (epoch {failure.epoch}, step {failure.step}); "
+        f"caps lowered ({caps}), step trained again with plan {list(failure.plan)}"
+    )
+
+
 def check_flags(config: TrainConfig) -> None:
     """Raise for flags that contradict each other; needs no world, no data, no Horovod.
 
@@ -632,6 +729,20 @@ def check_flags(config: TrainConfig) -> None:
         )
     if config.resume and not config.checkpoint_dir:
         raise ValueError("--resume needs --checkpoint-dir (the folder of the run to continue)")
+    if config.oom_recovery not in ("auto", "on", "off"):
+        raise ValueError(f"--oom-recovery must be auto, on or off, got {config.oom_recovery!r}")
+    if config.oom_recovery == "on" and (config.policy == "horovod" or config.mode != "gradient"):
+        raise ValueError(
+            "--oom-recovery on needs a DBS policy and --mode gradient: it lowers a rank's "
+            "cap and trains the step again, which plain Horovod and --mode average cannot"
+        )
+    if config.elastic and (config.oom_recovery == "on" or "," in str(config.max_batch)):
+        raise ValueError(
+            "--oom-recovery on and per-rank --max-batch caps are not available with --elastic "
+            "(the ranks change): give one --max-batch for all ranks, or run without --elastic"
+        )
+    if config.max_batch is not None:
+        parse_max_batch(config.max_batch)
 
 
 def validate(config: TrainConfig, world_size: int, dataset_size: int | None = None) -> None:
@@ -734,6 +845,7 @@ def train(config: TrainConfig) -> list[EpochRecord]:
     schedule = lr_scheduler(run.optimizer, config, global_step, config.epochs * run.steps_per_epoch)
     evaluations: list[list[float]] = []  # [global step, accuracy] of --eval-every, this epoch
     done = [global_step]  # steps trained so far in the run
+    failures_told = [0]  # --oom-recovery: the guard's failures printed so far
     freeze_setup_objects()
     try:
         if rank == 0 and first_epoch:
@@ -747,6 +859,11 @@ def train(config: TrainConfig) -> list[EpochRecord]:
 
             def after_step(batch: Sequence[torch.Tensor], loss: torch.Tensor, bar: tqdm = batches) -> None:
                 done[0] += 1
+                if run.guard is not None and len(run.guard.failures) > failures_told[0]:
+                    for failure in run.guard.failures[failures_told[0] :]:
+                        if rank == 0:
+                            print(memory_failure_line(failure), flush=True)
+                    failures_told[0] = len(run.guard.failures)
                 if not plain:
                     bar.set_postfix(batch=list(run.state.sampler.plan.batch_sizes), refresh=False)
                 if schedule is not None:
@@ -766,6 +883,7 @@ def train(config: TrainConfig) -> list[EpochRecord]:
                 epoch,
                 global_step,
                 after_step,
+                run.guarded,
             )
             global_step += steps
             record = epoch_record(

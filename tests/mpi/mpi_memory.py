@@ -137,5 +137,5 @@ def test_caps_that_cannot_hold_the_global_batch_fail_alike_on_every_rank(hvd, mo
     assert "out of memory on rank 0 at 27 samples" in message
     room = 24 + peer_cap * (world - 1)
     assert f"sum to {room}, below the global batch {global_batch}" in message
-    assert "max_batch" in message
+    assert "rank_max=" in message
     assert default_exchange().allgather(message) == [message] * world
