@@ -14,7 +14,9 @@ Horovod script changes three lines:
 
 ``ElasticState`` keeps DBS's state across worker failures and joins under
 ``hvd.elastic.run``. ``MemoryGuard`` (with ``MemoryOptions``) trains a step
-again under a lower cap where a rank runs out of memory. ``RebalanceOptions``
+again under a lower cap where a rank runs out of memory; ``ZeroSampleOptions``
+lets a straggler get 0 samples while the step is faster without it
+(``ZeroSamplePolicy``). ``RebalanceOptions``
 sets when plans move (the defaults are the recommended ones);
 ``make_policy``/``POLICIES`` name the policies ("dbs", "paper", "static");
 ``Plan`` and ``Bounds`` describe plans and their limits.
@@ -32,8 +34,9 @@ without torch.
 """
 
 from .comm import DbsError, claim_mpi
+from .dropping import ZeroSamplePolicy
 from .grid import GridPolicy
-from .options import MemoryOptions, RebalanceOptions
+from .options import MemoryOptions, RebalanceOptions, ZeroSampleOptions
 from .plan import Bounds, Plan, PlanError, Policy, WindowStats
 from .policies import POLICIES, CostModelPolicy, ProportionalPolicy, StaticPolicy, make_policy
 from .quota import configure_horovod_cycle
@@ -85,5 +88,7 @@ __all__ = [
     "RebalanceOptions",
     "StaticPolicy",
     "WindowStats",
+    "ZeroSampleOptions",
+    "ZeroSamplePolicy",
     "make_policy",
 ]

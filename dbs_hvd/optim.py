@@ -62,7 +62,8 @@ import torch
 
 from .balancer import Rebalancer, RebalanceRecord
 from .comm import DbsError, Exchange, LocalExchange, check_same_on_all_ranks, default_exchange
-from .options import RebalanceOptions, resolve_options
+from .dropping import ZeroSamplePolicy
+from .options import RebalanceOptions, ZeroSampleOptions, resolve_options
 from .plan import PlanError, Policy
 from .policies import make_policy
 from .quota import min_window_seconds, own_quota
@@ -123,6 +124,7 @@ class DynamicBatchState:
         self._synced_at: float | None = None  # synchronize() returned, no step() yet
         self._in_step = False
         self._param_hooks: list = []
+        self.last_step: list[StepBatch] = []  # the batches of the last step closed
         # Set by dynamic_batch_state: the settings all ranks must share, the
         # policy as built (before any measurement), and whether an elastic
         # world is still to be adopted (ElasticState.sync) before rebalancing.
@@ -243,15 +245,18 @@ class DynamicBatchState:
         """
         batches = [batches] if isinstance(batches, StepBatch) else list(batches)
         self._batch = None
+        self.last_step = batches
         news = []
         for batch in batches:
-            new_size = self.discount_new_sizes and batch.batch_size not in self._sizes_seen
+            # A probe (a rank with 0 samples, dropping.py) is timed as a step of its size.
+            size = batch.batch_size or batch.probe
+            new_size = self.discount_new_sizes and size not in self._sizes_seen
             if new_size:
-                self._sizes_seen.add(batch.batch_size)
+                self._sizes_seen.add(size)
             news.append(new_size)
             self.sampler.mark_trained(batch)
         self.timer.end_step(
-            [b.batch_size for b in batches],
+            [b.batch_size or b.probe for b in batches],
             start_hint=self.sampler.iteration_started_at,
             new_size=news,
             end=end,
@@ -375,6 +380,7 @@ def DistributedOptimizer(
     model: torch.nn.Module | None = None,
     discount_new_sizes: bool | None = None,
     batch_multiple: int = 1,
+    zero_samples: ZeroSampleOptions | None = None,
     rebalance_every: int | None = None,
     rebalance_budget: float | None = None,
     rebalance_min_seconds: float | None = None,
@@ -414,6 +420,9 @@ def DistributedOptimizer(
         batch_multiple: keep every local batch a multiple of this many
             samples (grid.py; with ``policy`` given by name). On a GPU a
             multiple such as 8 leaves fewer new sizes to pay for.
+        zero_samples: ``ZeroSampleOptions``: with ``enabled``, a straggler
+            may get 0 samples while the step is predicted faster without it
+            (dropping.py); off by default.
         rebalance_every: older form of ``rebalance``: exactly every K steps
             (no budget or time floor unless ``rebalance_budget`` and
             ``rebalance_min_seconds`` say so); not together with ``rebalance``.
@@ -458,7 +467,9 @@ def DistributedOptimizer(
         require_batch_norm_floor(model, sampler, policy)
     options = resolve_options(rebalance, rebalance_every, rebalance_budget, rebalance_min_seconds)
     discount = resolve_discount_new_sizes(discount_new_sizes, optimizer)
-    state = dynamic_batch_state(sampler, policy, options, exchange, device_sync, discount, batch_multiple)
+    state = dynamic_batch_state(
+        sampler, policy, options, exchange, device_sync, discount, batch_multiple, zero_samples
+    )
     state.backward_passes_per_step = passes
     if model is not None:
         state.weight_model_output(model)  # the gradients arrive weighted: nothing to scale
@@ -562,6 +573,7 @@ def dynamic_batch_state(
     device_sync: Callable[[], None] | None,
     discount_new_sizes: bool = False,
     batch_multiple: int = 1,
+    zero_samples: ZeroSampleOptions | None = None,
 ) -> DynamicBatchState:
     """The timing, policy and rebalancing shared by the gradient and averaging modes.
 
@@ -582,6 +594,10 @@ def dynamic_batch_state(
             "object on the grid with make_policy(name, global_batch, bounds, "
             "batch_multiple=M)"
         )
+    if zero_samples is not None and zero_samples.enabled:
+        policy = ZeroSamplePolicy(policy, zero_samples)
+        sampler.bounds = dataclasses.replace(sampler.bounds, allow_zero=True)
+        sampler.probe = (zero_samples.probe_every, zero_samples.probe_samples)
     # Under elastic Horovod, set-up must run no collective (a joining worker
     # sets up while the others wait in the state broadcast): the settings are
     # checked, and a real exchange made, when ElasticState adopts the world.
@@ -599,6 +615,7 @@ def dynamic_batch_state(
         "batch_multiple": getattr(policy, "multiple", 1),
         "rebalance": rebalance.resolved(policy.name),
         "shuffle": sampler.shuffle,
+        "zero_samples": dataclasses.asdict(zero_samples) if zero_samples is not None else None,
     }
     if not elastic:
         check_same_on_all_ranks(exchange, settings)

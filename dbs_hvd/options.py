@@ -189,3 +189,56 @@ class MemoryOptions:
     def __post_init__(self) -> None:
         if not (isinstance(self.shrink, (int, float)) and 0 < self.shrink < 1):
             raise ValueError(f"MemoryOptions(shrink=...) must be a fraction in (0, 1), got {self.shrink!r}")
+
+
+@dataclass(frozen=True)
+class ZeroSampleOptions:
+    """Whether a straggler may get 0 samples, and how it keeps being measured (dropping.py).
+
+    Args:
+        enabled: let the policy give a rank 0 samples where the step is
+            predicted faster without it (off by default). Such a rank still
+            joins every allreduce, with a zero contribution.
+        probe_every: a rank with 0 samples computes a probe every this many
+            steps: a forward and backward on ``probe_samples`` samples of the
+            step, weighted 0 (never applied), only timed, so that it can
+            come back when it speeds up.
+        probe_samples: the samples of a probe.
+        gain: a rank is left out, or brought back, only where the predicted
+            step is shorter by more than this fraction.
+        max_dropped: at most this many ranks at 0 samples at once (default:
+            all but one).
+        confirm: a rank is left out or brought back only when that change
+            wins this many rebalances in a row, so one noisy window (a
+            pause on a shared machine) does not move a whole rank.
+
+    Raises:
+        ValueError: for a ``probe_every``, ``probe_samples`` or ``confirm`` below 1, a
+            ``gain`` outside [0, 1), or a ``max_dropped`` below 1.
+
+    Example::
+
+        optimizer = dbs_hvd.DistributedOptimizer(
+            opt, sampler, named_parameters=model.named_parameters(),
+            zero_samples=dbs_hvd.ZeroSampleOptions(enabled=True, probe_every=8))
+    """
+
+    enabled: bool = False
+    probe_every: int = 8
+    probe_samples: int = 2
+    gain: float = 0.2
+    max_dropped: int | None = None
+    confirm: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("probe_every", "probe_samples", "confirm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ZeroSampleOptions({name}=...) must be a positive integer, got {value!r}")
+        if not (isinstance(self.gain, (int, float)) and 0 <= self.gain < 1):
+            raise ValueError(f"ZeroSampleOptions(gain=...) must be a fraction in [0, 1), got {self.gain!r}")
+        if self.max_dropped is not None and (not isinstance(self.max_dropped, int) or self.max_dropped < 1):
+            raise ValueError(
+                "ZeroSampleOptions(max_dropped=...) must be a positive integer or None, "
+                f"got {self.max_dropped!r}"
+            )

@@ -42,6 +42,9 @@ class Bounds:
             differs (a card with less memory, or a cap learned from an
             out-of-memory failure, see ``with_cap``); ``None`` for no
             per-rank caps. Where both are given a rank's cap is the smaller.
+        allow_zero: a plan may also give a rank 0 samples (a straggler
+            left out of the step, dropping.py); otherwise every rank takes
+            at least ``min_batch``.
 
     Examples:
         >>> Bounds(min_batch=4).upper(128)
@@ -57,6 +60,7 @@ class Bounds:
     min_batch: int = 1
     max_batch: int | None = None
     rank_max: tuple[int, ...] | None = None
+    allow_zero: bool = False
 
     def __post_init__(self) -> None:
         if self.rank_max is not None:
@@ -64,7 +68,8 @@ class Bounds:
 
     def __repr__(self) -> str:
         caps = "" if self.rank_max is None else f", rank_max={self.rank_max}"
-        return f"Bounds(min_batch={self.min_batch}, max_batch={self.max_batch}{caps})"
+        zero = ", allow_zero=True" if self.allow_zero else ""
+        return f"Bounds(min_batch={self.min_batch}, max_batch={self.max_batch}{caps}{zero})"
 
     def upper(self, global_batch: int) -> int:
         """The largest local batch any rank may take: ``max_batch``, or the global batch if none.
@@ -230,8 +235,11 @@ class Plan:
                 f"plan {self.batch_sizes} sums to {self.global_batch}, not the global batch {global_batch}"
             )
         uppers = bounds.uppers(global_batch, self.world_size)
+        low = bounds.min_batch
         bad = [
-            (rank, b) for rank, b in enumerate(self.batch_sizes) if not bounds.min_batch <= b <= uppers[rank]
+            (rank, b)
+            for rank, b in enumerate(self.batch_sizes)
+            if not (low <= b <= uppers[rank] or (b == 0 and bounds.allow_zero))
         ]
         if bad:
             rank, size = bad[0]

@@ -47,11 +47,16 @@ from .plan import Bounds, Plan, PlanError, fit_plan
 
 @dataclass(frozen=True)
 class StepBatch:
-    """One batch handed out: its step in the epoch and this rank's local batch size."""
+    """One batch handed out: its step in the epoch and this rank's local batch size.
+
+    ``probe`` is the size of a probe handed out in place of an empty piece
+    (a rank with 0 samples, dropping.py): trained with weight 0, only timed.
+    """
 
     epoch: int
     step: int
     batch_size: int
+    probe: int = 0
 
 
 class DynamicBatchSampler(Sampler[list]):
@@ -140,6 +145,9 @@ class DynamicBatchSampler(Sampler[list]):
         # Set by dbs_hvd's optimizer wrappers: called when a batch is taken.
         self._on_take: Callable[[], None] | None = None
         self._weighted = False  # a wrapper weights gradients by local batch size
+        # (every, samples): a rank with 0 samples gets a probe of the first samples
+        # of every ``every``-th step's global batch (dropping.py); None: no probes.
+        self.probe: tuple[int, int] | None = None
 
     # -- the epoch's layout --------------------------------------------------------
 
@@ -212,8 +220,12 @@ class DynamicBatchSampler(Sampler[list]):
             if not self._weighted:
                 self._refuse_unweighted(self.plan_at(step))
             batch = self.indices(step)
+            probe = 0
+            if not batch and self.probe is not None and step % self.probe[0] == 0:
+                batch = self.global_batch_indices(step)[: self.probe[1]].tolist()
+                probe = len(batch)
             self._generated = step + 1
-            self._yielded.append(StepBatch(self.epoch, step, len(batch)))
+            self._yielded.append(StepBatch(self.epoch, step, len(batch) - probe, probe))
             yield batch
         self._pass_complete = True
 

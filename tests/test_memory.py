@@ -226,3 +226,11 @@ def test_memory_guard_under_mpirun(run_mpi_file, np):
     # Injected failures on one rank: every sample once, the single-process update,
     # identical caps everywhere, user caps held, and too-small caps failing alike.
     run_mpi_file("mpi_memory.py", np=np, timeout=300)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("np", [2, 3])
+def test_zero_sample_ranks_under_mpirun(run_mpi_file, np):
+    # Ranks given 0 samples: weight 0 and probes leave every update the single-process
+    # one and every sample trained once; a straggler is left out and comes back.
+    run_mpi_file("mpi_zero.py", np=np, timeout=300)

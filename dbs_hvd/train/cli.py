@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
+from typing import Any
 
 from ..comm import DbsError
 from ..plan import PlanError
@@ -23,6 +24,11 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def _add_steps(group: Any, flag: str, default: int, metavar: str, text: str) -> None:
+    """An option that counts steps (a positive integer)."""
+    group.add_argument(flag, type=_positive_int, default=default, metavar=metavar, help=text)
 
 
 def _max_batch(text: str) -> int | str:
@@ -164,6 +170,20 @@ def train_parser() -> argparse.ArgumentParser:
         "memory (default: no cap)",
     )
     dbs.add_argument(
+        "--zero-samples",
+        action="store_true",
+        help="let the policy give a straggler 0 samples while the step is predicted "
+        "faster without it; it joins each allreduce with weight 0 and computes a timed "
+        "probe every --probe-every steps, so it comes back when it speeds up",
+    )
+    _add_steps(
+        dbs,
+        "--probe-every",
+        defaults.probe_every,
+        "K",
+        "--zero-samples: a rank with 0 samples probes its speed every K steps",
+    )
+    dbs.add_argument(
         "--batch-multiple",
         type=_positive_int,
         default=defaults.batch_multiple,
@@ -181,12 +201,12 @@ def train_parser() -> argparse.ArgumentParser:
         "with parameters averaged (weighted by samples) every "
         "--average-every steps",
     )
-    dbs.add_argument(
+    _add_steps(
+        dbs,
         "--average-every",
-        type=_positive_int,
-        default=defaults.average_every,
-        metavar="H",
-        help="--mode average: steps between parameter averagings",
+        defaults.average_every,
+        "H",
+        "--mode average: steps between parameter averagings",
     )
 
     advanced = p.add_argument_group(

@@ -25,7 +25,7 @@ from ..comm import check_same_on_all_ranks, decide_on_root, default_exchange
 from ..grid import GridPolicy
 from ..memory import MemoryFailure, MemoryGuard
 from ..optim import DistributedOptimizer, DynamicBatchState
-from ..options import MemoryOptions, RebalanceOptions
+from ..options import MemoryOptions, RebalanceOptions, ZeroSampleOptions
 from ..plan import Bounds, Plan, PlanError, Policy
 from ..policies import make_policy
 from ..sampler import DynamicBatchSampler
@@ -65,6 +65,8 @@ class TrainConfig:
     min_batch: int = 1
     max_batch: int | str | None = None  # one cap for all ranks, or "C1,C2,...": one per rank
     oom_recovery: str = "auto"  # "on"/"off"; auto: on for --device cuda (memory.py)
+    zero_samples: bool = False  # a straggler may get 0 samples (dropping.py)
+    probe_every: int = ZeroSampleOptions.probe_every  # --zero-samples: a left-out rank's probe interval
     batch_multiple: int = 1  # every local batch a multiple of this (grid.py); 1: any size
     plan: str | None = None  # "B1,B2,...": the first plan (with --policy static: kept for the run)
     slowdown: str | None = None
@@ -237,8 +239,16 @@ def _dbs_run(
         # instead of on every parameter's gradient: the same update (backward is
         # linear in it), without a pass over every gradient per step: on the
         # 400k-parameter MLP, cProfile counted those at about 0.1 ms of a 4-5 ms step.
+        zero = (
+            ZeroSampleOptions(enabled=True, probe_every=config.probe_every) if config.zero_samples else None
+        )
         optimizer = DistributedOptimizer(
-            local, sampler, named_parameters=model.named_parameters(), model=model, **shared
+            local,
+            sampler,
+            named_parameters=model.named_parameters(),
+            model=model,
+            zero_samples=zero,
+            **shared,
         )
     else:
         raise ValueError(f"--mode must be gradient or average, got {config.mode!r}")
@@ -563,11 +573,16 @@ def train_step(
     """One training step (emulated device delays included); returns the local mean loss.
 
     With ``apply`` False the step stops after the backward pass: a MemoryGuard
-    completes it (memory.py).
+    completes it (memory.py). An empty batch (a rank given 0 samples,
+    dropping.py) computes nothing and joins the allreduce with zero gradients.
     """
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     emulator.at(epoch, global_step)
     optimizer.zero_grad()
+    if len(y) == 0:
+        if apply:
+            optimizer.step()
+        return torch.zeros(())
     clock = emulator.clock  # wall time, or the thread's CPU time (--slowdown-clock, emulate.py)
     forward_start = clock()
     loss = criterion(model(x), y)
@@ -607,6 +622,7 @@ def train_epoch(
     global_step: int,
     on_step: Callable[[Sequence[torch.Tensor], torch.Tensor], None] | None = None,
     guarded: GuardedStep | None = None,
+    trained_samples: Callable[[], int] | None = None,
 ) -> EpochLoop:
     """Train on every batch of ``batches``: the epoch loop of dbs-train, elastic runs and benchmarks.
 
@@ -619,6 +635,9 @@ def train_epoch(
         on_step: called after each step with the batch and its local mean loss.
         guarded: runs each step through a MemoryGuard (``Run.guarded``);
             the batch trained may then be a retried step's, not the loader's.
+        trained_samples: the samples this rank trained in the step just run,
+            for the loss sums (default: the batch's length); a probe of a
+            rank with 0 samples (dropping.py) trains none.
 
     Returns:
         The loop's ``EpochLoop``: loss sums, wall time and steps trained.
@@ -637,9 +656,10 @@ def train_epoch(
                 return train_step(model, criterion, optimizer, emulator, device, x, y, epoch, at, apply=False)
 
             batch, loss = guarded(batch, attempt)
-        y = batch[1]
+        samples = len(batch[1]) if trained_samples is None else trained_samples()
         steps += 1
-        loss_sum += torch.tensor([loss.item() * len(y), len(y)], dtype=torch.float64)
+        if samples:
+            loss_sum += torch.tensor([loss.item() * samples, samples], dtype=torch.float64)
         if on_step is not None:
             on_step(batch, loss)
     return EpochLoop(loss_sum, time.perf_counter() - started, steps)
@@ -743,6 +763,12 @@ def check_flags(config: TrainConfig) -> None:
         )
     if config.max_batch is not None:
         parse_max_batch(config.max_batch)
+    if config.zero_samples and (config.policy == "horovod" or config.mode != "gradient" or config.elastic):
+        raise ValueError(
+            "--zero-samples needs a DBS policy and --mode gradient, without --elastic: a rank "
+            "given 0 samples joins the weighted gradient allreduce with weight 0"
+        )
+    ZeroSampleOptions(probe_every=config.probe_every)
 
 
 def validate(config: TrainConfig, world_size: int, dataset_size: int | None = None) -> None:
@@ -884,6 +910,7 @@ def train(config: TrainConfig) -> list[EpochRecord]:
                 global_step,
                 after_step,
                 run.guarded,
+                None if plain else lambda: sum(b.batch_size for b in run.state.last_step),
             )
             global_step += steps
             record = epoch_record(
