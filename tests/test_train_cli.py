@@ -146,6 +146,24 @@ def test_a_rank_out_of_memory_retrains_the_step_and_matches_the_run_without(tmp_
 
 
 @mpi
+def test_a_straggler_left_out_with_zero_samples_changes_nothing_but_the_split(tmp_path):
+    # Rank 2 costs 60 ms per step at any batch: --zero-samples leaves it out. Trained on
+    # the same global batches, the run ends where the run that keeps it ends.
+    common = ["--virtual-device", "0:0.5,0:0.5,60:0.5", "--epochs", "2"]
+    kept_log, out_log = tmp_path / "kept.jsonl", tmp_path / "out.jsonl"
+    train(3, *common, "--log", str(kept_log))
+    train(3, *common, "--zero-samples", "--probe-every", "4", "--log", str(out_log))
+    kept, out = read_jsonl(kept_log), read_jsonl(out_log)
+    plans = [plan for record in out for plan in record["plans"]]
+    assert any(plan[2] == 0 for plan in plans), plans
+    assert all(plan[2] > 0 for record in kept for plan in record["plans"])
+    for a, b in zip(kept, out):  # only the float summation order differs
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["accuracy"] == pytest.approx(a["accuracy"], abs=0.003)
+    assert out[-1]["seconds"] < kept[-1]["seconds"]
+
+
+@mpi
 def test_main_job_reaches_97_percent_with_heterogeneous_ranks(tmp_path):
     """The README's main job (Makefile DEMO_FLAGS), checked end to end."""
     log = tmp_path / "run.jsonl"
@@ -262,6 +280,9 @@ BAD_INPUT = [
     (["--oom-recovery", "on", "--elastic"],
      "--oom-recovery on and per-rank --max-batch caps are not available with --elastic "
      "(the ranks change): give one --max-batch for all ranks, or run without --elastic"),
+    (["--zero-samples", "--mode", "average"],
+     "--zero-samples needs a DBS policy and --mode gradient, without --elastic: a rank "
+     "given 0 samples joins the weighted gradient allreduce with weight 0"),
     # Flag checks that train runs before Horovod starts.
     (["--read-log", "reads"],
      "--read-log records elastic runs: add --elastic (and launch with horovodrun "
