@@ -166,6 +166,7 @@ class ZeroSamplePolicy(Policy):
         self._last: dict[int, tuple[float, float, float]] = {}  # rank -> samples, compute, steps
         self._diagnostics: dict[str, Any] = {}
         self._pending: tuple[tuple[bool, ...], int] | None = None  # a change, and its wins in a row
+        self._filled: set[int] = set()  # ranks whose window this rebalance carried forward
 
     def set_bounds(self, bounds: Bounds) -> None:
         super().set_bounds(replace(bounds, allow_zero=True))
@@ -177,11 +178,13 @@ class ZeroSamplePolicy(Policy):
     def next_plan(self, stats: WindowStats, current: Plan) -> Plan:
         """As ``Policy.next_plan``, with a window of no samples filled from the rank's last one."""
         samples, compute, steps = stats.samples.copy(), stats.compute_seconds.copy(), stats.steps.copy()
+        self._filled = set()
         for rank in range(len(samples)):
             if samples[rank] > 0 and compute[rank] > 0:
                 self._last[rank] = (samples[rank], compute[rank], steps[rank])
             elif rank in self._last and current.batch_sizes[rank] == 0:
                 samples[rank], compute[rank], steps[rank] = self._last[rank]
+                self._filled.add(rank)  # measured nothing new: kept out of its history
         return super().next_plan(
             replace(stats, samples=samples, compute_seconds=compute, steps=steps), current
         )
@@ -236,6 +239,8 @@ class ZeroSamplePolicy(Policy):
         """Add each rank's window to its history: steps with samples, or its probes."""
         probe = self.options.probe_samples
         for rank in range(stats.world_size):
+            if rank in self._filled and self._history.get(rank):
+                continue
             samples, compute, steps = stats.samples[rank], stats.compute_seconds[rank], stats.steps[rank]
             if active[rank]:
                 point = (samples / steps, compute / steps)

@@ -111,6 +111,7 @@ def test_a_window_without_a_probe_carries_the_last_one_forward():
     # Rank 2 ran no probe in this window: no samples, and no compute to speak of.
     out = policy.next_plan(window([60, 60, 0], [0.03, 0.03, 0.0], [2, 2, 2]), plan)
     assert out.batch_sizes == (30, 30, 0)
+    assert list(policy._history[2]) == [(2.0, 0.08)]  # nothing new was measured
 
 
 def test_zero_sample_options_are_checked():
