@@ -7,7 +7,8 @@ Exactness of cost-weighted updates against one process is tested under mpirun
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dbs_hvd import SampleCosts
 from dbs_hvd.balancer import Rebalancer

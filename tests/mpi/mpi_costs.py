@@ -6,12 +6,12 @@ import time
 import numpy as np
 import pytest
 import torch
+from problems import ScriptedPolicy
 from torch import nn
 from torch.utils.data import DataLoader
 
 import dbs_hvd
 from dbs_hvd.comm import default_exchange
-from problems import ScriptedPolicy
 
 VOCAB = 11
 
