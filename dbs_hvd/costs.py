@@ -95,10 +95,12 @@ def split_by_cost(
             ``order``.
 
     Example:
-        >>> [p.tolist() for p in split_by_cost(np.array([1., 1., 1., 1., 4.]), [3, 2])]
-        [[0, 1, 2, 3], [4]]
-        >>> [p.tolist() for p in split_by_cost(np.array([4., 1., 1., 1., 1.]), [2, 3])]
-        [[1, 2, 3], [4, 0]]
+        >>> low, high = split_by_cost(np.array([1.0, 1, 1, 1, 4]), [3, 2])
+        >>> low.tolist(), high.tolist()  # costs 4 and 4: a share of 3/5 is nearest 4 of 8
+        ([0, 1, 2, 3], [4])
+        >>> low, high = split_by_cost(np.array([4.0, 1, 1, 1, 1]), [2, 3])
+        >>> low.tolist(), high.tolist()  # sorted by cost: the costly sample goes last
+        ([1, 2, 3], [4, 0])
     """
     costs = np.asarray(costs, dtype=np.float64)
     sizes = [int(b) for b in batch_sizes]
