@@ -441,7 +441,7 @@ def DistributedOptimizer(
         PlanError: when the bounds (with the BatchNorm floor) fit no plan.
         DbsError: on every rank, when the ranks' settings differ (a
             collective check of global batch, seed, data set size, bounds,
-            policy and rebalance options).
+            policy, rebalance options and, in cost mode, the costs).
 
     Example::
 
@@ -573,7 +573,7 @@ def dynamic_batch_state(
     """The timing, policy and rebalancing shared by the gradient and averaging modes.
 
     Collective: every rank checks that all ranks use the same global batch,
-    seed, data set size, bounds, policy and rebalance options; a mismatch is
+    seed, data set size, bounds, policy, rebalance options and sample costs; a mismatch is
     a DbsError on all ranks. Horovod's collectives are made to wait without
     spinning (``waiting.install_quiet_wait``; ``DBS_HVD_HOROVOD_WAIT=spin``
     keeps Horovod's own wait), so a rank waiting for a slower one does not

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import dbs_hvd
-from dbs_hvd.comm import default_exchange
+from dbs_hvd.comm import DbsError, default_exchange
 
 VOCAB = 11
 
@@ -138,3 +138,13 @@ def test_the_policy_learns_seconds_per_unit_of_cost(hvd):
     # ... and the split is by cost: rank 0, given the cheap samples, reads more than 3/4 of them.
     gathered = default_exchange().allgather(counts[-4:])
     assert sum(gathered[0]) > 0.75 * sum(map(sum, gathered)), gathered
+
+
+def test_ranks_given_different_costs_fail_alike_at_set_up(hvd):
+    data = make_sequences(60, seed=4)
+    costs = [len(y) + (hvd.rank() if i == 0 else 0) for i, (_, y) in enumerate(data)]
+    model = make_model()
+    sampler = dbs_hvd.DynamicBatchSampler(len(data), 12, costs=dbs_hvd.SampleCosts(costs))
+    with pytest.raises(DbsError, match="different settings.*costs"):
+        dbs_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sampler,
+                                     named_parameters=model.named_parameters())
