@@ -67,12 +67,6 @@ class StepBatch:
     cost: float | None = None
     step_cost: float | None = None
 
-    def share(self, global_batch: int) -> float:
-        """This batch's fraction of its step: of the cost in cost mode, else of the count."""
-        if self.cost is None or self.step_cost is None:
-            return self.batch_size / global_batch
-        return self.cost / self.step_cost
-
     def units(self, global_batch: int) -> float:
         """The batch in the plan's units (samples of ``global_batch``): what timing counts.
 
@@ -304,8 +298,10 @@ class DynamicBatchSampler(Sampler[list]):
         self.set_epoch(self.epoch + 1)
 
     def _refuse_unweighted(self, plan: Plan) -> None:
-        """Refuse an uneven plan (any plan in cost mode) under multi-rank Horovod when no
-        wrapper weights the gradients."""
+        """Refuse unequal weights under multi-rank Horovod when no wrapper applies them.
+
+        Any plan in cost mode: the ranks' costs differ even when their counts agree.
+        """
         if (self.costs is None and len(set(plan.batch_sizes)) <= 1) or _horovod_size() <= 1:
             return
         what = "batches of different costs" if self.costs is not None else "different batch sizes"
@@ -461,8 +457,7 @@ class DynamicBatchSampler(Sampler[list]):
 
         Raises:
             PlanError: for a state from another data set, global batch, seed or
-                costs,
-                or whose plan does not fit this world and these bounds.
+                costs, or whose plan does not fit this world and these bounds.
 
         Example::
 

@@ -148,3 +148,13 @@ def test_ranks_given_different_costs_fail_alike_at_set_up(hvd):
     with pytest.raises(DbsError, match="different settings.*costs"):
         dbs_hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sampler,
                                      named_parameters=model.named_parameters())
+
+
+def test_a_cost_mode_sampler_without_the_wrapper_refuses_even_an_equal_plan(hvd):
+    # Equal counts still carry unequal costs: plain Horovod averaging would weight them wrongly.
+    data = make_sequences(60, seed=6)
+    sampler = dbs_hvd.DynamicBatchSampler(len(data), 6 * hvd.size(),
+                                          costs=dbs_hvd.SampleCosts([len(y) for _, y in data]))
+    assert len(set(sampler.plan.batch_sizes)) == 1
+    with pytest.raises(DbsError, match="batches of different costs"):
+        next(iter(sampler))
