@@ -103,7 +103,8 @@ def test_cost_mode_updates_equal_one_process_on_the_global_batch(hvd, weight_at,
     assert moved, "training changed nothing: the comparison would be empty"
 
 
-def test_the_policy_learns_seconds_per_unit_of_cost(hvd):
+@pytest.mark.parametrize("policy", ["paper", "dbs"])
+def test_the_policy_learns_seconds_per_unit_of_cost(hvd, policy):
     # Each rank sleeps in proportion to its batch's cost, the last rank three
     # times as long per unit: split by cost, the plan must settle at 3:1
     # between rank 0 and the last rank, whatever the sample counts are.
@@ -117,7 +118,7 @@ def test_the_policy_learns_seconds_per_unit_of_cost(hvd):
                                           costs=dbs_hvd.SampleCosts(costs))
     optimizer = dbs_hvd.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1), sampler,
-        named_parameters=model.named_parameters(), policy="paper",
+        named_parameters=model.named_parameters(), policy=policy,
         rebalance=dbs_hvd.RebalanceOptions(every=2, budget=0, min_seconds=0),
     )
     slowness = 3.0 if hvd.rank() == 1 else 1.0
