@@ -159,3 +159,45 @@ def test_a_cost_mode_sampler_without_the_wrapper_refuses_even_an_equal_plan(hvd)
     assert len(set(sampler.plan.batch_sizes)) == 1
     with pytest.raises(DbsError, match="batches of different costs"):
         next(iter(sampler))
+
+
+def test_cost_mode_with_accumulation_and_prefetching_workers_stays_exact(hvd):
+    # Two backward passes per optimizer step, each micro-batch weighted by its
+    # own cost share, and DataLoader workers fetching ahead, so a new plan can
+    # begin between the micro-batches of one optimizer step.
+    world, global_batch, passes = hvd.size(), 18, 2
+    data = make_sequences(18 * 9, seed=8)  # 9 steps: the last group has one micro-batch
+    costs = [len(y) for _, y in data]
+    model = make_model(seed=3)
+    reference = copy.deepcopy(model)
+    uneven = tuple(range(1, world)) + (global_batch - sum(range(1, world)),)
+    plans = [uneven, tuple(reversed(uneven)), uneven]
+    sampler = dbs_hvd.DynamicBatchSampler(len(data), global_batch, seed=9,
+                                          costs=dbs_hvd.SampleCosts(costs))
+    optimizer = dbs_hvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), sampler,
+        named_parameters=model.named_parameters(), policy=ScriptedPolicy(global_batch, plans),
+        rebalance=dbs_hvd.RebalanceOptions(every=2, budget=0, min_seconds=0),
+        backward_passes_per_step=passes,
+    )
+    loader = DataLoader(data, batch_sampler=sampler, collate_fn=pad, num_workers=2,
+                        prefetch_factor=2)
+    steps = sampler.steps_per_epoch
+    for i, (x, y, mask) in enumerate(loader):
+        (token_mean_loss(model, x, y, mask) / passes).backward()
+        if (i + 1) % passes == 0 or i + 1 == steps:
+            optimizer.step()
+            optimizer.zero_grad()
+    assert sampler.steps_trained == steps
+    moves = [r.plan_after for r in optimizer.rebalancer.history if r.plan_after != r.plan_before]
+    assert len(moves) >= 2, moves
+
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
+    for i in range(steps):
+        x, y, mask = pad([data[j] for j in sampler.global_batch_indices(i)])
+        (token_mean_loss(reference, x, y, mask) / passes).backward()
+        if (i + 1) % passes == 0 or i + 1 == steps:
+            ref_opt.step()
+            ref_opt.zero_grad()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=f"parameter {name}")
