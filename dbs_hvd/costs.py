@@ -9,14 +9,16 @@ step's indices, their costs and the plan alone, so every rank computes the
 same assignment without communication.
 
 The split is a contiguous partition of the step's samples, taken in order of
-increasing cost (a stable sort: equal costs keep their order in the stream),
-with each cut placed where the running cost comes nearest to the plan's
-running share of the step's total. Sorting first has two effects:
+increasing cost (a stable sort: equal costs keep their order in the stream)
+or, with ``order="stream"``, in stream order, with each cut placed where the
+running cost comes nearest to the plan's running share of the step's total.
 
-* each rank's samples have similar costs, so padding a rank's batch to its
-  longest sample wastes little (a rank's padded work stays close to its cost);
-* a cut can land within about one sample's cost of its target, and on sorted
-  costs the samples near a cut are the step's cheap ones for the lower ranks.
+* Precision: each cut lands within half the cost of the sample it falls on,
+  so a rank's cost is within one sample's cost of its share. With equal
+  costs the split is exactly the count split.
+* Why sorted by default: each rank's samples then have similar costs, so
+  padding a rank's batch to its longest sample wastes little and its padded
+  work stays close to the cost the split balanced.
 
 Every rank gets at least ``min_count`` samples, so no rank trains on an
 empty batch; where the plan's share would give a rank less, the cut moves
