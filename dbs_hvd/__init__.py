@@ -31,7 +31,7 @@ without torch.
 
 from .comm import DbsError, claim_mpi
 from .grid import GridPolicy
-from .options import RebalanceOptions
+from .options import RebalanceOptions, SampleCosts
 from .plan import Bounds, Plan, PlanError, Policy, WindowStats
 from .policies import POLICIES, CostModelPolicy, ProportionalPolicy, StaticPolicy, make_policy
 from .quota import configure_horovod_cycle
@@ -78,6 +78,7 @@ __all__ = [
     "Policy",
     "ProportionalPolicy",
     "RebalanceOptions",
+    "SampleCosts",
     "StaticPolicy",
     "WindowStats",
     "make_policy",

@@ -164,7 +164,8 @@ class DynamicBatchState:
         return self._batch
 
     def weight(self) -> float:
-        """This step's gradient weight ``N * b_i / B`` (exactly 1 for an equal split)."""
+        """This step's gradient weight ``N * b_i / B`` (exactly 1 for an equal split);
+        ``N * c_i / C`` in cost mode, the rank's share of the step's cost."""
         return self.weight_of(self.current_batch())
 
     def allreduce_weight(self) -> float:
@@ -172,6 +173,8 @@ class DynamicBatchState:
         return 1.0 if self.accumulating else self.weight()
 
     def weight_of(self, batch: StepBatch) -> float:
+        if batch.cost is not None and batch.step_cost is not None:
+            return self.sampler.world_size * batch.cost / batch.step_cost
         return batch.batch_size * self.sampler.world_size / self.sampler.global_batch
 
     def micro_batch_weight(self, index: int) -> float:
@@ -245,13 +248,17 @@ class DynamicBatchState:
         self._batch = None
         news = []
         for batch in batches:
-            new_size = self.discount_new_sizes and batch.batch_size not in self._sizes_seen
+            # In cost mode the sample count changes from step to step with the
+            # costs; a new count there says nothing about new kernels.
+            new_size = (
+                self.discount_new_sizes and batch.cost is None and batch.batch_size not in self._sizes_seen
+            )
             if new_size:
                 self._sizes_seen.add(batch.batch_size)
             news.append(new_size)
             self.sampler.mark_trained(batch)
         self.timer.end_step(
-            [b.batch_size for b in batches],
+            [b.units(self.sampler.global_batch) for b in batches],
             start_hint=self.sampler.iteration_started_at,
             new_size=news,
             end=end,
@@ -434,7 +441,7 @@ def DistributedOptimizer(
         PlanError: when the bounds (with the BatchNorm floor) fit no plan.
         DbsError: on every rank, when the ranks' settings differ (a
             collective check of global batch, seed, data set size, bounds,
-            policy and rebalance options).
+            policy, rebalance options and, in cost mode, the costs).
 
     Example::
 
@@ -566,7 +573,7 @@ def dynamic_batch_state(
     """The timing, policy and rebalancing shared by the gradient and averaging modes.
 
     Collective: every rank checks that all ranks use the same global batch,
-    seed, data set size, bounds, policy and rebalance options; a mismatch is
+    seed, data set size, bounds, policy, rebalance options and sample costs; a mismatch is
     a DbsError on all ranks. Horovod's collectives are made to wait without
     spinning (``waiting.install_quiet_wait``; ``DBS_HVD_HOROVOD_WAIT=spin``
     keeps Horovod's own wait), so a rank waiting for a slower one does not
@@ -598,6 +605,7 @@ def dynamic_batch_state(
         "batch_multiple": getattr(policy, "multiple", 1),
         "rebalance": rebalance.resolved(policy.name),
         "shuffle": sampler.shuffle,
+        "costs": sampler.costs.digest() if sampler.costs is not None else None,
     }
     if not elastic:
         check_same_on_all_ranks(exchange, settings)
