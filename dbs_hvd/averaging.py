@@ -36,10 +36,10 @@ class _Averager:
         self.parameters = parameters
         self.global_batch = global_batch
         self.every = every
-        self.samples = 0
+        self.samples: float = 0
         self.steps = 0
 
-    def add(self, batch_size: int) -> None:
+    def add(self, batch_size: float) -> None:
         self.samples += batch_size
         self.steps += 1
 
@@ -124,7 +124,7 @@ def ModelAveragingOptimizer(
             return local_step(closure)
         batch = state.current_batch()
         result = local_step(closure)
-        averager.add(batch.batch_size)
+        averager.add(batch.units(sampler.global_batch))
         if averager.due(state.is_last_of_epoch(batch)):
             with state.timer.waiting():
                 averager.average()

@@ -166,7 +166,8 @@ class DynamicBatchState:
         return self._batch
 
     def weight(self) -> float:
-        """This step's gradient weight ``N * b_i / B`` (exactly 1 for an equal split)."""
+        """This step's gradient weight ``N * b_i / B`` (exactly 1 for an equal split);
+        ``N * c_i / C`` in cost mode, the rank's share of the step's cost."""
         return self.weight_of(self.current_batch())
 
     def allreduce_weight(self) -> float:
@@ -174,6 +175,8 @@ class DynamicBatchState:
         return 1.0 if self.accumulating else self.weight()
 
     def weight_of(self, batch: StepBatch) -> float:
+        if batch.cost is not None and batch.step_cost is not None:
+            return self.sampler.world_size * batch.cost / batch.step_cost
         return batch.batch_size * self.sampler.world_size / self.sampler.global_batch
 
     def micro_batch_weight(self, index: int) -> float:
@@ -250,13 +253,15 @@ class DynamicBatchState:
         for batch in batches:
             # A probe (a rank with 0 samples, dropping.py) is timed as a step of its size.
             size = batch.batch_size or batch.probe
-            new_size = self.discount_new_sizes and size not in self._sizes_seen
+            # In cost mode the sample count changes from step to step with the
+            # costs; a new count there says nothing about new kernels.
+            new_size = self.discount_new_sizes and batch.cost is None and size not in self._sizes_seen
             if new_size:
                 self._sizes_seen.add(size)
             news.append(new_size)
             self.sampler.mark_trained(batch)
         self.timer.end_step(
-            [b.batch_size or b.probe for b in batches],
+            [b.units(self.sampler.global_batch) or b.probe for b in batches],
             start_hint=self.sampler.iteration_started_at,
             new_size=news,
             end=end,
@@ -443,7 +448,7 @@ def DistributedOptimizer(
         PlanError: when the bounds (with the BatchNorm floor) fit no plan.
         DbsError: on every rank, when the ranks' settings differ (a
             collective check of global batch, seed, data set size, bounds,
-            policy and rebalance options).
+            policy, rebalance options and, in cost mode, the costs).
 
     Example::
 
@@ -578,7 +583,7 @@ def dynamic_batch_state(
     """The timing, policy and rebalancing shared by the gradient and averaging modes.
 
     Collective: every rank checks that all ranks use the same global batch,
-    seed, data set size, bounds, policy and rebalance options; a mismatch is
+    seed, data set size, bounds, policy, rebalance options and sample costs; a mismatch is
     a DbsError on all ranks. Horovod's collectives are made to wait without
     spinning (``waiting.install_quiet_wait``; ``DBS_HVD_HOROVOD_WAIT=spin``
     keeps Horovod's own wait), so a rank waiting for a slower one does not
@@ -595,6 +600,11 @@ def dynamic_batch_state(
             "batch_multiple=M)"
         )
     if zero_samples is not None and zero_samples.enabled:
+        if sampler.costs is not None:
+            raise ValueError(
+                "zero_samples= is not available with costs= (cost mode): a rank's cost share "
+                "cannot be 0; leave one of them out"
+            )
         policy = ZeroSamplePolicy(policy, zero_samples)
         sampler.bounds = dataclasses.replace(sampler.bounds, allow_zero=True)
         sampler.probe = (zero_samples.probe_every, zero_samples.probe_samples)
@@ -616,6 +626,7 @@ def dynamic_batch_state(
         "rebalance": rebalance.resolved(policy.name),
         "shuffle": sampler.shuffle,
         "zero_samples": dataclasses.asdict(zero_samples) if zero_samples is not None else None,
+        "costs": sampler.costs.digest() if sampler.costs is not None else None,
     }
     if not elastic:
         check_same_on_all_ranks(exchange, settings)

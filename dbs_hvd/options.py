@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .costs import ORDERS, check_costs
 from .schedule import RebalanceSchedule
 
 AUTO = "auto"
@@ -242,3 +243,57 @@ class ZeroSampleOptions:
                 "ZeroSampleOptions(max_dropped=...) must be a positive integer or None, "
                 f"got {self.max_dropped!r}"
             )
+
+
+@dataclass(frozen=True, eq=False)
+class SampleCosts:
+    """Cost mode for variable-length samples: split each step's cost, not its count.
+
+    Given to ``DynamicBatchSampler(costs=...)``. Each step's global batch is
+    still the same ``B`` samples of the epoch's permutation; the plan's shares
+    are shares of the step's total cost, and ``costs.split_by_cost`` decides
+    which of the step's samples each rank reads (deterministically, the same
+    on every rank). A rank's gradient weight is its share of the step's cost
+    (``N * c_i / C``), and its timing counts its cost in the plan's units
+    (``B * c_i / C``), so the policy learns seconds per unit of cost.
+
+    For the update to be the one-process update, the cost of a sample must be
+    the number of terms it adds to the loss (for a language model, its
+    target tokens) and each rank's loss the mean over its batch's terms
+    (their sum divided by the batch's total cost).
+
+    Args:
+        costs: one positive, finite cost per sample of the data set, in data
+            set order (for example each sequence's token count). Integer
+            costs make every sum exact.
+        order: ``"sorted"`` (default) hands out each step's samples in order
+            of increasing cost, so each rank's samples have similar lengths
+            and little padding; ``"stream"`` keeps the permutation's order.
+
+    Raises:
+        ValueError: for costs that are not a non-empty 1-D sequence of finite
+            positive numbers, or an unknown ``order``.
+
+    Example::
+
+        lengths = [len(text) - 1 for text in samples]  # target tokens per sample
+        sampler = dbs_hvd.DynamicBatchSampler(
+            len(samples), global_batch=64, costs=dbs_hvd.SampleCosts(lengths))
+    """
+
+    costs: Any
+    order: str = "sorted"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "costs", check_costs(self.costs, "SampleCosts(costs=...)"))
+        if self.order not in ORDERS:
+            raise ValueError(f"SampleCosts(order=...) must be one of {ORDERS}, got {self.order!r}")
+
+    def __len__(self) -> int:
+        return len(self.costs)
+
+    def digest(self) -> str:
+        """A short fingerprint of the costs and order, compared across ranks."""
+        import hashlib
+
+        return hashlib.sha256(self.costs.tobytes() + self.order.encode()).hexdigest()[:16]

@@ -22,7 +22,7 @@ the path from the process's own group to the root that sets a quota counts.
 from __future__ import annotations
 
 import os
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,19 +155,64 @@ def horovod_cycle_ms(quota: CpuQuota | None) -> float | None:
     return min(max(CYCLE_MS_PER_SHARE / quota.share, 1.0), MAX_CYCLE_MS)
 
 
-def configure_horovod_cycle(environ: MutableMapping[str, str] | None = None) -> float | None:
-    """Set ``HOROVOD_CYCLE_TIME`` for this rank's quota unless the user set it.
+def configure_horovod_cycle(
+    environ: MutableMapping[str, str] | None = None,
+    agree: Callable[[float], float] | None = None,
+) -> float | None:
+    """Set ``HOROVOD_CYCLE_TIME`` for the job's quotas unless the user set it.
+
+    Each rank derives a cycle from its own quota (:func:`horovod_cycle_ms`).
+    Horovod's negotiation is a collective every cycle, so a rank that cycles
+    faster than its peers only waits in it for them, and under the MPI
+    controller that wait polls on the rank's own core, beside its training
+    thread. With ``agree`` every rank takes the longest cycle of any rank, so a
+    rank without a quota cycles with the throttled ones.
 
     Horovod reads the variable in ``hvd.init()``, so this runs before it
     (``import dbs_hvd`` calls it).
+
+    Args:
+        environ: the environment to read and set (default ``os.environ``).
+        agree: the maximum of a value over all ranks, a collective every rank
+            calls, whether or not it set the variable itself; None where the
+            ranks cannot talk yet (each rank then keeps its own cycle).
 
     Returns:
         The cycle set, in milliseconds, or None where nothing was set.
     """
     environ = os.environ if environ is None else environ
-    if "HOROVOD_CYCLE_TIME" in environ:
+    user_set = "HOROVOD_CYCLE_TIME" in environ
+    cycle = None if user_set else horovod_cycle_ms(own_quota())
+    if agree is not None:
+        longest = agree(cycle or 0.0)
+        cycle = longest if longest > 0 else None
+    if user_set or cycle is None:
         return None
-    cycle = horovod_cycle_ms(own_quota())
-    if cycle is not None:
-        environ["HOROVOD_CYCLE_TIME"] = f"{cycle:g}"
+    environ["HOROVOD_CYCLE_TIME"] = f"{cycle:g}"
     return cycle
+
+
+#: The quiet wait's longest sleep between two polls of a collective, in seconds, on
+#: a whole core; under a quota of S cores WAIT_SLEEP_PER_SHARE / S, at most MAX_WAIT_SLEEP.
+WAIT_SLEEP_PER_SHARE = 2e-4
+MAX_WAIT_SLEEP = 1e-3
+
+
+def wait_max_sleep(quota: CpuQuota | None) -> float:
+    """The longest sleep between two polls of a waiting rank (``waiting.wait_until``).
+
+    Every poll wakes the waiting thread, and under a quota each wake-up is paid
+    out of the rank's share; at a fraction of a core, polling as often as on a
+    whole core takes a visible part of it. Longer sleeps cost at most one sleep
+    of latency at the end of each wait.
+
+    Args:
+        quota: this rank's quota (:func:`own_quota`), or None.
+
+    Returns:
+        Seconds: ``WAIT_SLEEP_PER_SHARE`` without a quota of less than one core,
+        else that over the share, at most ``MAX_WAIT_SLEEP``.
+    """
+    if quota is None or quota.share >= 1:
+        return WAIT_SLEEP_PER_SHARE
+    return min(WAIT_SLEEP_PER_SHARE / quota.share, MAX_WAIT_SLEEP)

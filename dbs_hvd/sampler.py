@@ -22,6 +22,12 @@ batch's size from ``pop_consumed`` in the order the batches were yielded, and
 reports each trained batch back (``mark_trained``), so that ``state_dict``
 records the steps trained on, not the steps a DataLoader prefetched.
 
+In cost mode (``costs=SampleCosts(...)``, options.py) the global batches are
+the same, and the plan splits each step's total cost instead of its count:
+``costs.split_by_cost`` picks which of the step's samples each rank reads,
+from the step's indices, their costs and the plan alone, so every rank makes
+the same choice without communication and each sample is still read once.
+
 An uneven plan is only correct with dbs_hvd's optimizer wrapper, which
 weights each rank's gradient by its batch size: under Horovod with more than
 one rank, a sampler no wrapper is attached to refuses to hand out a step of
@@ -42,6 +48,8 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from .comm import DbsError
+from .costs import split_by_cost
+from .options import SampleCosts
 from .plan import Bounds, Plan, PlanError, fit_plan
 
 
@@ -49,6 +57,8 @@ from .plan import Bounds, Plan, PlanError, fit_plan
 class StepBatch:
     """One batch handed out: its step in the epoch and this rank's local batch size.
 
+    In cost mode ``cost`` is the batch's total cost and ``step_cost`` the
+    cost of the whole global batch of the step; both are None otherwise.
     ``probe`` is the size of a probe handed out in place of an empty piece
     (a rank with 0 samples, dropping.py): trained with weight 0, only timed.
     """
@@ -56,7 +66,18 @@ class StepBatch:
     epoch: int
     step: int
     batch_size: int
+    cost: float | None = None
+    step_cost: float | None = None
     probe: int = 0
+
+    def units(self, global_batch: int) -> float:
+        """The batch in the plan's units (samples of ``global_batch``): what timing counts.
+
+        The local batch size in count mode; ``B * cost / step_cost`` in cost mode.
+        """
+        if self.cost is None or self.step_cost is None:
+            return self.batch_size
+        return global_batch * self.cost / self.step_cost
 
 
 class DynamicBatchSampler(Sampler[list]):
@@ -81,10 +102,15 @@ class DynamicBatchSampler(Sampler[list]):
             give ``Bounds(min_batch=2)`` (the optimizer wrapper raises the
             floor itself when it is given ``model=``).
         plan: the initial plan; default the equal split.
+        costs: cost mode for variable-length samples (``SampleCosts``): the
+            plan splits each step's total cost in proportion to the ranks'
+            shares. Default None: the plan splits the count.
 
     Raises:
         PlanError: for a global batch smaller than the world size or than the
             data set, a rank outside the world, or bounds no plan can meet.
+        ValueError: for ``costs`` that are not a ``SampleCosts`` or whose
+            length is not ``dataset_size``.
 
     Example::
 
@@ -106,7 +132,18 @@ class DynamicBatchSampler(Sampler[list]):
         shuffle: bool = True,
         bounds: Bounds = Bounds(),
         plan: Plan | None = None,
+        costs: SampleCosts | None = None,
     ) -> None:
+        if costs is not None:
+            if not isinstance(costs, SampleCosts):
+                raise ValueError(
+                    f"costs= takes a dbs_hvd.SampleCosts (one cost per sample), got {type(costs).__name__}"
+                )
+            if len(costs) != dataset_size:
+                raise ValueError(
+                    f"costs= has {len(costs)} costs but the data set has dataset_size={dataset_size} "
+                    "samples: give one cost per sample, in data set order"
+                )
         if rank is None or world_size is None:
             import horovod.torch as hvd
 
@@ -129,6 +166,8 @@ class DynamicBatchSampler(Sampler[list]):
         self.seed = int(seed)
         self.shuffle = shuffle
         self.bounds = bounds
+        self.costs = costs
+        self._split_cache: tuple[tuple[int, int, tuple[int, ...]], list[np.ndarray]] | None = None
         self.epoch = 0
         initial = plan or Plan.equal(global_batch, world_size, bounds)
         self._check_plan(initial)
@@ -197,8 +236,35 @@ class DynamicBatchSampler(Sampler[list]):
         """The indices ``rank`` (default: this rank) reads at ``step``."""
         rank = self.rank if rank is None else rank
         plan = self.plan_at(step)
+        if self.costs is not None:
+            return self._cost_split(step, plan)[rank].tolist()
         start = plan.offset(rank)
         return self.global_batch_indices(step)[start : start + plan.batch_sizes[rank]].tolist()
+
+    def _cost_split(self, step: int, plan: Plan) -> list[np.ndarray]:
+        """Cost mode: every rank's indices at ``step`` under ``plan`` (the last split is kept)."""
+        assert self.costs is not None
+        key = (self.epoch, step, plan.batch_sizes)
+        if self._split_cache is None or self._split_cache[0] != key:
+            batch = self.global_batch_indices(step)
+            positions = split_by_cost(
+                self.costs.costs[batch], plan.batch_sizes, self.bounds.min_batch, self.costs.order
+            )
+            self._split_cache = (key, [batch[p] for p in positions])
+        return self._split_cache[1]
+
+    def step_cost(self, step: int) -> float:
+        """The total cost of global batch ``step`` (cost mode), or its sample count."""
+        if self.costs is None:
+            return float(self.global_batch)
+        return float(self.costs.costs[self.global_batch_indices(step)].sum())
+
+    def step_batch(self, step: int, indices: list[int]) -> StepBatch:
+        """The record of this rank's batch ``indices`` at ``step`` (with its cost in cost mode)."""
+        if self.costs is None:
+            return StepBatch(self.epoch, step, len(indices))
+        cost = float(self.costs.costs[indices].sum())
+        return StepBatch(self.epoch, step, len(indices), cost, self.step_cost(step))
 
     # -- iteration -------------------------------------------------------------------
 
@@ -225,7 +291,9 @@ class DynamicBatchSampler(Sampler[list]):
                 batch = self.global_batch_indices(step)[: self.probe[1]].tolist()
                 probe = len(batch)
             self._generated = step + 1
-            self._yielded.append(StepBatch(self.epoch, step, len(batch) - probe, probe))
+            self._yielded.append(
+                replace(self.step_batch(step, []), probe=probe) if probe else self.step_batch(step, batch)
+            )
             yield batch
         self._pass_complete = True
 
@@ -242,11 +310,15 @@ class DynamicBatchSampler(Sampler[list]):
         self.set_epoch(self.epoch + 1)
 
     def _refuse_unweighted(self, plan: Plan) -> None:
-        """Refuse an uneven plan under multi-rank Horovod when no wrapper weights the gradients."""
-        if len(set(plan.batch_sizes)) <= 1 or _horovod_size() <= 1:
+        """Refuse unequal weights under multi-rank Horovod when no wrapper applies them.
+
+        Any plan in cost mode: the ranks' costs differ even when their counts agree.
+        """
+        if (self.costs is None and len(set(plan.batch_sizes)) <= 1) or _horovod_size() <= 1:
             return
+        what = "batches of different costs" if self.costs is not None else "different batch sizes"
         raise DbsError(
-            f"the plan {list(plan.batch_sizes)} gives the ranks different batch sizes, but no "
+            f"the plan {list(plan.batch_sizes)} gives the ranks {what}, but no "
             "dbs_hvd optimizer weights their gradients: hvd.DistributedOptimizer would average "
             "unequal batches with equal weights. Wrap the optimizer with "
             "dbs_hvd.DistributedOptimizer(optimizer, sampler, ...) (or "
@@ -360,7 +432,7 @@ class DynamicBatchSampler(Sampler[list]):
         self.bounds = bounds
         self._schedule = entries
         indices = self.indices(step)
-        self._yielded.appendleft(StepBatch(self.epoch, step, len(indices)))
+        self._yielded.appendleft(self.step_batch(step, indices))
         return indices
 
     # -- elastic worlds ---------------------------------------------------------------
@@ -433,6 +505,7 @@ class DynamicBatchSampler(Sampler[list]):
             "seed": self.seed,
             "dataset_size": self.dataset_size,
             "global_batch": self.global_batch,
+            "costs": self.costs.digest() if self.costs is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -443,8 +516,8 @@ class DynamicBatchSampler(Sampler[list]):
                 position; a ``set_epoch`` call for the same epoch keeps it.
 
         Raises:
-            PlanError: for a state from another data set, global batch or seed,
-                or whose plan does not fit this world and these bounds.
+            PlanError: for a state from another data set, global batch, seed or
+                costs, or whose plan does not fit this world and these bounds.
 
         Example::
 
@@ -453,10 +526,11 @@ class DynamicBatchSampler(Sampler[list]):
                 sampler.set_epoch(epoch)  # the saved epoch continues at its saved step
                 ...
         """
-        for key in ("seed", "dataset_size", "global_batch"):
-            if state[key] != getattr(self, key):
+        mine = self.state_dict(0)
+        for key in ("seed", "dataset_size", "global_batch", "costs"):
+            if state.get(key) != mine[key]:
                 raise PlanError(
-                    f"sampler state has {key}={state[key]}, this run has {getattr(self, key)}: "
+                    f"sampler state has {key}={state.get(key)}, this run has {mine[key]}: "
                     "resume with the configuration the state was saved with"
                 )
         plan = Plan(tuple(state["plan"]))

@@ -50,15 +50,15 @@ class WindowTotals:
     run at batch sizes new to the rank (a subset: the totals include it)."""
 
     steps: int = 0
-    samples: int = 0
+    samples: float = 0  # in cost mode, cost in the plan's units (sampler.StepBatch.units)
     compute_seconds: float = 0.0
     wait_seconds: float = 0.0
     new_size_steps: int = 0
-    new_size_samples: int = 0
+    new_size_samples: float = 0
     new_size_compute_seconds: float = 0.0
     new_size_wait_seconds: float = 0.0
 
-    def add(self, batch_size: int, compute: float, wait: float, new_size: bool = False) -> None:
+    def add(self, batch_size: float, compute: float, wait: float, new_size: bool = False) -> None:
         self.steps += 1
         self.samples += batch_size
         self.compute_seconds += compute
@@ -153,12 +153,15 @@ class StepTimer:
 
     def end_step(
         self,
-        batch_size: int | Sequence[int],
+        batch_size: float | Sequence[float],
         start_hint: float | None = None,
         new_size: bool | Sequence[bool] = False,
         end: float | None = None,
     ) -> None:
         """Close a step of ``batch_size`` samples (``new_size``: the rank's first at that size).
+
+        In cost mode ``batch_size`` is the batch's cost in the plan's units
+        (``sampler.StepBatch.units``), so the window counts cost, not samples.
 
         A step of several micro-batches (gradient accumulation) gives one size
         per micro-batch: each counts as one step of its size, with an equal
@@ -178,7 +181,7 @@ class StepTimer:
         wall = max(now - start, 0.0)
         wait = min(self._wait_in_step, wall)
         compute = wall - wait
-        sizes = [batch_size] if isinstance(batch_size, int) else list(batch_size)
+        sizes = [batch_size] if isinstance(batch_size, (int, float)) else list(batch_size)
         news = [new_size] * len(sizes) if isinstance(new_size, bool) else list(new_size)
         for size, new in zip(sizes, news):
             self.window.add(size, compute / len(sizes), wait / len(sizes), new)

@@ -17,7 +17,9 @@ optimizer and collectives call with one that polls the handle, spinning only
 for a few tens of microseconds and then sleeping in short, growing intervals
 (at most ``max_sleep`` seconds), and calls Horovod's own ``synchronize`` once
 the handle is done, so results, errors and handle bookkeeping are Horovod's.
-The added latency is at most one sleep interval per wait.
+The added latency is at most one sleep interval per wait. Under a CPU quota of
+less than a core the sleeps grow longer (``quota.wait_max_sleep``), because
+each wake-up is paid out of the quota.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from __future__ import annotations
 import os
 import time
 from typing import Any, Callable
+
+from .quota import own_quota, wait_max_sleep
 
 #: The environment variable that chooses the wait: ``quiet`` (default) or ``spin``
 #: (Horovod's own busy wait, left untouched).
@@ -130,11 +134,12 @@ def install_quiet_wait(mode: str | None = None) -> bool:
             module.synchronize = original
         return False
     poll = mpi_ops.mpi_lib.horovod_torch_poll
+    max_sleep = wait_max_sleep(own_quota())
 
     def quiet_synchronize(handle):
         # Horovod's own record of the handles in flight (hvd.init() replaces it).
         if handle in mpi_ops._handle_map:
-            wait_until(lambda: poll(handle) != 0)
+            wait_until(lambda: poll(handle) != 0, max_sleep=max_sleep)
         return original(handle)
 
     quiet_synchronize.__doc__ = original.__doc__

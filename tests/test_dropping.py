@@ -130,7 +130,7 @@ def test_the_sampler_hands_a_rank_with_zero_samples_a_probe_every_k_steps():
     assert [len(p) for p in pieces] == [4, 0, 4, 0, 4]
     assert pieces[2] == sampler.global_batch_indices(2)[:4].tolist()
     batches = [sampler.pop_consumed() for _ in range(5)]
-    assert batches[0] == StepBatch(0, 0, 0, 4) and batches[1] == StepBatch(0, 1, 0, 0)
+    assert batches[0] == StepBatch(0, 0, 0, probe=4) and batches[1] == StepBatch(0, 1, 0)
 
 
 def test_plans_with_zeros_need_allow_zero():

@@ -157,3 +157,54 @@ def test_the_cycle_slows_with_the_share_and_respects_the_users_setting(tmp_path,
     assert env == {"HOROVOD_CYCLE_TIME": "10"}
     env = {"HOROVOD_CYCLE_TIME": "3"}
     assert q.configure_horovod_cycle(env) is None and env["HOROVOD_CYCLE_TIME"] == "3"
+
+
+def test_ranks_agree_on_the_longest_cycle_and_every_rank_joins_the_agreement(tmp_path, monkeypatch):
+    from dbs_hvd import quota as q
+
+    calls = []
+
+    def longest_of(*others):
+        def agree(value):
+            calls.append(value)
+            return max(value, *others)
+        return agree
+
+    monkeypatch.setattr(q, "own_quota", lambda: None)  # this rank has no quota
+    env = {}
+    assert q.configure_horovod_cycle(env, agree=longest_of(10.0, 0.0)) == pytest.approx(10.0)
+    assert env == {"HOROVOD_CYCLE_TIME": "10"} and calls == [0.0]
+    env = {}
+    assert q.configure_horovod_cycle(env, agree=longest_of(0.0)) is None and env == {}
+    monkeypatch.setattr(q, "own_quota", lambda: CpuQuota(0.5, 0.1, tmp_path, 1))
+    env = {}
+    assert q.configure_horovod_cycle(env, agree=longest_of(0.0)) == pytest.approx(5.0)
+    # A rank whose user set the cycle keeps it, but still joins the collective.
+    calls.clear()
+    env = {"HOROVOD_CYCLE_TIME": "3"}
+    assert q.configure_horovod_cycle(env, agree=longest_of(10.0)) is None
+    assert env == {"HOROVOD_CYCLE_TIME": "3"} and calls == [0.0]
+
+
+def test_the_quiet_waits_sleeps_grow_with_a_smaller_share(tmp_path):
+    from dbs_hvd import quota as q
+
+    assert q.wait_max_sleep(None) == q.WAIT_SLEEP_PER_SHARE
+    assert q.wait_max_sleep(CpuQuota(2.0, 0.1, tmp_path, 1)) == q.WAIT_SLEEP_PER_SHARE
+    assert q.wait_max_sleep(CpuQuota(0.5, 0.1, tmp_path, 1)) == pytest.approx(2 * q.WAIT_SLEEP_PER_SHARE)
+    assert q.wait_max_sleep(CpuQuota(0.01, 0.1, tmp_path, 1)) == q.MAX_WAIT_SLEEP
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(not _writable_cgroup(), reason="needs root and the cgroup v1 cpu controller")
+def test_under_mpirun_a_rank_without_a_quota_cycles_with_the_throttled_one(monkeypatch):
+    from tests.harness import run_job
+
+    monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)
+    code = ("import os, dbs_hvd; from mpi4py import MPI; "
+            "print(f\"CYCLE {MPI.COMM_WORLD.Get_rank()} {os.environ.get('HOROVOD_CYCLE_TIME')}\")")
+    job = run_job([sys.executable, str(ROOT / "launch" / "hetero_ranks.py"), "--share", "1,0.25",
+                   "--", sys.executable, "-c", code], np=2, timeout=120)
+    assert job.ok, job.describe()
+    cycles = {rank: [line.split() for line in lines if "CYCLE" in line] for rank, lines in job.rank_output.items()}
+    assert cycles == {0: [["CYCLE", "0", "10"]], 1: [["CYCLE", "1", "10"]]}

@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbs_hvd.train import data, models
+from dbs_hvd.train import checkpoint, data, models
 from dbs_hvd.train.metrics import read_jsonl
-from dbs_hvd.train.trainer import TrainConfig, check_flags, lr_scheduler
+from dbs_hvd.train.trainer import TrainConfig, check_flags, evaluate, evaluation_parts, lr_scheduler
 from tests.harness import train_or_fail
 
 
@@ -88,9 +88,34 @@ def test_eval_every_must_not_be_negative_and_needs_no_elastic():
 def test_dbs_train_anneals_and_evaluates_between_steps(tmp_path):
     log = tmp_path / "run.jsonl"
     train_or_fail(2, "--epochs", "2", "--lr-schedule", "cosine", "--eval-every", "5",
-                  "--slowdown", "1,2", "--log", str(log))
+                  "--slowdown", "1,2", "--log", str(log), "--checkpoint-dir", str(tmp_path))
     records = read_jsonl(log)
+    # The epoch's accuracy, evaluated in parts split by the (uneven) plan, is the
+    # whole test set's accuracy of the saved model.
+    assert records[-1]["batch_sizes"][0] != records[-1]["batch_sizes"][1]
+    train_set, test_set = data.load("digits", flatten=True)
+    model = models.build("mlp", train_set.tensors[0].shape[1:])
+    model.load_state_dict(checkpoint.load_latest(tmp_path)["model"])
+    assert records[-1]["accuracy"] == pytest.approx(evaluate(model, test_set), abs=1e-12)
     steps = [[int(step) for step, _ in r["evaluations"]] for r in records]
     assert steps == [[5, 10, 15, 20], [25, 30, 35, 40]]
     assert all(0 <= acc <= 1 for r in records for _, acc in r["evaluations"])
     assert records[-1]["accuracy"] > 0.5  # the annealed run still learns
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 5000), st.lists(st.integers(0, 300), min_size=1, max_size=8).filter(lambda s: sum(s) > 0))
+def test_evaluation_parts_cover_the_set_once_in_proportion_to_the_shares(size, shares):
+    parts = evaluation_parts(size, shares)
+    assert len(parts) == len(shares)
+    assert parts[0][0] == 0 and parts[-1][1] == size
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+    for (start, stop), share in zip(parts, shares):
+        assert abs((stop - start) - size * share / sum(shares)) < 1 + 1e-9
+        assert share or stop == start
+
+
+@pytest.mark.parametrize("shares", [[], [0, 0], [2, -1]])
+def test_evaluation_parts_need_non_negative_shares_with_a_positive_sum(shares):
+    with pytest.raises(ValueError, match="evaluation shares"):
+        evaluation_parts(10, shares)

@@ -92,18 +92,79 @@ class TrainConfig:
 
 
 def evaluate(
-    model: nn.Module, dataset: TensorDataset, batch: int = 1024, device: torch.device = torch.device("cpu")
+    model: nn.Module,
+    dataset: TensorDataset,
+    batch: int = 1024,
+    device: torch.device = torch.device("cpu"),
+    shares: Sequence[int] | None = None,
 ) -> float:
-    """Accuracy on the whole test set (every rank evaluates alike: no collective)."""
+    """Accuracy of ``model`` on ``dataset``.
+
+    Without ``shares`` this rank evaluates the whole set and joins no collective
+    (what rank 0 does between steps for ``--eval-every``). With ``shares``, one
+    weight per rank (the plan's batch sizes), each rank evaluates its own
+    contiguous part of the set (``evaluation_parts``) and an allreduce sums the
+    counts: every rank must call it. Splitting by the plan gives a slow rank a
+    small part, so the evaluation ends on every rank at about the same time
+    instead of the next epoch's first step waiting for the slowest rank to get
+    through the whole set.
+
+    Args:
+        model: the model, put back in training mode afterwards.
+        dataset: ``(inputs, labels)`` tensors.
+        batch: samples per forward pass.
+        device: where the forward passes run.
+        shares: one non-negative weight per rank, or None for the whole set here.
+
+    Returns:
+        The fraction of the set classified correctly (the same on every rank
+        when ``shares`` is given).
+    """
+    x_all, y_all = dataset.tensors
+    start, stop = 0, len(y_all)
+    if shares is not None:
+        import horovod.torch as hvd
+
+        start, stop = evaluation_parts(len(y_all), shares)[hvd.rank()]
     model.eval()
     correct = 0
     with torch.no_grad():
-        x_all, y_all = dataset.tensors
-        for start in range(0, len(y_all), batch):
-            out = model(x_all[start : start + batch].to(device))
-            correct += int((out.argmax(1).cpu() == y_all[start : start + batch]).sum())
+        for first in range(start, stop, batch):
+            last = min(first + batch, stop)
+            out = model(x_all[first:last].to(device))
+            correct += int((out.argmax(1).cpu() == y_all[first:last]).sum())
     model.train()
-    return correct / len(y_all)
+    if shares is None:
+        return correct / max(1, len(y_all))
+    counts = hvd.allreduce(
+        torch.tensor([correct, stop - start], dtype=torch.float64), op=hvd.Sum, name="dbs_hvd.evaluate"
+    )
+    return float(counts[0] / max(1.0, float(counts[1])))
+
+
+def evaluation_parts(size: int, shares: Sequence[int]) -> list[tuple[int, int]]:
+    """Cut ``range(size)`` into one contiguous ``(start, stop)`` part per rank, sized by ``shares``.
+
+    Part boundaries are the rounded cumulative shares, so the parts cover the
+    set exactly once and each differs from its exact proportion by less than one
+    sample. Equal shares give equal parts.
+
+    Raises:
+        ValueError: for a negative share or shares that sum to 0.
+
+    Example:
+        >>> evaluation_parts(10, [3, 1])
+        [(0, 8), (8, 10)]
+    """
+    if any(share < 0 for share in shares) or sum(shares) <= 0:
+        raise ValueError(f"evaluation shares must be non-negative with a positive sum, got {list(shares)}")
+    total = sum(shares)
+    cuts = [0]
+    running = 0
+    for share in shares:
+        running += share
+        cuts.append((size * running + total // 2) // total)
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 def _epoch_summary(
@@ -698,12 +759,13 @@ def epoch_record(
     world: int,
     plain: bool,
 ) -> EpochRecord:
-    """Close an epoch: the global mean loss (a collective), test accuracy, the summary."""
+    """Close an epoch: the global mean loss and the test accuracy (collectives), the summary."""
     import horovod.torch as hvd
 
     totals = hvd.allreduce(loss_sum, op=hvd.Sum, name="dbs_hvd.epoch_loss")
     loss = float(totals[0] / totals[1])
-    accuracy = evaluate(model, test_set, device=device)
+    shares = [1] * world if plain or start_plan is None else run.state.sampler.plan.batch_sizes
+    accuracy = evaluate(model, test_set, device=device, shares=list(shares))
     if plain or start_plan is None:
         return _plain_summary(epoch, world, config.global_batch, loss, accuracy, seconds)
     return _epoch_summary(epoch, run.state, start_plan, loss, accuracy, seconds, config.policy)
@@ -940,4 +1002,4 @@ def train(config: TrainConfig) -> list[EpochRecord]:
     return records
 
 
-__all__ = ["TrainConfig", "train", "validate", "check_flags", "evaluate", "PlanError"]
+__all__ = ["TrainConfig", "train", "validate", "check_flags", "evaluate", "evaluation_parts", "PlanError"]
