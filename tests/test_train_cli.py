@@ -302,9 +302,10 @@ RESUME_RUN = ["--virtual-device", "0:0.5,0:1", "--global-batch", "64"]
 def uninterrupted_run(tmp_path_factory):
     """The checkpoint folder of one uninterrupted 2-epoch run of RESUME_RUN per policy.
 
-    Its ckpt-000000.pt is also what a run stopped after epoch 1 leaves: the
-    epoch count may change between a run and its resumption (checkpoint.
-    RESUMABLE_CHANGES) and the first epoch does not depend on it.
+    Its ckpt-000000.pt is also what a run stopped after its first epoch leaves:
+    the first epoch does not depend on the epoch count (constant learning rate),
+    and the count may change between a run and its resumption (checkpoint.
+    RESUMABLE_CHANGES; the refusal test below resumes with --epochs 3).
     """
     folders = {}
 
@@ -362,8 +363,9 @@ def test_resume_refuses_a_different_configuration_and_a_damaged_file(tmp_path, u
     newest.write_bytes(newest.read_bytes()[:100])
     damaged = run_job(DBS_TRAIN + static, np=2, timeout=120)
     _assert_fails_alike(damaged, "cannot be read as a dbs_hvd checkpoint", ranks=2)
-    # No checkpoint at all: the same path (load_latest on every rank, its
-    # CheckpointError reported as dbs-train's one-line error), in one process.
+    # No checkpoint at all, in one process: the call dbs-train's --resume makes
+    # (load_latest, read on rank 0 and its error shared with every rank, as the
+    # two launched cases show) and the one-line error dbs-train prints for it.
     with pytest.raises(USER_ERRORS) as caught:
         checkpoint.load_latest(tmp_path / "none")
     assert error_line(caught.value).startswith("dbs-train: error: --resume found no checkpoint")
