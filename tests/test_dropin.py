@@ -70,7 +70,9 @@ def test_elastic_state_survives_a_killed_rank_and_ends_as_one_process_would(tmp_
     # localhost, rank 2 on 127.0.0.1, killed in epoch 1; the two survivors
     # restore the last commit, adopt a world of 2 and finish. Every update
     # after the restore is the single-process one on the same global batch,
-    # so the final model equals one process trained on all of them.
+    # so the final model equals one process trained on all of them. A survivor
+    # not connected to the killed rank waits out the Gloo timeout (default 30 s,
+    # 10 s here) in its collective before it resets.
     from tests.test_elastic import read_records
     sys.path.insert(0, str(MPI_TESTS))
     import elastic_dropin_train as script
@@ -79,7 +81,7 @@ def test_elastic_state_survives_a_killed_rank_and_ends_as_one_process_would(tmp_
     path = str(MPI_TESTS / "elastic_dropin_train.py")
     argv = [str(Path(sys.executable).parent / "horovodrun"), "-np", "3", "--min-np", "2",
             "--max-np", "3", "--host-discovery-script", str(ROOT / "launch" / "discover_hosts.sh"),
-            "--start-timeout", "30", "--elastic-timeout", "30",
+            "--start-timeout", "30", "--elastic-timeout", "30", "--gloo-timeout-seconds", "10",
             "--blacklist-cooldown-range", "200", "300", sys.executable, path, str(tmp_path)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=ROOT, env=rank_environment(), start_new_session=True)

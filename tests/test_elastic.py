@@ -41,13 +41,15 @@ def elastic_argv(read_log: Path, extra: tuple[str, ...] = ()) -> list[str]:
     # shell; so --log, which horovodrun would take for its --log-level, goes in
     # an @file. The timeouts and the cooldown keep the driver from waiting 600 s
     # (and ignoring SIGTERM) and keep the killed "host" out for the whole run.
+    # The Gloo timeout (default 30 s) bounds how long a survivor that was not
+    # connected to the killed rank waits in its collective before it resets.
     options = read_log.parent / "options.txt"
     options.write_text(f"--log\n{read_log.parent / 'epochs.jsonl'}\n"
                        f"--rebalance-log\n{read_log.parent / 'rebalances.jsonl'}\n")
     return [
         HOROVODRUN, "-np", "3", "--min-np", "2", "--max-np", "3",
         "--host-discovery-script", str(ROOT / "launch" / "discover_hosts.sh"),
-        "--start-timeout", "30", "--elastic-timeout", "30",
+        "--start-timeout", "30", "--elastic-timeout", "30", "--gloo-timeout-seconds", "10",
         "--blacklist-cooldown-range", "200", "300",
         sys.executable, "-m", "dbs_hvd.train.cli", "--elastic", "--commit-every", str(COMMIT_EVERY),
         "--virtual-device", "0:2", "--epochs", str(EPOCHS), "--global-batch", str(GLOBAL_BATCH),

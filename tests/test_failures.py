@@ -19,7 +19,7 @@ def test_a_hung_rank_stops_the_job_within_the_stall_timeout(tmp_path):
     # Rank 1 becomes 100000x slower at step 3: effectively hung in its step.
     argv = launcher_argv(2) + DBS_TRAIN + [
         "--virtual-device", "0:1", "--step-change", "1:3:100000", "--epochs", "3",
-        "--stall-timeout", "10", "--checkpoint-dir", str(tmp_path)]
+        "--stall-timeout", "3", "--checkpoint-dir", str(tmp_path)]
     start = time.monotonic()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=180,
                           env=rank_environment())

@@ -367,22 +367,52 @@ def _params(path):
     return torch.load(path, weights_only=True)["model"]
 
 
+RESUME_RUN = ["--virtual-device", "0:0.5,0:1", "--global-batch", "64"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    """The checkpoint folder of one uninterrupted 2-epoch run of RESUME_RUN per policy.
+
+    Its ckpt-000000.pt is also what a run stopped after its first epoch leaves:
+    the first epoch does not depend on the epoch count (constant learning rate),
+    and the count may change between a run and its resumption (checkpoint.
+    RESUMABLE_CHANGES; the refusal test below resumes with --epochs 3).
+    """
+    folders = {}
+
+    def run(policy):
+        if policy not in folders:
+            folder = tmp_path_factory.mktemp(f"whole_{policy}")
+            train(2, *RESUME_RUN, "--policy", policy, "--epochs", "2", "--checkpoint-dir",
+                  str(folder))
+            folders[policy] = folder
+        return folders[policy]
+
+    return run
+
+
 @mpi
 @pytest.mark.parametrize("policy, tolerance", [("static", 0.0), ("dbs", 1e-4)])
-def test_resume_continues_as_if_never_interrupted(tmp_path, policy, tolerance):
+def test_resume_continues_as_if_never_interrupted(tmp_path, uninterrupted_run, policy, tolerance):
     """Epoch 2 after a resume equals epoch 2 of an uninterrupted run.
 
-    With a fixed plan the arithmetic is identical (exact equality); with a
-    moving plan only the float summation order differs.
+    The interrupted run is the uninterrupted one's first epoch: its epoch-0
+    checkpoint alone, in a folder of its own, resumed to 2 epochs. With a fixed
+    plan the arithmetic is identical (exact equality); with a moving plan only
+    the float summation order differs.
     """
+    import shutil
+
     import torch
 
-    common = ["--virtual-device", "0:0.5,0:1", "--global-batch", "64", "--policy", policy]
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    train(2, *common, "--epochs", "2", "--checkpoint-dir", str(whole))
-    train(2, *common, "--epochs", "1", "--checkpoint-dir", str(split))
-    result = train(2, *common, "--epochs", "2", "--checkpoint-dir", str(split), "--resume")
+    whole, split = uninterrupted_run(policy), tmp_path / "split"
+    split.mkdir()
+    shutil.copy(whole / "ckpt-000000.pt", split / "ckpt-000000.pt")
+    result = train(2, *RESUME_RUN, "--policy", policy, "--epochs", "2", "--checkpoint-dir",
+                   str(split), "--resume")
     assert "resumed from" in "\n".join(result.rank_output.get(0, []))
+    assert "at epoch 1" in "\n".join(result.rank_output.get(0, []))
     a, b = _params(whole / "ckpt-000001.pt"), _params(split / "ckpt-000001.pt")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=tolerance, atol=tolerance,
@@ -390,20 +420,27 @@ def test_resume_continues_as_if_never_interrupted(tmp_path, policy, tolerance):
 
 
 @mpi
-def test_resume_refuses_a_different_configuration_and_a_damaged_file(tmp_path):
+def test_resume_refuses_a_different_configuration_and_a_damaged_file(tmp_path, uninterrupted_run):
+    import shutil
+
+    from dbs_hvd.train import checkpoint
+
     folder = tmp_path / "ckpt"
-    train(2, "--epochs", "1", "--policy", "static", "--checkpoint-dir", str(folder))
-    changed = run_job(DBS_TRAIN + ["--epochs", "2", "--policy", "static", "--seed", "9",
-                                   "--checkpoint-dir", str(folder), "--resume"], np=2, timeout=120)
+    shutil.copytree(uninterrupted_run("static"), folder)
+    static = [*RESUME_RUN, "--policy", "static", "--epochs", "3", "--checkpoint-dir", str(folder),
+              "--resume"]
+    changed = run_job(DBS_TRAIN + static + ["--seed", "9"], np=2, timeout=120)
     _assert_fails_alike(changed, "different configuration (seed: checkpoint 0, now 9)", ranks=2)
-    (newest,) = folder.glob("ckpt-*.pt")
+    newest = checkpoint.list_checkpoints(folder)[-1]
     newest.write_bytes(newest.read_bytes()[:100])
-    damaged = run_job(DBS_TRAIN + ["--epochs", "2", "--policy", "static",
-                                   "--checkpoint-dir", str(folder), "--resume"], np=2, timeout=120)
+    damaged = run_job(DBS_TRAIN + static, np=2, timeout=120)
     _assert_fails_alike(damaged, "cannot be read as a dbs_hvd checkpoint", ranks=2)
-    missing = run_job(DBS_TRAIN + ["--epochs", "2", "--checkpoint-dir", str(tmp_path / "none"),
-                                   "--resume"], np=2, timeout=120)
-    _assert_fails_alike(missing, "found no checkpoint", ranks=2)
+    # No checkpoint at all, in one process: the call dbs-train's --resume makes
+    # (load_latest, read on rank 0 and its error shared with every rank, as the
+    # two launched cases show) and the one-line error dbs-train prints for it.
+    with pytest.raises(USER_ERRORS) as caught:
+        checkpoint.load_latest(tmp_path / "none")
+    assert error_line(caught.value).startswith("dbs-train: error: --resume found no checkpoint")
 
 
 @mpi
