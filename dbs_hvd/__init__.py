@@ -28,14 +28,12 @@ import dbs_hvd first. Under an MPI launcher (mpirun) it initialises MPI
 through mpi4py (``claim_mpi``) so that MPI outlives Horovod's background
 thread; outside MPI it does nothing. Under a CPU quota of less than one core
 (a container's CPU limit, a cgroup) it sets ``HOROVOD_CYCLE_TIME`` for that
-quota unless it is set already (``quota.configure_horovod_cycle``); under
-mpirun the ranks agree on the longest such cycle, a collective at import, so
-every rank imports dbs_hvd. The
+quota unless it is set already (``quota.configure_horovod_cycle``). The
 torch-dependent names load on first use, so the pure policy code imports
 without torch.
 """
 
-from .comm import DbsError, claim_mpi, max_over_mpi_ranks
+from .comm import DbsError, claim_mpi
 from .dropping import ZeroSamplePolicy
 from .grid import GridPolicy
 from .options import MemoryOptions, RebalanceOptions, SampleCosts, ZeroSampleOptions
@@ -65,12 +63,11 @@ __version__ = "0.1.0"
 
 # Under mpirun, MPI must be initialised by mpi4py before hvd.init() so that it
 # outlives Horovod's background thread (see comm.py): a no-op elsewhere.
-_MPI_CLAIMED = claim_mpi()
+claim_mpi()
 # Under a CPU quota of less than a core, Horovod's background thread cycles more
-# slowly (quota.configure_horovod_cycle), and under mpirun every rank with it, at
-# the longest cycle of any rank: it is read at hvd.init(), so it is set here,
-# unless HOROVOD_CYCLE_TIME is set already.
-configure_horovod_cycle(agree=max_over_mpi_ranks if _MPI_CLAIMED else None)
+# slowly (quota.configure_horovod_cycle): it is read at hvd.init(), so it is set
+# here, unless HOROVOD_CYCLE_TIME is set already.
+configure_horovod_cycle()
 
 __all__ = [
     "Bounds",

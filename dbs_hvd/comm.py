@@ -261,22 +261,6 @@ def claim_mpi() -> bool:
     return _mpi_owned_by_process
 
 
-def max_over_mpi_ranks(value: float) -> float:
-    """The largest ``value`` over the ranks of ``mpirun``: a collective every rank must call.
-
-    Works before ``hvd.init()``, through mpi4py, where ``claim_mpi`` has made MPI
-    outlive Horovod; elsewhere (no MPI launcher, a single rank) it returns
-    ``value`` and talks to nobody.
-    """
-    if not _mpi_owned_by_process:
-        return value
-    from mpi4py import MPI
-
-    if MPI.COMM_WORLD.Get_size() == 1:
-        return value
-    return float(MPI.COMM_WORLD.allreduce(float(value), op=MPI.MAX))
-
-
 def abort_job_after(print_exception: Callable[..., Any]) -> Callable[..., None]:
     """An excepthook that prints the error, then aborts the whole MPI job.
 

@@ -22,7 +22,7 @@ the path from the process's own group to the root that sets a quota counts.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, MutableMapping
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,9 +127,10 @@ def min_window_seconds(quota: CpuQuota | None) -> float:
     return 0.0 if quota is None else PERIODS_PER_WINDOW * quota.period
 
 
-#: Horovod's background cycle under a quota of S cores: every CYCLE_MS_PER_SHARE / S
-#: milliseconds, within [1, MAX_CYCLE_MS].
+#: Horovod's background cycle under a quota of S cores with a period of P: every
+#: CYCLE_MS_PER_SHARE / S milliseconds, at most P / CYCLES_PER_PERIOD, within [1, MAX_CYCLE_MS].
 CYCLE_MS_PER_SHARE = 2.5
+CYCLES_PER_PERIOD = 2
 MAX_CYCLE_MS = 20.0
 
 
@@ -142,7 +143,9 @@ def horovod_cycle_ms(quota: CpuQuota | None) -> float | None:
     rank's share, and at a fraction of a core it can take most of it, leaving
     little for training. Longer cycles cost fewer negotiations per second and add
     at most one cycle of latency to each allreduce, so a throttled rank cycles
-    more slowly the smaller its share.
+    more slowly the smaller its share. Within a short quota period that latency
+    is the larger cost (the rank is never frozen for long), so the cycle is also
+    at most half the period.
 
     Args:
         quota: this rank's quota (:func:`own_quota`), or None.
@@ -152,43 +155,28 @@ def horovod_cycle_ms(quota: CpuQuota | None) -> float | None:
     """
     if quota is None or quota.share >= 1:
         return None
-    return min(max(CYCLE_MS_PER_SHARE / quota.share, 1.0), MAX_CYCLE_MS)
+    cycle = min(CYCLE_MS_PER_SHARE / quota.share, 1000.0 * quota.period / CYCLES_PER_PERIOD)
+    return min(max(cycle, 1.0), MAX_CYCLE_MS)
 
 
-def configure_horovod_cycle(
-    environ: MutableMapping[str, str] | None = None,
-    agree: Callable[[float], float] | None = None,
-) -> float | None:
-    """Set ``HOROVOD_CYCLE_TIME`` for the job's quotas unless the user set it.
-
-    Each rank derives a cycle from its own quota (:func:`horovod_cycle_ms`).
-    Horovod's negotiation is a collective every cycle, so a rank that cycles
-    faster than its peers only waits in it for them, and under the MPI
-    controller that wait polls on the rank's own core, beside its training
-    thread. With ``agree`` every rank takes the longest cycle of any rank, so a
-    rank without a quota cycles with the throttled ones.
+def configure_horovod_cycle(environ: MutableMapping[str, str] | None = None) -> float | None:
+    """Set ``HOROVOD_CYCLE_TIME`` for this rank's quota unless the user set it.
 
     Horovod reads the variable in ``hvd.init()``, so this runs before it
-    (``import dbs_hvd`` calls it).
-
-    Args:
-        environ: the environment to read and set (default ``os.environ``).
-        agree: the maximum of a value over all ranks, a collective every rank
-            calls, whether or not it set the variable itself; None where the
-            ranks cannot talk yet (each rank then keeps its own cycle).
+    (``import dbs_hvd`` calls it). Each rank sets its own: a rank without a
+    quota keeps Horovod's short cycle, so in each negotiation it is the
+    throttled rank that arrives last and the others that wait for it, on cores
+    whose time is not rationed.
 
     Returns:
         The cycle set, in milliseconds, or None where nothing was set.
     """
     environ = os.environ if environ is None else environ
-    user_set = "HOROVOD_CYCLE_TIME" in environ
-    cycle = None if user_set else horovod_cycle_ms(own_quota())
-    if agree is not None:
-        longest = agree(cycle or 0.0)
-        cycle = longest if longest > 0 else None
-    if user_set or cycle is None:
+    if "HOROVOD_CYCLE_TIME" in environ:
         return None
-    environ["HOROVOD_CYCLE_TIME"] = f"{cycle:g}"
+    cycle = horovod_cycle_ms(own_quota())
+    if cycle is not None:
+        environ["HOROVOD_CYCLE_TIME"] = f"{cycle:g}"
     return cycle
 
 

@@ -159,31 +159,12 @@ def test_the_cycle_slows_with_the_share_and_respects_the_users_setting(tmp_path,
     assert q.configure_horovod_cycle(env) is None and env["HOROVOD_CYCLE_TIME"] == "3"
 
 
-def test_ranks_agree_on_the_longest_cycle_and_every_rank_joins_the_agreement(tmp_path, monkeypatch):
+def test_within_a_short_period_the_cycle_is_at_most_half_of_it(tmp_path):
     from dbs_hvd import quota as q
 
-    calls = []
-
-    def longest_of(*others):
-        def agree(value):
-            calls.append(value)
-            return max(value, *others)
-        return agree
-
-    monkeypatch.setattr(q, "own_quota", lambda: None)  # this rank has no quota
-    env = {}
-    assert q.configure_horovod_cycle(env, agree=longest_of(10.0, 0.0)) == pytest.approx(10.0)
-    assert env == {"HOROVOD_CYCLE_TIME": "10"} and calls == [0.0]
-    env = {}
-    assert q.configure_horovod_cycle(env, agree=longest_of(0.0)) is None and env == {}
-    monkeypatch.setattr(q, "own_quota", lambda: CpuQuota(0.5, 0.1, tmp_path, 1))
-    env = {}
-    assert q.configure_horovod_cycle(env, agree=longest_of(0.0)) == pytest.approx(5.0)
-    # A rank whose user set the cycle keeps it, but still joins the collective.
-    calls.clear()
-    env = {"HOROVOD_CYCLE_TIME": "3"}
-    assert q.configure_horovod_cycle(env, agree=longest_of(10.0)) is None
-    assert env == {"HOROVOD_CYCLE_TIME": "3"} and calls == [0.0]
+    assert q.horovod_cycle_ms(CpuQuota(0.25, 0.01, tmp_path, 1)) == pytest.approx(5.0)
+    assert q.horovod_cycle_ms(CpuQuota(0.5, 0.01, tmp_path, 1)) == pytest.approx(5.0)
+    assert q.horovod_cycle_ms(CpuQuota(0.25, 0.001, tmp_path, 1)) == pytest.approx(1.0)
 
 
 def test_the_quiet_waits_sleeps_grow_with_a_smaller_share(tmp_path):
@@ -197,7 +178,7 @@ def test_the_quiet_waits_sleeps_grow_with_a_smaller_share(tmp_path):
 
 @pytest.mark.mpi
 @pytest.mark.skipif(not _writable_cgroup(), reason="needs root and the cgroup v1 cpu controller")
-def test_under_mpirun_a_rank_without_a_quota_cycles_with_the_throttled_one(monkeypatch):
+def test_under_mpirun_only_the_throttled_rank_cycles_more_slowly(monkeypatch):
     from tests.harness import run_job
 
     monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)
@@ -207,4 +188,4 @@ def test_under_mpirun_a_rank_without_a_quota_cycles_with_the_throttled_one(monke
                    "--", sys.executable, "-c", code], np=2, timeout=120)
     assert job.ok, job.describe()
     cycles = {rank: [line.split() for line in lines if "CYCLE" in line] for rank, lines in job.rank_output.items()}
-    assert cycles == {0: [["CYCLE", "0", "10"]], 1: [["CYCLE", "1", "10"]]}
+    assert cycles == {0: [["CYCLE", "0", "None"]], 1: [["CYCLE", "1", "10"]]}
