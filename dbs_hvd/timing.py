@@ -101,13 +101,18 @@ class StepTimer:
         # used over the share is a floor on the wall time its work needs.
         # With a work_clock (the training thread's own CPU time), the CPU the
         # process's other threads used is overhead taken from the share first,
-        # and the work's floor is its CPU over what remains.
+        # and the work's floor is its CPU over what remains. CPU used while the
+        # training thread waits (polling, the background thread waiting in its
+        # negotiation) is the price of waiting, gone once the rank is the one
+        # the others wait for, so it counts in neither.
         self._cpu_share = cpu_share
         self._cpu_clock = cpu_clock
         self._work_clock = work_clock
         self._cpu_mark = cpu_clock() if cpu_share else 0.0
         self._work_mark = work_clock() if cpu_share and work_clock else 0.0
         self._wall_mark = clock() if cpu_share else 0.0
+        self._cpu_in_waits = 0.0
+        self._work_in_waits = 0.0
         self._step_start: float | None = None
         # Times of the signals since the last step ended, oldest first.
         self._taken: list[float] = []
@@ -142,11 +147,17 @@ class StepTimer:
         if self._device_sync is not None:
             self._device_sync()
         frozen = self._frozen_clock() if self._frozen_clock is not None else 0.0
+        cpu = self._cpu_clock() if self._cpu_share else 0.0
+        work = self._work_clock() if self._cpu_share and self._work_clock else 0.0
         started = self._clock()
         try:
             yield
         finally:
             waited = self._clock() - started
+            if self._cpu_share:
+                self._cpu_in_waits += self._cpu_clock() - cpu
+                if self._work_clock is not None:
+                    self._work_in_waits += self._work_clock() - work
             if self._frozen_clock is not None:
                 waited -= min(max(self._frozen_clock() - frozen, 0.0), waited)
             self._wait_in_step += waited
@@ -196,19 +207,22 @@ class StepTimer:
 
         Under a CPU quota (``cpu_share``) the window's compute is at least the
         CPU time the process used in it over its share: the wall time the work
-        takes once the quota binds.
+        takes once the quota binds. CPU used inside ``waiting`` blocks is left
+        out: a rank the others wait for does not wait itself.
         """
         window, self.window = self.window, WindowTotals()
         if self._cpu_share:
             now, wall = self._cpu_clock(), self._clock()
-            used, self._cpu_mark = now - self._cpu_mark, now
+            used, self._cpu_mark = now - self._cpu_mark - self._cpu_in_waits, now
             elapsed, self._wall_mark = wall - self._wall_mark, wall
-            floor = used / self._cpu_share
+            floor = max(used, 0.0) / self._cpu_share
             if self._work_clock is not None:
                 work_now = self._work_clock()
-                work, self._work_mark = work_now - self._work_mark, work_now
+                work, self._work_mark = work_now - self._work_mark - self._work_in_waits, work_now
+                work = max(work, 0.0)
                 overhead_rate = max(used - work, 0.0) / elapsed if elapsed > 0 else 0.0
                 floor = work / max(self._cpu_share - overhead_rate, 0.1 * self._cpu_share)
+            self._cpu_in_waits = self._work_in_waits = 0.0
             if window.steps:
                 window.compute_seconds = max(window.compute_seconds, floor)
         return window

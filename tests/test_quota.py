@@ -143,6 +143,26 @@ def test_with_a_work_clock_other_threads_cpu_is_overhead_taken_from_the_share():
     assert window.compute_seconds == pytest.approx(0.010 / 0.15)
 
 
+def test_cpu_used_while_waiting_is_not_part_of_the_floor():
+    """Polling in a wait (either thread) is the price of slack, not of the rank's work."""
+    clocks = FakeClocks()
+    cpu, work = [0.0], [0.0]
+    timer = StepTimer(clock=lambda: clocks.now, cpu_share=0.25, cpu_clock=lambda: cpu[0],
+                      work_clock=lambda: work[0])
+    timer.mark_start()
+    for _ in range(10):  # 2 ms steps of 1 ms work, then 8 ms waits that burn 2 ms of CPU
+        clocks.now += 0.002
+        cpu[0] += 0.001
+        work[0] += 0.001
+        with timer.waiting():
+            clocks.now += 0.008
+            cpu[0] += 0.002  # 1 ms on the training thread's polls, 1 ms on other threads
+            work[0] += 0.001
+        timer.end_step(2)
+    window = timer.take_window()
+    assert window.compute_seconds == pytest.approx(0.010 / 0.25)  # not 0.030 / 0.15
+
+
 def test_the_cycle_slows_with_the_share_and_respects_the_users_setting(tmp_path, monkeypatch):
     from dbs_hvd import quota as q
 
