@@ -38,7 +38,7 @@ from .dropping import ZeroSamplePolicy
 from .grid import GridPolicy
 from .options import MemoryOptions, RebalanceOptions, SampleCosts, ZeroSampleOptions
 from .plan import Bounds, Plan, PlanError, Policy, WindowStats
-from .policies import POLICIES, CostModelPolicy, ProportionalPolicy, StaticPolicy, make_policy
+from .policies import POLICIES, DbsPolicy, PaperPolicy, StaticPolicy, make_policy
 from .quota import configure_horovod_cycle
 
 _LAZY = {
@@ -71,8 +71,8 @@ configure_horovod_cycle()
 
 __all__ = [
     "Bounds",
-    "CostModelPolicy",
     "DbsError",
+    "DbsPolicy",
     "DistributedOptimizer",
     "DynamicBatchSampler",
     "ElasticState",
@@ -84,7 +84,7 @@ __all__ = [
     "Plan",
     "PlanError",
     "Policy",
-    "ProportionalPolicy",
+    "PaperPolicy",
     "RebalanceOptions",
     "SampleCosts",
     "StaticPolicy",

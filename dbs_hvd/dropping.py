@@ -151,8 +151,8 @@ class ZeroSamplePolicy(Policy):
         options: ``ZeroSampleOptions`` (probe size, gain, most ranks left out).
 
     Example:
-        >>> from dbs_hvd.policies import ProportionalPolicy
-        >>> policy = ZeroSamplePolicy(ProportionalPolicy(64), ZeroSampleOptions(enabled=True))
+        >>> from dbs_hvd.policies import PaperPolicy
+        >>> policy = ZeroSamplePolicy(PaperPolicy(64), ZeroSampleOptions(enabled=True))
         >>> policy.bounds.allow_zero, policy.name
         (True, 'paper')
     """

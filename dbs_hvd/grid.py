@@ -96,9 +96,9 @@ class GridPolicy(Policy):
         PlanError: if ``inner`` was not built for this grid.
 
     Examples:
-        >>> from dbs_hvd.policies import ProportionalPolicy
+        >>> from dbs_hvd.policies import PaperPolicy
         >>> units = unit_bounds(128, 8, Bounds())
-        >>> policy = GridPolicy(ProportionalPolicy(16, units), 8, 128)
+        >>> policy = GridPolicy(PaperPolicy(16, units), 8, 128)
         >>> stats = WindowStats(np.array([43.0, 43.0, 42.0]), np.array([1.0, 1.0, 2.0]),
         ...                     np.array([1.0, 1.0, 1.0]))
         >>> policy.next_plan(stats, Plan((43, 43, 42))).batch_sizes

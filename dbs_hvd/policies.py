@@ -1,9 +1,9 @@
 """The policies, under the names dbs-train's ``--policy`` gives them, and their registry.
 
 * ``StaticPolicy`` (``static``): never moves the plan.
-* ``ProportionalPolicy`` (``paper``): the DBS paper's rule, shares in
+* ``PaperPolicy`` (``paper``): the DBS paper's rule, shares in
   proportion to the last window's speeds.
-* ``CostModelPolicy`` (``dbs``, the default): below.
+* ``DbsPolicy`` (``dbs``, the default): below.
 
 ``make_policy`` builds one by name (``POLICIES``), on the grid of
 ``GridPolicy`` (grid.py) for ``batch_multiple`` > 1. dbs-train's fourth
@@ -12,7 +12,7 @@ DistributedSampler and optimizer and no DBS at all. The interface they share
 (``Policy``) and the arithmetic (``apportion``, ``equalise_step_times``) are
 in plan.py.
 
-``CostModelPolicy`` ("dbs", our default) differs from the paper's rule in these ways:
+``DbsPolicy`` ("dbs", our default) differs from the paper's rule in these ways:
 
 * **Smoothing.** Each rank's step times are kept over recent windows and
   weighted by age (exponential decay), so one noisy window does not move the plan.
@@ -102,7 +102,7 @@ class StaticPolicy(Policy):
         return current
 
 
-class ProportionalPolicy(Policy):
+class PaperPolicy(Policy):
     """The DBS paper's rule: each rank's share proportional to its speed in the last window.
 
     Speed is samples per compute second. With no smoothing the plan follows
@@ -174,7 +174,7 @@ def _median(values: np.ndarray) -> float:
     return float((ordered[k - 1] + ordered[k]) / 2)
 
 
-class CostModelPolicy(Policy):
+class DbsPolicy(Policy):
     """Equalise predicted step times, smoothed, with a deadband and a trust region.
 
     The ``dbs`` policy of dbs-train (module notes above, and docs/design.md).
@@ -207,7 +207,7 @@ class CostModelPolicy(Policy):
 
     Examples:
         >>> import numpy as np
-        >>> policy = CostModelPolicy(global_batch=64)
+        >>> policy = DbsPolicy(global_batch=64)
         >>> stats = WindowStats(samples=np.array([320.0, 320.0]),
         ...                     compute_seconds=np.array([1.0, 4.0]),
         ...                     steps=np.array([10.0, 10.0]))
@@ -478,8 +478,8 @@ class CostModelPolicy(Policy):
 
 POLICIES: dict[str, type[Policy]] = {
     StaticPolicy.name: StaticPolicy,
-    ProportionalPolicy.name: ProportionalPolicy,
-    CostModelPolicy.name: CostModelPolicy,
+    PaperPolicy.name: PaperPolicy,
+    DbsPolicy.name: DbsPolicy,
 }
 
 

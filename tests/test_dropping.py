@@ -11,7 +11,7 @@ import pytest
 from dbs_hvd.dropping import ZeroSamplePolicy, choose_ranks, plan_among
 from dbs_hvd.options import ZeroSampleOptions
 from dbs_hvd.plan import Bounds, Plan, PlanError, WindowStats
-from dbs_hvd.policies import ProportionalPolicy
+from dbs_hvd.policies import PaperPolicy
 from dbs_hvd.sampler import DynamicBatchSampler, StepBatch
 
 FAST = np.array([5e-4, 5e-4, 5e-4])  # seconds per sample
@@ -77,7 +77,7 @@ def window(samples, seconds, steps):
 
 
 def test_the_policy_leaves_a_straggler_out_after_confirming_and_brings_it_back():
-    policy = ZeroSamplePolicy(ProportionalPolicy(60), ZeroSampleOptions(enabled=True, probe_samples=2))
+    policy = ZeroSamplePolicy(PaperPolicy(60), ZeroSampleOptions(enabled=True, probe_samples=2))
     plan = Plan((20, 20, 20))
     # Rank 2 takes 80 ms per step at any batch; ranks 0 and 1 0.5 ms per sample.
     def measured(plan, straggler):
@@ -103,7 +103,7 @@ def test_the_policy_leaves_a_straggler_out_after_confirming_and_brings_it_back()
 
 
 def test_a_window_without_a_probe_carries_the_last_one_forward():
-    policy = ZeroSamplePolicy(ProportionalPolicy(60), ZeroSampleOptions(enabled=True))
+    policy = ZeroSamplePolicy(PaperPolicy(60), ZeroSampleOptions(enabled=True))
     plan = Plan((30, 30, 0))
     policy._last[2] = (2.0, 0.08, 1.0)
     points = {0: [(30.0, 0.015)], 1: [(30.0, 0.015)], 2: [(2.0, 0.08)]}

@@ -9,7 +9,7 @@ from dbs_hvd.plan import (
     Bounds, Plan, PlanError, WindowStats, apportion, equalise_step_times, round_to_total,
     solve_clipped_linear,
 )
-from dbs_hvd.policies import ProportionalPolicy, StaticPolicy, make_policy
+from dbs_hvd.policies import PaperPolicy, StaticPolicy, make_policy
 
 
 def stats(samples, seconds):
@@ -62,19 +62,19 @@ def test_apportion_rounds_within_one_of_the_unbounded_share(case):
 
 
 def test_proportional_policy_matches_speed_ratio():
-    policy = ProportionalPolicy(100)
+    policy = PaperPolicy(100)
     plan = policy.next_plan(stats([50, 50], [1.0, 3.0]), Plan((50, 50)))
     assert plan.batch_sizes == (75, 25)
 
 
 def test_min_batch_floor_holds_for_a_very_slow_rank():
-    policy = ProportionalPolicy(64, Bounds(min_batch=4))
+    policy = PaperPolicy(64, Bounds(min_batch=4))
     plan = policy.next_plan(stats([32, 32], [1.0, 1e6]), Plan((32, 32)))
     assert plan.batch_sizes == (60, 4)
 
 
 def test_max_batch_cap_moves_the_rest_to_the_others():
-    policy = ProportionalPolicy(90, Bounds(1, 40))
+    policy = PaperPolicy(90, Bounds(1, 40))
     plan = policy.next_plan(stats([30, 30, 30], [1.0, 10.0, 10.0]), Plan((30, 30, 30)))
     assert plan.batch_sizes == (40, 25, 25)
 
@@ -88,7 +88,7 @@ def test_equal_split_and_static_policy():
 
 
 def test_single_rank_gets_the_whole_batch():
-    assert ProportionalPolicy(32).next_plan(stats([32], [2.0]), Plan((32,))).batch_sizes == (32,)
+    assert PaperPolicy(32).next_plan(stats([32], [2.0]), Plan((32,))).batch_sizes == (32,)
 
 
 def test_plan_offsets_and_weights():
@@ -103,7 +103,7 @@ def test_plan_offsets_and_weights():
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
 def test_bad_timing_is_rejected_naming_the_rank(bad):
     with pytest.raises(PlanError, match=r"rank 1 reported compute time"):
-        ProportionalPolicy(64).next_plan(stats([32, 32], [1.0, bad]), Plan((32, 32)))
+        PaperPolicy(64).next_plan(stats([32, 32], [1.0, bad]), Plan((32, 32)))
 
 
 @pytest.mark.parametrize("global_batch, n, bounds, message", [
@@ -121,7 +121,7 @@ def test_impossible_configurations_raise_clear_errors(global_batch, n, bounds, m
 
 def test_stats_from_a_different_world_size_are_rejected():
     with pytest.raises(PlanError, match="stats from 3 ranks"):
-        ProportionalPolicy(30).next_plan(stats([10, 10, 10], [1, 1, 1]), Plan((15, 15)))
+        PaperPolicy(30).next_plan(stats([10, 10, 10], [1, 1, 1]), Plan((15, 15)))
 
 
 def test_unknown_policy_lists_the_known_ones():

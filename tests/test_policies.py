@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from dbs_hvd.plan import Bounds, Plan, PlanError, WindowStats
-from dbs_hvd.policies import CostModelPolicy, _median, fit_step_costs, make_policy
+from dbs_hvd.policies import DbsPolicy, _median, fit_step_costs, make_policy
 
 
 def window(plan, overhead, per_sample, noise=0.0, rng=None, steps=5):
@@ -31,7 +31,7 @@ def run(policy, plan, overhead, per_sample, windows, **kw):
 
 def test_converges_to_equal_step_times_with_fixed_overheads():
     overhead, per_sample = np.array([0.02, 0.02, 0.02]), np.array([1e-3, 2e-3, 4e-3])
-    policy = CostModelPolicy(256)
+    policy = DbsPolicy(256)
     plans = run(policy, Plan.equal(256, 3), overhead, per_sample, windows=8)
     times = overhead + per_sample * np.array(plans[-1].batch_sizes)
     optimum = balanced_step(overhead, per_sample, 256)
@@ -41,7 +41,7 @@ def test_converges_to_equal_step_times_with_fixed_overheads():
 def test_beats_the_paper_rule_when_small_batches_cost_more_per_sample():
     # Large per-step overhead: splitting by speed alone overshoots the slow rank.
     overhead, per_sample = np.array([0.01, 0.05]), np.array([1e-3, 3e-3])
-    ours = run(CostModelPolicy(128), Plan.equal(128, 2), overhead, per_sample, windows=6)[-1]
+    ours = run(DbsPolicy(128), Plan.equal(128, 2), overhead, per_sample, windows=6)[-1]
     paper = run(make_policy("paper", 128), Plan.equal(128, 2), overhead, per_sample, windows=1)[-1]
 
     def step(plan):
@@ -61,7 +61,7 @@ def test_no_oscillation_under_measurement_noise():
         sizes = np.array([p.batch_sizes for p in plans])
         return sum(a != b for a, b in zip(plans, plans[1:])), sizes
 
-    ours, sizes = changes(CostModelPolicy(512))
+    ours, sizes = changes(DbsPolicy(512))
     paper, _ = changes(make_policy("paper", 512))
     assert ours <= 8 and ours * 3 <= paper, (ours, paper)
     assert np.ptp(sizes[:, 3]) <= 0.1 * sizes[:, 3].mean()
@@ -69,7 +69,7 @@ def test_no_oscillation_under_measurement_noise():
 
 def test_reacts_to_a_step_change_within_two_rebalances():
     overhead, per_sample = np.zeros(2), np.array([1e-3, 1e-3])
-    policy = CostModelPolicy(128)
+    policy = DbsPolicy(128)
     plan = run(policy, Plan.equal(128, 2), overhead, per_sample, windows=5)[-1]
     assert plan.batch_sizes == (64, 64)
     slowed = np.array([1e-3, 3e-3])  # rank 1 becomes 3x slower
@@ -79,7 +79,7 @@ def test_reacts_to_a_step_change_within_two_rebalances():
 
 def test_trust_region_limits_each_change():
     overhead, per_sample = np.zeros(2), np.array([1e-3, 1e-1])  # 100x slower rank
-    policy = CostModelPolicy(128, max_change=2.0)
+    policy = DbsPolicy(128, max_change=2.0)
     plans = run(policy, Plan.equal(128, 2), overhead, per_sample, windows=4)
     for before, after in zip(plans, plans[1:]):
         for b0, b1 in zip(before.batch_sizes, after.batch_sizes):
@@ -94,7 +94,7 @@ def test_plans_always_sum_to_global_batch_within_bounds(n, min_batch, data):
     bounds = Bounds(max(min_batch, 1), None)
     per_sample = np.array(data.draw(st.lists(st.floats(1e-4, 1e-1), min_size=n, max_size=n)))
     overhead = np.array(data.draw(st.lists(st.floats(0, 0.1), min_size=n, max_size=n)))
-    policy = CostModelPolicy(global_batch, bounds)
+    policy = DbsPolicy(global_batch, bounds)
     plan = Plan.equal(global_batch, n, bounds)
     for _ in range(4):
         plan = policy.next_plan(window(plan, overhead, per_sample), plan)
@@ -114,7 +114,7 @@ def test_fit_recovers_overhead_only_with_enough_batch_spread():
 
 def test_state_dict_round_trip_gives_the_same_next_plan():
     overhead, per_sample = np.array([0.01, 0.01]), np.array([1e-3, 2e-3])
-    a, b = CostModelPolicy(128), CostModelPolicy(128)
+    a, b = DbsPolicy(128), DbsPolicy(128)
     plan = run(a, Plan.equal(128, 2), overhead, per_sample, windows=3)[-1]
     b.load_state_dict(a.state_dict())
     stats = window(plan, overhead, per_sample * 1.5)
@@ -123,9 +123,9 @@ def test_state_dict_round_trip_gives_the_same_next_plan():
 
 def test_bad_options_are_rejected():
     with pytest.raises(PlanError):
-        CostModelPolicy(64, decay=0)
+        DbsPolicy(64, decay=0)
     with pytest.raises(PlanError):
-        CostModelPolicy(64, max_change=1.0)
+        DbsPolicy(64, max_change=1.0)
 
 
 def test_a_change_that_made_the_measured_step_slower_is_reverted():
@@ -133,7 +133,7 @@ def test_a_change_that_made_the_measured_step_slower_is_reverted():
         return WindowStats(np.array(samples, float), np.array(compute, float), np.ones(2),
                            np.array(wait, float))
 
-    policy = CostModelPolicy(128, warmup_steps=0)  # a 9% gain: past warm-up's 15% band
+    policy = DbsPolicy(128, warmup_steps=0)  # a 9% gain: past warm-up's 15% band
     start = Plan((64, 64))
     # Rank 1 looks slower: the policy moves work to rank 0 ...
     moved = policy.next_plan(stats([64, 64], [1.0, 1.2], [0.2, 0.0]), start)
@@ -149,12 +149,12 @@ def test_the_adoption_deadband_follows_the_measured_noise():
     overhead, per_sample = np.zeros(4), np.array([1e-3, 1e-3, 1e-3, 3e-3])
 
     def band_after(noise, **options):
-        policy = CostModelPolicy(512, **options)
+        policy = DbsPolicy(512, **options)
         run(policy, Plan.equal(512, 4), overhead, per_sample, windows=12, noise=noise,
             rng=np.random.default_rng(5))
         return policy.adoption_deadband()
 
-    assert CostModelPolicy(512).adoption_deadband() == 0.03  # nothing measured yet
+    assert DbsPolicy(512).adoption_deadband() == 0.03  # nothing measured yet
     steady, noisy = band_after(0.002), band_after(0.05)
     assert steady == 0.01, steady  # steady devices: near-miss plans are not held
     assert noisy == 0.03, noisy  # noisy ones: the full band against oscillation
@@ -164,7 +164,7 @@ def test_the_adoption_deadband_follows_the_measured_noise():
     assert 0.03 < wide < 0.5, wide
     assert band_after(0.5, max_deadband=0.08) == 0.08
     with pytest.raises(PlanError, match="max_deadband"):
-        CostModelPolicy(512, max_deadband=0.02)  # below the 3% band it would widen
+        DbsPolicy(512, max_deadband=0.02)  # below the 3% band it would widen
 
 
 def test_steady_devices_get_closer_to_balance_than_a_fixed_band_allows():
@@ -179,8 +179,8 @@ def test_steady_devices_get_closer_to_balance_than_a_fixed_band_allows():
                    rng=np.random.default_rng(1))[-1]
         return float(np.max(overhead + per_sample * np.array(plan.batch_sizes)))
 
-    adaptive = final_step(CostModelPolicy(600))
-    fixed = final_step(CostModelPolicy(600, min_deadband=0.03))
+    adaptive = final_step(DbsPolicy(600))
+    fixed = final_step(DbsPolicy(600, min_deadband=0.03))
     assert adaptive <= optimum * 1.01, (adaptive, optimum)
     assert adaptive < fixed, (adaptive, fixed)
 
@@ -194,9 +194,9 @@ def test_a_rank_that_visibly_changed_speed_may_move_past_the_trust_region():
         # Rank 1 becomes 8x slower: far outside the model, so it is measured afresh.
         return policy.next_plan(window(plan, overhead, np.array([1e-3, 8e-3])), plan)
 
-    moved = first_answer(CostModelPolicy(128)).batch_sizes[1]
+    moved = first_answer(DbsPolicy(128)).batch_sizes[1]
     assert 64 / 5 <= moved < 64 // 3, moved  # past the 3x region (21), within 5x
-    capped = first_answer(CostModelPolicy(128, surprise_change=3.0)).batch_sizes[1]
+    capped = first_answer(DbsPolicy(128, surprise_change=3.0)).batch_sizes[1]
     assert capped == 64 // 3
 
 
@@ -209,7 +209,7 @@ def test_a_disturbance_starting_with_a_change_is_not_blamed_on_the_change():
         return WindowStats(np.array(samples, float), np.array(compute, float), np.ones(3),
                            np.array(wait, float))
 
-    policy = CostModelPolicy(126, warmup_steps=0)  # a small first move: past warm-up
+    policy = DbsPolicy(126, warmup_steps=0)  # a small first move: past warm-up
     start = Plan((42, 42, 42))
     moved = policy.next_plan(stats([42, 42, 42], [1.0, 0.85, 1.0], [0.0, 0.15, 0.0]), start)
     assert moved != start
@@ -225,14 +225,14 @@ def test_warm_up_jitter_does_not_move_the_plan_but_a_slow_device_does():
     # Measured on this project's machine: one of two equal ranks ran its first
     # 8 steps 12-20% slower (84-90 ms against 75 ms), then both ran 63-67 ms.
     overhead = np.zeros(2)
-    policy = CostModelPolicy(128)  # warm-up: the first 10 steps
+    policy = DbsPolicy(128)  # warm-up: the first 10 steps
     plan = Plan((64, 64))
     for _ in range(2):  # windows of 5 steps, rank 0 looking 15% slower
         assert policy.warming_up
         plan = policy.next_plan(window(plan, overhead, np.array([1.15e-3, 1e-3])), plan)
         assert plan == Plan((64, 64))
     # A device 4x slower is answered in the first window all the same.
-    fresh = CostModelPolicy(128)
+    fresh = DbsPolicy(128)
     moved = fresh.next_plan(window(Plan((64, 64)), overhead, np.array([1e-3, 4e-3])),
                             Plan((64, 64)))
     assert moved.batch_sizes[1] < 64 / 2, moved
@@ -248,7 +248,7 @@ def test_what_warm_up_taught_is_forgotten_when_it_ends():
     # rank 0 look about 9% slower after warm-up and move the plan off the
     # equal split that is right for these ranks.
     overhead = np.zeros(2)
-    policy = CostModelPolicy(128, warmup_steps=10)
+    policy = DbsPolicy(128, warmup_steps=10)
     plan = Plan((64, 64))
     for _ in range(2):
         plan = policy.next_plan(window(plan, overhead, np.array([1.2e-3, 1e-3])), plan)
@@ -264,7 +264,7 @@ def test_a_large_imbalance_seen_in_warm_up_keeps_its_windows_for_the_overhead_fi
     # those windows would leave the fit at the speed split (measured: 2-3%
     # slower on [1,4]).
     overhead, per_sample = np.array([0.01, 0.03]), np.array([1e-3, 3e-3])
-    policy = CostModelPolicy(128, warmup_steps=10)
+    policy = DbsPolicy(128, warmup_steps=10)
     plan = Plan((64, 64))
     for _ in range(3):  # 15 steps: warm-up ends in the third window
         plan = policy.next_plan(window(plan, overhead, per_sample), plan)
@@ -280,7 +280,7 @@ def test_a_large_imbalance_seen_in_warm_up_keeps_its_windows_for_the_overhead_fi
 ])
 def test_bad_warm_up_settings_are_refused(steps, warmup_deadband, message):
     with pytest.raises(PlanError, match=message):
-        CostModelPolicy(64, warmup_steps=steps, warmup_deadband=warmup_deadband)
+        DbsPolicy(64, warmup_steps=steps, warmup_deadband=warmup_deadband)
 
 
 def synchronous_window(step_seconds, plan, steps=2):
@@ -302,7 +302,7 @@ def test_an_answer_to_a_speed_change_is_not_judged_against_the_window_of_the_cha
         b = np.asarray(plan.batch_sizes, float)
         return (overhead + 1e-3 * b) * np.array([1.0, slowdown])
 
-    policy = CostModelPolicy(128, warmup_steps=0)
+    policy = DbsPolicy(128, warmup_steps=0)
     plan = Plan((64, 64))
     for _ in range(4):
         plan = policy.next_plan(synchronous_window(step_seconds(plan, 1.0), plan), plan)
@@ -330,7 +330,7 @@ def test_the_step_wall_is_the_time_in_which_all_ranks_trained():
 def test_an_answer_to_a_moderate_surprise_is_still_checked():
     """Misfits of 25-50% come and go where ranks share cores: a plan that answers
     one and makes the measured step slower is reverted, as any other change."""
-    policy = CostModelPolicy(128, warmup_steps=0)
+    policy = DbsPolicy(128, warmup_steps=0)
     plan = Plan((64, 64))
     for _ in range(4):
         plan = policy.next_plan(synchronous_window([0.064, 0.064], plan), plan)
@@ -347,12 +347,12 @@ def test_loaded_windows_replace_the_model_the_policy_had_fitted():
     # against the fit the policy kept from the windows it saw before loading.
     rng = np.random.default_rng(3)
     start = Plan((32, 32))
-    saved = CostModelPolicy(64, warmup_steps=0)
+    saved = DbsPolicy(64, warmup_steps=0)
     run(saved, start, np.array([0.0, 0.0]), np.array([1.0, 3.0]), 4, noise=0.02, rng=rng)
-    loaded = CostModelPolicy(64, warmup_steps=0)
+    loaded = DbsPolicy(64, warmup_steps=0)
     run(loaded, start, np.array([0.0, 0.0]), np.array([2.0, 1.0]), 4, noise=0.02, rng=rng)
     loaded.load_state_dict(saved.state_dict())
-    fresh = CostModelPolicy(64, warmup_steps=0)
+    fresh = DbsPolicy(64, warmup_steps=0)
     fresh.load_state_dict(saved.state_dict())
     probe = window(Plan((40, 24)), np.array([0.0, 0.0]), np.array([1.0, 3.0]))
     loaded.observe(probe)
@@ -371,7 +371,7 @@ def test_diagnostics_say_what_the_decision_rested_on():
     import json
 
     overhead, per_sample = np.zeros(2), np.array([1e-3, 3e-3])
-    policy = CostModelPolicy(64)
+    policy = DbsPolicy(64)
     assert policy.diagnostics()["noise"] is None
     run(policy, Plan.equal(64, 2), overhead, per_sample, windows=6, noise=0.01,
         rng=np.random.default_rng(2))

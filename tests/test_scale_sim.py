@@ -4,7 +4,7 @@ All runs here are small (64 to 128 workers, 6 epochs of 20 steps) so the file
 takes seconds. The efficiency tests use 1% per-step noise: at 64 ranks the
 noise ceiling (the oracle's efficiency) is then about 0.97, so a threshold of
 0.93 tests the policies, not the noise. The xfail test records a weakness of
-CostModelPolicy that the simulator exposes (see its reason).
+DbsPolicy that the simulator exposes (see its reason).
 """
 from __future__ import annotations
 

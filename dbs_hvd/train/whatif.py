@@ -5,7 +5,7 @@ rank's measured window (samples, compute seconds, steps, time blocked in the
 allreduce), the plan before and after, and, under the ``dbs`` policy, the
 step-cost model the policy fitted (a step of ``b`` samples on rank i takes
 ``overhead_i + per_sample_i * b`` compute seconds). With that model, the
-library's own (``CostModelPolicy``), ``dbs-plan`` predicts the synchronous
+library's own (``DbsPolicy``), ``dbs-plan`` predicts the synchronous
 step, as long as its slowest rank's compute, for:
 
 * the current plan: the one the run held after the chosen rebalance;
@@ -22,7 +22,7 @@ so the difference can be seen.
 
 Where the log holds no fitted model (the ``paper`` and ``static`` policies
 record none), or with ``--refit``, the model is fitted again from the logged
-windows by the same code the ``dbs`` policy uses (``CostModelPolicy.observe``).
+windows by the same code the ``dbs`` policy uses (``DbsPolicy.observe``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import numpy as np
 
 from dbs_hvd.grid import unit_bounds
 from dbs_hvd.plan import Bounds, Plan, PlanError, WindowStats, equalise_step_times
-from dbs_hvd.policies import CostModelPolicy
+from dbs_hvd.policies import DbsPolicy
 
 
 class RebalanceLogError(ValueError):
@@ -357,7 +357,7 @@ def fit_cost_model(records: Sequence[dict], index: int = -1, refit: bool = False
 
     The ``dbs`` policy logs the model it fitted (``extra.policy``); that one is
     used unless ``refit``. Otherwise the windows of the same world size up to
-    that rebalance are fed, oldest first, to a fresh ``CostModelPolicy``'s
+    that rebalance are fed, oldest first, to a fresh ``DbsPolicy``'s
     ``observe``: the fit the ``dbs`` policy makes (recent windows weighted
     more, an overhead only where the batch sizes varied enough).
 
@@ -394,7 +394,7 @@ def fit_cost_model(records: Sequence[dict], index: int = -1, refit: bool = False
         start = end
         while start > 0 and len(records[start - 1]["plan_after"]) == world:
             start -= 1
-        fitter = CostModelPolicy(global_batch=sum(record["plan_after"]))
+        fitter = DbsPolicy(global_batch=sum(record["plan_after"]))
         fitted = None
         for earlier in records[start : end + 1]:
             stats = _window(earlier)
