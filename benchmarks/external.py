@@ -162,6 +162,14 @@ def policy_flags(policy: str) -> list[str]:
     return ["--policy", policy]
 
 
+def epoch_moves(epoch: dict) -> int:
+    """Plan changes in one epoch record: inside it, and at its end."""
+    plans = epoch.get("plans") or [epoch.get("batch_sizes")]
+    after = epoch.get("next_batch_sizes")
+    at_end = after is not None and plans[-1] is not None and list(after) != list(plans[-1])
+    return len(plans) - 1 + int(at_end)
+
+
 @dataclass
 class Run:
     scenario: str
@@ -177,9 +185,13 @@ class Run:
 
     @property
     def moves_per_epoch(self) -> float:
-        """Plan changes per epoch after the first (the first leaves the equal split)."""
+        """Plan changes per epoch after the first (the first leaves the equal split).
+
+        A change inside an epoch and one at its end (the plan the epoch hands
+        on, ``next_batch_sizes``) both count.
+        """
         later = self.epochs[1:] or self.epochs
-        return statistics.mean(max(len(e.get("plans") or [0]) - 1, 0) for e in later)
+        return statistics.mean(epoch_moves(e) for e in later)
 
 
 def rank_command(scenario: ExternalScenario, tail: list[str], report: Path | None,
@@ -341,6 +353,11 @@ def merge(parts: list[Path], out: Path) -> None:
         runs += [Run(**r) for r in data["runs"] if r["scenario"] in measured]
         chosen.update({s["name"]: ExternalScenario(**s) for s in data["scenarios"]
                        if s["name"] in measured})
+    for name, rows in summary.items():  # a part may predate a change in how moves count
+        for policy, row in rows.items():
+            these = [r for r in runs if r.scenario == name and r.policy == policy and r.epochs]
+            if these:
+                row["moves_per_epoch"] = statistics.median(r.moves_per_epoch for r in these)
     order = [s.name for s in scenarios(quick=False)]
     rank = {name: order.index(name) if name in order else len(order) for name in summary}
     summary = {name: summary[name] for name in sorted(summary, key=rank.__getitem__)}

@@ -32,7 +32,7 @@ def test_every_scenario_compares_plain_horovod_paper_and_dbs_or_is_a_control():
 
 
 def run(policy, repeat, seconds, plans=None, cpu=(1.0, 1.0)):
-    epochs = [{"seconds": s, "plans": p, "next_batch_sizes": [32, 32], "accuracy": 0.9}
+    epochs = [{"seconds": s, "plans": p, "next_batch_sizes": p[-1], "accuracy": 0.9}
               for s, p in zip(seconds, plans or [[[32, 32]]] * len(seconds))]
     return external.Run("s", policy, repeat, epochs, [{"cpu_seconds": c} for c in cpu])
 
@@ -52,6 +52,16 @@ def test_summary_ratios(monkeypatch):
     assert rows["dbs"]["time_vs_ideal"] == pytest.approx(2.5 / 2)
     assert rows["dbs"]["time_vs_best_fixed"] == pytest.approx(2.5 / 3)
     assert rows["dbs"]["moves_per_epoch"] == 0.0  # moves after the first epoch only
+
+
+def test_a_move_at_an_epochs_end_counts_as_a_move():
+    assert external.epoch_moves({"plans": [[32, 32]], "next_batch_sizes": [32, 32]}) == 0
+    assert external.epoch_moves({"plans": [[32, 32]], "next_batch_sizes": [30, 34]}) == 1
+    assert external.epoch_moves({"plans": [[32, 32], [40, 24]], "next_batch_sizes": [41, 23]}) == 2
+    assert external.epoch_moves({"plans": [], "batch_sizes": [32, 32], "next_batch_sizes": [32, 32]}) == 0
+    moving = run("dbs", 0, [1, 1, 1], [[[32, 32]], [[32, 32]], [[40, 24]]])
+    moving.epochs[1]["next_batch_sizes"] = [40, 24]
+    assert moving.moves_per_epoch == 0.5  # epochs 1 and 2: one move, at epoch 1's end
 
 
 def test_merge_joins_jobs_in_scenario_order_and_the_last_part_wins(tmp_path, monkeypatch):
