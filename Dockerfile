@@ -137,7 +137,15 @@ COPY dbs_hvd ./dbs_hvd
 COPY launch ./launch
 RUN pip install --no-cache-dir --no-build-isolation . \
     && python -c "import torch, mpi4py, horovod.torch as hvd, dbs_hvd; assert hvd.nccl_built()" \
-    && dbs-train --help >/dev/null
+    && dbs-train --help >/dev/null \
+    && ln -s "$(python -m dbs_hvd.preload)" /opt/dbs_hvd/libquiet_yield.so
+
+# Every process preloads dbs_hvd's sched_yield (dbs_hvd/quiet_yield.py), and Open
+# MPI yields while it waits: in a container run with a CPU limit (--cpus), a rank
+# then sleeps in MPI waits instead of polling its quota away. Without a limit the
+# library passes sched_yield through.
+ENV LD_PRELOAD=/opt/dbs_hvd/libquiet_yield.so \
+    OMPI_MCA_mpi_yield_when_idle=1
 
 # Containers usually run as root: let Open MPI accept that, and turn off its
 # single-copy shared-memory path (CMA), which the default seccomp profile blocks.

@@ -43,8 +43,9 @@ WORKLOAD = ["--model", "cnn-flat", "--dataset", "digits-shifted", "--lr", "0.05"
             "--lr-schedule", "cosine"]
 # A tiny model: the digits MLP on 8x8 inputs, whose steps are mostly fixed cost.
 TINY = ["--model", "mlp", "--dataset", "digits", "--lr", "0.05"]
-# Plain Horovod as it comes: Horovod's spinning wait and 1 ms cycle. The "horovod"
-# rows run with dbs-train's settings (the quiet wait, the cycle set for a quota).
+# Plain Horovod as it comes: Horovod's spinning wait, 1 ms cycle and Open MPI's
+# polling waits. The "horovod" rows run with dbs-train's settings (the quiet wait,
+# the cycle set for a quota, waits in MPI that sleep under a quota).
 SPIN = "horovod, Horovod's own wait and cycle"
 # Benchmark policies launched with horovodrun --gloo instead of mpirun: Horovod's
 # background thread waits for its peers in Gloo (sleeping) instead of Open MPI
@@ -53,9 +54,13 @@ GLOO = {"horovod, horovodrun --gloo": "horovod", "dbs, horovodrun --gloo": "dbs"
 # Benchmark policies that are a dbs-train policy run with an environment of their own:
 # what the quota-aware timing and the quiet wait each contribute.
 POLICY_ENV = {
-    SPIN: ("horovod", {"DBS_HVD_HOROVOD_WAIT": "spin", "HOROVOD_CYCLE_TIME": "1"}),
+    SPIN: ("horovod", {"DBS_HVD_HOROVOD_WAIT": "spin", "HOROVOD_CYCLE_TIME": "1",
+                       "DBS_HVD_MPI_YIELD": "spin"}),
     "dbs, Horovod's own wait and cycle": ("dbs", {"DBS_HVD_HOROVOD_WAIT": "spin",
-                                                  "HOROVOD_CYCLE_TIME": "1"}),
+                                                  "HOROVOD_CYCLE_TIME": "1",
+                                                  "DBS_HVD_MPI_YIELD": "spin"}),
+    "horovod, MPI waits poll": ("horovod", {"DBS_HVD_MPI_YIELD": "spin"}),
+    "dbs, MPI waits poll": ("dbs", {"DBS_HVD_MPI_YIELD": "spin"}),
     "dbs, no quota floor": ("dbs", {"DBS_HVD_QUOTA_FLOOR": "off"}),
     "dbs, process CPU floor": ("dbs", {"DBS_HVD_QUOTA_FLOOR": "process"}),
 }

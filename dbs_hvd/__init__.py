@@ -23,12 +23,14 @@ sets when plans move (the defaults are the recommended ones);
 ``DbsError`` is raised alike on every rank (mismatched settings, bad
 measurements); ``PlanError`` for a configuration no plan can meet.
 
-Importing dbs_hvd has two side effects, both before ``hvd.init()``, so
+Importing dbs_hvd has three side effects, all before ``hvd.init()``, so
 import dbs_hvd first. Under an MPI launcher (mpirun) it initialises MPI
 through mpi4py (``claim_mpi``) so that MPI outlives Horovod's background
 thread; outside MPI it does nothing. Under a CPU quota of less than one core
 (a container's CPU limit, a cgroup) it sets ``HOROVOD_CYCLE_TIME`` for that
-quota unless it is set already (``quota.configure_horovod_cycle``). The
+quota unless it is set already (``quota.configure_horovod_cycle``), and
+where the launcher preloaded dbs_hvd's ``sched_yield`` it makes waits inside
+MPI sleep instead of poll (``quiet_yield.configure``). The
 torch-dependent names load on first use, so the pure policy code imports
 without torch.
 """
@@ -39,6 +41,7 @@ from .grid import GridPolicy
 from .options import MemoryOptions, RebalanceOptions, SampleCosts, ZeroSampleOptions
 from .plan import Bounds, Plan, PlanError, Policy, WindowStats
 from .policies import POLICIES, DbsPolicy, PaperPolicy, StaticPolicy, make_policy
+from .quiet_yield import configure as configure_quiet_yield
 from .quota import configure_horovod_cycle
 
 _LAZY = {
@@ -63,11 +66,14 @@ __version__ = "0.1.0"
 
 # Under mpirun, MPI must be initialised by mpi4py before hvd.init() so that it
 # outlives Horovod's background thread (see comm.py): a no-op elsewhere.
-claim_mpi()
+_UNDER_MPI = claim_mpi()
 # Under a CPU quota of less than a core, Horovod's background thread cycles more
 # slowly (quota.configure_horovod_cycle): it is read at hvd.init(), so it is set
 # here, unless HOROVOD_CYCLE_TIME is set already.
 configure_horovod_cycle()
+# Under a CPU quota of less than a core, waits inside MPI sleep where the launcher
+# preloaded dbs_hvd's sched_yield (quiet_yield), and warn where it did not.
+configure_quiet_yield(under_mpi=_UNDER_MPI)
 
 __all__ = [
     "Bounds",

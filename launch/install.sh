@@ -62,7 +62,8 @@ install_debian_packages() {
 # package's settings and the torch asked for); when it matches, the pip steps
 # are skipped and only the checks at the end run.
 stamp_value() {
-    { cat "$repo/launch/install.sh" "$repo/launch/build_horovod.sh" "$repo/setup.cfg"
+    { cat "$repo/launch/install.sh" "$repo/launch/build_horovod.sh" "$repo/setup.cfg" \
+          "$repo/setup.py" "$repo/dbs_hvd/_quiet_yield.c"
       echo "torch==$torch_version"; } | sha256sum | cut -d' ' -f1
 }
 
@@ -124,7 +125,10 @@ check_build() {
     "$venv/bin/python" - "$torch_version" <<'EOF' || die "the environment does not import cleanly (see above)"
 import sys
 import torch, mpi4py, numpy, horovod.torch, dbs_hvd
+from dbs_hvd.quiet_yield import library_path
 want = sys.argv[1]
+if library_path() is None:
+    sys.exit("dbs_hvd's sched_yield library (dbs_hvd/_quiet_yield.c) was not built")
 if torch.__version__.split("+")[0] != want:
     sys.exit(f"torch {torch.__version__} is installed, {want} is expected")
 EOF
@@ -137,7 +141,8 @@ main() {
     local stamp_file="$venv/.dbs_hvd_install_stamp" want
     want=$(stamp_value)
     if [ "$(cat "$stamp_file" 2>/dev/null)" != "$want" ] \
-        || ! "$venv/bin/python" -c 'import horovod.torch, mpi4py, dbs_hvd' 2>/dev/null; then
+        || ! "$venv/bin/python" -c 'import horovod.torch, mpi4py, dbs_hvd' 2>/dev/null \
+        || ! "$venv/bin/python" -m dbs_hvd.preload >/dev/null 2>&1; then
         rm -f "$stamp_file"
         pip_install
         install_horovod

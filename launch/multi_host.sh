@@ -100,6 +100,14 @@ if [ -z "${DBS_TRAIN:-}" ] && [ -x "$venv/bin/horovodrun" ] && ! command -v horo
     horovodrun=$venv/bin/horovodrun
 fi
 
+# dbs_hvd's preloadable sched_yield (dbs_hvd/quiet_yield.py): with Open MPI's
+# yield_when_idle, a rank under a CPU quota then sleeps in MPI waits instead of
+# polling its quota away. The path must be the same on every host (as dbs-train's).
+py=python3
+[ ! -x "$venv/bin/python" ] || py=$venv/bin/python
+preload=$("$py" -m dbs_hvd.preload 2>/dev/null) \
+    || echo "multi_host.sh: dbs_hvd's sched_yield library not found ($py -m dbs_hvd.preload); MPI waits will poll" >&2
+
 # Normalise the hosts to "host:slots" entries, from --hosts or from a hostfile.
 entries=()
 if [ -n "$hostfile" ]; then
@@ -176,6 +184,7 @@ case "$launcher" in
             for ((i = 0; i < ${#oob_keepalive[@]}; i += 3)); do
                 exported+=("OMPI_MCA_${oob_keepalive[i+1]}=${oob_keepalive[i+2]}")
             done
+            [ -z "$preload" ] || exported+=("LD_PRELOAD=$preload" "OMPI_MCA_mpi_yield_when_idle=1")
         else
             printf -v line '%q ' "$program" "$@"
             cmd+=(--gloo bash -c "exec ${line% }")
@@ -203,6 +212,7 @@ case "$launcher" in
         # mpirun passes no environment to remote ranks unless told: forward the
         # path and every NCCL_*/HOROVOD_* setting of this shell.
         cmd+=(-x PATH)
+        [ -z "$preload" ] || cmd+=(-x "LD_PRELOAD=$preload" -x OMPI_MCA_mpi_yield_when_idle=1)
         for var in LD_LIBRARY_PATH PYTHONPATH OMP_NUM_THREADS $(compgen -e | grep -E '^(NCCL|HOROVOD)_' || true); do
             [ -z "${!var:-}" ] || cmd+=(-x "$var")
         done

@@ -11,6 +11,10 @@ shift
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # Waiting ranks yield the CPU instead of spinning (matters when ranks share cores).
 export OMPI_MCA_mpi_yield_when_idle=${OMPI_MCA_mpi_yield_when_idle:-1}
+# and a rank under a CPU quota sleeps in those yields (dbs_hvd/quiet_yield.py).
+if preload=$("$venv/bin/python" -m dbs_hvd.preload); then
+    export LD_PRELOAD="$preload${LD_PRELOAD:+:$LD_PRELOAD}"
+fi
 export PATH="$venv/bin:$PATH"
 case "${LAUNCHER:-horovodrun}" in
     horovodrun)

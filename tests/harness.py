@@ -27,6 +27,8 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from dbs_hvd.quiet_yield import library_path
+
 _RANK_TAG = re.compile(r"\[(?:\d+,)?(\d+)\]<(?:stdout|stderr)>:?")
 
 
@@ -102,6 +104,11 @@ def rank_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     # Ranks waiting in MPI must yield the CPU: on a machine with fewer cores than
     # ranks (and threads), spinning waiters slow the ranks that still compute.
     env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+    # and, under a CPU quota, sleep in those yields (dbs_hvd.quiet_yield), as the
+    # project's launchers set up.
+    library = library_path()
+    if library is not None and str(library) not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = ":".join(filter(None, [str(library), env.get("LD_PRELOAD")]))
     env.setdefault("PYTHONUNBUFFERED", "1")
     if extra:
         env.update(extra)

@@ -198,14 +198,18 @@ def test_the_quiet_waits_sleeps_grow_with_a_smaller_share(tmp_path):
 
 @pytest.mark.mpi
 @pytest.mark.skipif(not _writable_cgroup(), reason="needs root and the cgroup v1 cpu controller")
-def test_under_mpirun_only_the_throttled_rank_cycles_more_slowly(monkeypatch):
+def test_under_mpirun_only_the_throttled_rank_cycles_more_slowly_and_sleeps_in_mpi(monkeypatch):
     from tests.harness import run_job
 
     monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)
-    code = ("import os, dbs_hvd; from mpi4py import MPI; "
-            "print(f\"CYCLE {MPI.COMM_WORLD.Get_rank()} {os.environ.get('HOROVOD_CYCLE_TIME')}\")")
+    monkeypatch.delenv("DBS_HVD_MPI_YIELD", raising=False)
+    code = ("import os, dbs_hvd; from dbs_hvd.quiet_yield import sleep_seconds; "
+            "from mpi4py import MPI; print(f\"CYCLE {MPI.COMM_WORLD.Get_rank()} "
+            "{os.environ.get('HOROVOD_CYCLE_TIME')} {sleep_seconds()}\")")
     job = run_job([sys.executable, str(ROOT / "launch" / "hetero_ranks.py"), "--share", "1,0.25",
                    "--", sys.executable, "-c", code], np=2, timeout=120)
     assert job.ok, job.describe()
     cycles = {rank: [line.split() for line in lines if "CYCLE" in line] for rank, lines in job.rank_output.items()}
-    assert cycles == {0: [["CYCLE", "0", "None"]], 1: [["CYCLE", "1", "10"]]}
+    # The harness preloads dbs_hvd's sched_yield as the launchers do: only the
+    # throttled rank turns its sleep on (dbs_hvd.quiet_yield).
+    assert cycles == {0: [["CYCLE", "0", "None", "0.0"]], 1: [["CYCLE", "1", "10", "5e-05"]]}
