@@ -113,28 +113,65 @@ class StepTimer:
         self._wall_mark = clock() if cpu_share else 0.0
         self._cpu_in_waits = 0.0
         self._work_in_waits = 0.0
+        # CPU (process, work) and wall time between steps (evaluation, checkpoints,
+        # logging): not the training's, so left out of the floor like the waits.
+        self._between = [0.0, 0.0, 0.0]
+        # (wall, cpu, work) where the last step ended, while no step has started since.
+        self._gap_from: tuple[float, float, float] | None = None
         self._step_start: float | None = None
-        # Times of the signals since the last step ended, oldest first.
+        # Times of the signals since the last step ended, oldest first, with the
+        # (cpu, work) clocks read at each under a quota.
         self._taken: list[float] = []
         self._active: list[float] = []
+        self._marks: dict[float, tuple[float, float]] = {}
         self._wait_in_step = 0.0
         self.window = WindowTotals()
 
+    def _cpu_now(self) -> tuple[float, float]:
+        """The (process, work) CPU clocks now, under a quota; zeros without one."""
+        if not self._cpu_share:
+            return 0.0, 0.0
+        return self._cpu_clock(), (self._work_clock() if self._work_clock else 0.0)
+
+    def _signal(self, times: list[float]) -> None:
+        if len(times) < 2:  # a late-closed step's first and the next step's first
+            now = self._clock()
+            times.append(now)
+            if self._cpu_share:
+                self._marks[now] = self._cpu_now()
+
     def mark_start(self) -> None:
-        """The next step's wall time starts no earlier than now."""
-        self._step_start = self._clock()
-        self._taken, self._active = [], []
+        """The next step's wall time starts no earlier than now.
+
+        Under a quota the time since the last step ended (a rebalance, work
+        between epochs) is left out of the floor, and so is the time from now
+        to the next step's first signal.
+        """
+        now = self._clock()
+        self._step_start = now
+        self._taken, self._active, self._marks = [], [], {}
         self._wait_in_step = 0.0
+        if not self._cpu_share:
+            return
+        cpu, work = self._cpu_now()
+        if self._gap_from is not None:
+            self._add_between(self._gap_from, (now, cpu, work))
+        self._gap_from = (now, cpu, work)
+
+    def _add_between(self, begin: tuple[float, float, float], end: tuple[float, float, float]) -> None:
+        """Count (wall, cpu, work) from ``begin`` to ``end`` as time between steps."""
+        if end[0] > begin[0]:
+            self._between[0] += max(end[1] - begin[1], 0.0)
+            self._between[1] += max(end[2] - begin[2], 0.0)
+            self._between[2] += end[0] - begin[0]
 
     def taken(self) -> None:
         """A batch was taken for training now (the first since the last step counts)."""
-        if len(self._taken) < 2:  # a late-closed step's first and the next step's first
-            self._taken.append(self._clock())
+        self._signal(self._taken)
 
     def activity(self) -> None:
         """Training work began now (the first since the last step counts)."""
-        if len(self._active) < 2:
-            self._active.append(self._clock())
+        self._signal(self._active)
 
     @contextlib.contextmanager
     def waiting(self) -> Iterator[None]:
@@ -189,6 +226,9 @@ class StepTimer:
                 start = start_hint
         if start is None:
             start = now
+        if self._gap_from is not None and start in self._marks:
+            # The time from the previous step's end to this one's start is not training.
+            self._add_between(self._gap_from, (start, *self._marks[start]))
         wall = max(now - start, 0.0)
         wait = min(self._wait_in_step, wall)
         compute = wall - wait
@@ -200,6 +240,8 @@ class StepTimer:
         # Signals after a late ``end`` belong to the next step.
         self._taken = [t for t in self._taken if t > now]
         self._active = [t for t in self._active if t > now]
+        self._marks = {t: m for t, m in self._marks.items() if t > now}
+        self._gap_from = (now, *self._cpu_now()) if self._cpu_share else None
         self._wait_in_step = 0.0
 
     def take_window(self) -> WindowTotals:
@@ -208,21 +250,28 @@ class StepTimer:
         Under a CPU quota (``cpu_share``) the window's compute is at least the
         CPU time the process used in it over its share: the wall time the work
         takes once the quota binds. CPU used inside ``waiting`` blocks is left
-        out: a rank the others wait for does not wait itself.
+        out (a rank the others wait for does not wait itself), and so is CPU
+        used between steps (evaluation, checkpoints: not the training's work).
         """
         window, self.window = self.window, WindowTotals()
         if self._cpu_share:
             now, wall = self._cpu_clock(), self._clock()
-            used, self._cpu_mark = now - self._cpu_mark - self._cpu_in_waits, now
-            elapsed, self._wall_mark = wall - self._wall_mark, wall
+            cpu_between, work_between, wall_between = self._between
+            used = now - self._cpu_mark - self._cpu_in_waits - cpu_between
+            self._cpu_mark = now
+            elapsed, self._wall_mark = wall - self._wall_mark - wall_between, wall
             floor = max(used, 0.0) / self._cpu_share
             if self._work_clock is not None:
                 work_now = self._work_clock()
-                work, self._work_mark = work_now - self._work_mark - self._work_in_waits, work_now
+                work = work_now - self._work_mark - self._work_in_waits - work_between
+                self._work_mark = work_now
                 work = max(work, 0.0)
                 overhead_rate = max(used - work, 0.0) / elapsed if elapsed > 0 else 0.0
                 floor = work / max(self._cpu_share - overhead_rate, 0.1 * self._cpu_share)
             self._cpu_in_waits = self._work_in_waits = 0.0
+            self._between = [0.0, 0.0, 0.0]
+            if self._gap_from is not None:  # between steps: the rest of the gap is the next window's
+                self._gap_from = (wall, now, self._work_clock() if self._work_clock else 0.0)
             if window.steps:
                 window.compute_seconds = max(window.compute_seconds, floor)
         return window

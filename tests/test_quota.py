@@ -213,3 +213,52 @@ def test_under_mpirun_only_the_throttled_rank_cycles_more_slowly_and_sleeps_in_m
     # The harness preloads dbs_hvd's sched_yield as the launchers do: only the
     # throttled rank turns its sleep on (dbs_hvd.quiet_yield).
     assert cycles == {0: [["CYCLE", "0", "None", "0.0"]], 1: [["CYCLE", "1", "10", "5e-05"]]}
+
+
+def _quota_timer():
+    """A StepTimer at a quarter core on fake clocks, and the clocks (wall, cpu, work)."""
+    clocks, cpu, work = FakeClocks(), [0.0], [0.0]
+    timer = StepTimer(clock=lambda: clocks.now, cpu_share=0.25, cpu_clock=lambda: cpu[0],
+                      work_clock=lambda: work[0])
+    return timer, clocks, cpu, work
+
+
+def _advance(clocks, cpu, work, seconds, used):
+    """``seconds`` of wall time in which the training thread uses ``used`` of CPU."""
+    clocks.now += seconds
+    cpu[0] += used
+    work[0] += used
+
+
+def _steps(timer, clocks, cpu, work, count):
+    """``count`` steps of 5 ms at full speed (slack in the quota), 3 ms of CPU each."""
+    for _ in range(count):
+        timer.taken()
+        _advance(clocks, cpu, work, 0.005, 0.003)
+        timer.end_step(4)
+
+
+def test_cpu_used_between_steps_is_not_part_of_the_floor():
+    """An evaluation between two steps is not the training's work (dbs-train evaluates at epoch ends)."""
+    timer, clocks, cpu, work = _quota_timer()
+    timer.mark_start()
+    _steps(timer, clocks, cpu, work, 2)
+    _advance(clocks, cpu, work, 0.2, 0.05)  # an evaluation: 0.2 s and 50 ms of CPU
+    _steps(timer, clocks, cpu, work, 2)
+    assert timer.take_window().compute_seconds == pytest.approx(0.012 / 0.25)  # not (0.012 + 0.05) / 0.25
+    # A window that begins between steps: the gap's CPU after take_window is left out too.
+    _advance(clocks, cpu, work, 0.1, 0.02)
+    _steps(timer, clocks, cpu, work, 1)
+    assert timer.take_window().compute_seconds == pytest.approx(0.003 / 0.25)
+
+
+def test_cpu_used_after_a_rebalance_and_before_the_next_step_is_not_part_of_the_floor():
+    """mark_start (a rebalance's end) opens a gap that lasts until the next step's first batch."""
+    timer, clocks, cpu, work = _quota_timer()
+    timer.mark_start()
+    _steps(timer, clocks, cpu, work, 1)
+    timer.take_window()  # an epoch-end rebalance...
+    timer.mark_start()
+    _advance(clocks, cpu, work, 0.3, 0.06)  # ...then an evaluation of 0.3 s and 60 ms of CPU
+    _steps(timer, clocks, cpu, work, 2)
+    assert timer.take_window().compute_seconds == pytest.approx(0.006 / 0.25)
