@@ -45,6 +45,7 @@ install_debian_packages() {
     command -v mpirun >/dev/null || missing+=(openmpi-bin)
     command -v mpicc >/dev/null || missing+=(libopenmpi-dev)
     command -v cmake >/dev/null || missing+=(cmake)
+    command -v gcc >/dev/null || missing+=(gcc)
     command -v g++ >/dev/null || missing+=(g++)
     command -v make >/dev/null || missing+=(make)
     if ((${#missing[@]})); then
