@@ -59,8 +59,6 @@ POLICY_ENV = {
     "dbs, Horovod's own wait and cycle": ("dbs", {"DBS_HVD_HOROVOD_WAIT": "spin",
                                                   "HOROVOD_CYCLE_TIME": "1",
                                                   "DBS_HVD_MPI_YIELD": "spin"}),
-    "horovod, MPI waits poll": ("horovod", {"DBS_HVD_MPI_YIELD": "spin"}),
-    "dbs, MPI waits poll": ("dbs", {"DBS_HVD_MPI_YIELD": "spin"}),
     "dbs, no quota floor": ("dbs", {"DBS_HVD_QUOTA_FLOOR": "off"}),
     "dbs, process CPU floor": ("dbs", {"DBS_HVD_QUOTA_FLOOR": "process"}),
 }

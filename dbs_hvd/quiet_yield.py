@@ -45,6 +45,7 @@ MODES = ("auto", "sleep", "spin")
 YIELD_SLEEP = 5e-5
 
 _SETTER = "dbs_hvd_set_yield_sleep_ns"
+_GETTER = "dbs_hvd_yield_sleep_ns"
 
 
 def library_path() -> Path | None:
@@ -57,17 +58,17 @@ def library_path() -> Path | None:
     return None
 
 
-def _loaded_setter():
-    """The preloaded library's setter, or None where it is not loaded in this process."""
+def _loaded(symbol: str):
+    """The preloaded library's function ``symbol``, or None where it is not loaded in this process."""
     try:
-        return getattr(ctypes.CDLL(None), _SETTER)
+        return getattr(ctypes.CDLL(None), symbol)
     except (AttributeError, OSError):
         return None
 
 
 def is_preloaded() -> bool:
     """Whether this process runs with the library preloaded (``LD_PRELOAD``)."""
-    return _loaded_setter() is not None
+    return _loaded(_SETTER) is not None
 
 
 def mode(environ: Mapping[str, str] | None = None) -> str:
@@ -115,7 +116,7 @@ def configure(environ: Mapping[str, str] | None = None, under_mpi: bool = False)
     chosen = mode(environ)
     if not wants_sleep(chosen, own_quota() if chosen == "auto" else None):
         return None
-    setter = _loaded_setter()
+    setter = _loaded(_SETTER)
     if setter is None:
         if under_mpi:
             warnings.warn(
@@ -134,9 +135,8 @@ def configure(environ: Mapping[str, str] | None = None, under_mpi: bool = False)
 
 def sleep_seconds() -> float | None:
     """The preloaded library's current sleep per yield (0.0: off), or None where not loaded."""
-    try:
-        getter = ctypes.CDLL(None).dbs_hvd_yield_sleep_ns
-    except (AttributeError, OSError):
+    getter = _loaded(_GETTER)
+    if getter is None:
         return None
     getter.restype = ctypes.c_long
     return getter() / 1e9

@@ -256,13 +256,13 @@ class StepTimer:
         window, self.window = self.window, WindowTotals()
         if self._cpu_share:
             now, wall = self._cpu_clock(), self._clock()
+            work_now = self._work_clock() if self._work_clock is not None else 0.0
             cpu_between, work_between, wall_between = self._between
             used = now - self._cpu_mark - self._cpu_in_waits - cpu_between
             self._cpu_mark = now
             elapsed, self._wall_mark = wall - self._wall_mark - wall_between, wall
             floor = max(used, 0.0) / self._cpu_share
             if self._work_clock is not None:
-                work_now = self._work_clock()
                 work = work_now - self._work_mark - self._work_in_waits - work_between
                 self._work_mark = work_now
                 work = max(work, 0.0)
@@ -271,7 +271,7 @@ class StepTimer:
             self._cpu_in_waits = self._work_in_waits = 0.0
             self._between = [0.0, 0.0, 0.0]
             if self._gap_from is not None:  # between steps: the rest of the gap is the next window's
-                self._gap_from = (wall, now, self._work_clock() if self._work_clock else 0.0)
+                self._gap_from = (wall, now, work_now)
             if window.steps:
                 window.compute_seconds = max(window.compute_seconds, floor)
         return window
