@@ -35,7 +35,7 @@ torch-dependent names load on first use, so the pure policy code imports
 without torch.
 """
 
-from .comm import DbsError, claim_mpi
+from .comm import DbsError, claim_mpi, launched_by_mpi
 from .dropping import ZeroSamplePolicy
 from .grid import GridPolicy
 from .options import MemoryOptions, RebalanceOptions, SampleCosts, ZeroSampleOptions
@@ -66,14 +66,14 @@ __version__ = "0.1.0"
 
 # Under mpirun, MPI must be initialised by mpi4py before hvd.init() so that it
 # outlives Horovod's background thread (see comm.py): a no-op elsewhere.
-_UNDER_MPI = claim_mpi()
+claim_mpi()
 # Under a CPU quota of less than a core, Horovod's background thread cycles more
 # slowly (quota.configure_horovod_cycle): it is read at hvd.init(), so it is set
 # here, unless HOROVOD_CYCLE_TIME is set already.
 configure_horovod_cycle()
 # Under a CPU quota of less than a core, waits inside MPI sleep where the launcher
 # preloaded dbs_hvd's sched_yield (quiet_yield), and warn where it did not.
-configure_quiet_yield(under_mpi=_UNDER_MPI)
+configure_quiet_yield(under_mpi=launched_by_mpi())
 
 __all__ = [
     "Bounds",
