@@ -122,7 +122,8 @@ def configure(environ: Mapping[str, str] | None = None, under_mpi: bool = False)
             warnings.warn(
                 "this rank runs under a CPU quota of less than one core, and Open MPI's "
                 "waits will spend it polling; launch the ranks with "
-                "-x LD_PRELOAD=$(python -m dbs_hvd.preload) (see dbs_hvd.quiet_yield), "
+                "-x LD_PRELOAD=$(python -m dbs_hvd.preload) -x OMPI_MCA_mpi_yield_when_idle=1 "
+                "(see dbs_hvd.quiet_yield), "
                 f"or set {MODE_ENV}=spin to silence this",
                 RuntimeWarning,
                 stacklevel=2,
