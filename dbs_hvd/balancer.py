@@ -2,8 +2,8 @@
 
 This is the loop of docs/design.md in one place: timing -> comm (allgather) ->
 plan (rank 0, then broadcast) -> sampler. It is triggered by the optimizer
-wrapper at the end of every epoch and, optionally, every K steps, which all
-ranks reach at the same step because they run the same number of steps.
+wrapper at epoch ends and, optionally, every K steps (``schedule.rebalance_due``),
+which all ranks reach at the same step because they run the same number of steps.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ were handed out, which is the order a DataLoader delivers
 them even when it prefetches.
 
 The same wrapper also times each step (compute vs. waiting in ``synchronize``)
-and triggers rebalancing at the end of every epoch and every few steps
+and triggers rebalancing every few steps and at epoch ends
 (``RebalanceOptions``), so a user script needs no extra call.
 
 What a Horovod script does keeps working:
@@ -69,7 +69,7 @@ from .policies import make_policy
 from .quota import min_window_seconds, own_quota
 from .sampler import DynamicBatchSampler, StepBatch
 from .schedule import rebalance_due
-from .timing import StepTimer
+from .timing import StepTimer, WindowTotals
 from .waiting import install_quiet_wait
 
 
@@ -125,6 +125,10 @@ class DynamicBatchState:
         self._in_step = False
         self._param_hooks: list = []
         self.last_step: list[StepBatch] = []  # the batches of the last step closed
+        # This rank's measured totals over the last epoch completed, whichever
+        # rebalance windows it fell into (epoch summaries read them).
+        self.last_epoch = WindowTotals()
+        self._epoch_began = dataclasses.replace(timer.totals)
         # Set by dynamic_batch_state: the settings all ranks must share, the
         # policy as built (before any measurement), and whether an elastic
         # world is still to be adopted (ElasticState.sync) before rebalancing.
@@ -238,13 +242,16 @@ class DynamicBatchState:
         return batch.step == self.sampler.steps_per_epoch - 1
 
     def finish_step(self, batches: StepBatch | Sequence[StepBatch], end: float | None = None) -> None:
-        """Close the step's timing; rebalance at epoch ends and every ``interval`` steps.
+        """Close the step's timing; rebalance every ``interval`` steps and at epoch ends.
 
         Every rank runs the same steps and holds the same interval (rank 0
         broadcasts it with the plan), so all reach each rebalance together. The
         steps since the last rebalance are the timer's open window; one that
-        comes due just before the epoch ends runs on to it (``rebalance_due``).
-        With gradient accumulation, ``batches`` are the step's micro-batches.
+        comes due just before the epoch ends runs on to it, and one still
+        short at the epoch's end runs on into the next epoch
+        (``rebalance_due``). The epoch's last step also closes this rank's
+        totals for the epoch (``last_epoch``). With gradient accumulation,
+        ``batches`` are the step's micro-batches.
         """
         batches = [batches] if isinstance(batches, StepBatch) else list(batches)
         self._batch = None
@@ -267,10 +274,13 @@ class DynamicBatchState:
             end=end,
         )
         last = batches[-1]
-        steps_left = self.sampler.steps_per_epoch - 1 - last.step
-        if any(self.is_last_of_epoch(b) for b in batches) or rebalance_due(
-            self.timer.window.steps, self.rebalancer.interval, steps_left
-        ):
+        if any(self.is_last_of_epoch(b) for b in batches):
+            steps_left = 0
+            self.last_epoch = self.timer.totals.since(self._epoch_began)
+            self._epoch_began = dataclasses.replace(self.timer.totals)
+        else:
+            steps_left = self.sampler.steps_per_epoch - 1 - last.step
+        if rebalance_due(self.timer.window.steps, self.rebalancer.interval, steps_left):
             if self.awaiting_world:
                 raise DbsError(
                     "dbs_hvd under elastic Horovod: run the training function under "

@@ -36,9 +36,11 @@ class RebalanceOptions:
     """How often DBS measures the ranks and moves the plan.
 
     Args:
-        every: rebalance every this many steps inside an epoch (an epoch's last
-            step always rebalances). ``"auto"`` (default): 2 for the ``dbs``
-            policy, epoch ends only for the others. ``None``: epoch ends only.
+        every: rebalance every this many steps inside an epoch, and at the
+            epoch's last step once the window holds half an interval (a
+            shorter one runs on into the next epoch, ``schedule.rebalance_due``).
+            ``"auto"`` (default): 2 for the ``dbs`` policy, epoch ends only for
+            the others. ``None``: every epoch end and nowhere else.
         budget: stretch the interval so that the measured cost of a rebalance
             stays within this fraction of the step time (default 0.02); 0
             keeps exactly ``every`` steps.

@@ -48,21 +48,27 @@ from dataclasses import dataclass
 
 
 def rebalance_due(window_steps: int, interval: int | None, steps_left_in_epoch: int) -> bool:
-    """Whether a rebalance inside the epoch is due after this step.
+    """Whether a rebalance is due after this step.
 
-    The epoch's last step always rebalances (the caller sees to that), so a
-    window that comes due less than half an interval before the epoch ends
-    runs on to the epoch end instead: one rebalance fewer, and no remnant
-    window of a few steps whose noise could move the plan. No window grows
-    beyond one and a half intervals, which bounds the reaction time. Where
-    steps are long enough that the interval stays at its minimum of a few
-    steps, this changes nothing.
+    Inside an epoch, a rebalance is due once the window holds ``interval``
+    steps, unless that comes less than half an interval before the epoch
+    ends: the window then runs on to the epoch's last step, so no remnant
+    window of a few steps is left whose noise could move the plan. At the
+    epoch's last step a rebalance is due unless the window is still shorter
+    than half an interval: an epoch shorter than that (a small data set,
+    steps short against the schedule's floor in seconds) carries its window
+    into the next epoch, so that windows keep the length the schedule chose,
+    and the cost of a rebalance stays within its budget however short the
+    epochs. No window grows beyond one and a half intervals, which bounds the
+    reaction time. Where steps are long enough that the interval stays at
+    its minimum of a few steps, this changes nothing.
 
     Args:
         window_steps: steps run since the last rebalance, this one included.
         interval: the steps between rebalances; ``None`` means rebalancing
-            at epoch ends only.
-        steps_left_in_epoch: the steps of the epoch still to run after this one.
+            at every epoch end and nowhere else.
+        steps_left_in_epoch: the steps of the epoch still to run after this
+            one (0 at the epoch's last step).
 
     Returns:
         True if the caller should rebalance after this step.
@@ -74,7 +80,13 @@ def rebalance_due(window_steps: int, interval: int | None, steps_left_in_epoch: 
         False
         >>> rebalance_due(window_steps=4, interval=None, steps_left_in_epoch=10)
         False
+        >>> rebalance_due(window_steps=3, interval=None, steps_left_in_epoch=0)
+        True
+        >>> rebalance_due(window_steps=22, interval=146, steps_left_in_epoch=0)
+        False
     """
+    if steps_left_in_epoch <= 0:
+        return interval is None or window_steps >= interval / 2
     if interval is None or window_steps < interval:
         return False
     return steps_left_in_epoch >= interval / 2

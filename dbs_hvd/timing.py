@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 
@@ -68,6 +68,12 @@ class WindowTotals:
             self.new_size_samples += batch_size
             self.new_size_compute_seconds += compute
             self.new_size_wait_seconds += wait
+
+    def since(self, earlier: WindowTotals) -> WindowTotals:
+        """The totals added after ``earlier``, a copy of these totals taken before."""
+        return WindowTotals(
+            **{field.name: getattr(self, field.name) - getattr(earlier, field.name) for field in fields(self)}
+        )
 
 
 class StepTimer:
@@ -126,6 +132,7 @@ class StepTimer:
         self._marks: dict[float, tuple[float, float]] = {}
         self._wait_in_step = 0.0
         self.window = WindowTotals()
+        self.totals = WindowTotals()  # every step closed, never reset
 
     def _cpu_now(self) -> tuple[float, float]:
         """The (process, work) CPU clocks now, under a quota; zeros without one."""
@@ -236,6 +243,7 @@ class StepTimer:
         news = [new_size] * len(sizes) if isinstance(new_size, bool) else list(new_size)
         for size, new in zip(sizes, news):
             self.window.add(size, compute / len(sizes), wait / len(sizes), new)
+            self.totals.add(size, compute / len(sizes), wait / len(sizes), new)
         self._step_start = now
         # Signals after a late ``end`` belong to the next step.
         self._taken = [t for t in self._taken if t > now]

@@ -178,6 +178,56 @@ def test_windows_are_one_interval_except_the_last_of_the_epoch_which_is_at_most_
     assert windows[-1] >= min(steps, interval / 2)
 
 
+def test_at_the_epoch_end_a_window_of_half_an_interval_rebalances_and_a_shorter_one_runs_on():
+    assert rebalance_due(window_steps=12, interval=23, steps_left_in_epoch=0)
+    assert not rebalance_due(window_steps=11, interval=23, steps_left_in_epoch=0)
+    assert rebalance_due(window_steps=1, interval=None, steps_left_in_epoch=0)  # epoch ends only
+
+
+@given(epochs=st.lists(st.integers(1, 80), min_size=1, max_size=12), interval=st.integers(1, 60))
+def test_windows_across_short_and_long_epochs_stay_between_half_and_one_and_a_half_intervals(
+        epochs, interval):
+    windows, open_steps = [], 0
+    for length in epochs:
+        for step in range(length):
+            open_steps += 1
+            if rebalance_due(open_steps, interval, length - 1 - step):
+                windows.append(open_steps)
+                open_steps = 0
+    assert sum(windows) + open_steps == sum(epochs)
+    assert all(interval / 2 <= window <= 1.5 * interval for window in windows)
+    assert open_steps < interval / 2  # what is left unmeasured at the end: less than half an interval
+    # An epoch of at least half an interval ends on a rebalance, as before.
+    if epochs[-1] >= interval / 2:
+        assert open_steps == 0
+
+
+def test_epochs_shorter_than_half_the_interval_share_a_window_and_each_keeps_its_own_totals():
+    # 5 steps per epoch, an interval of 23: a rebalance at every epoch end would
+    # measure windows of 5 steps. The windows run on to the epoch end at which
+    # they hold half an interval (12 steps, the end of the third epoch).
+    sampler = DynamicBatchSampler(5 * 8, 8, rank=0, world_size=1)
+    now = [0.0]
+    timer = StepTimer(clock=lambda: now[0])
+    rebalancer = Rebalancer(sampler, StaticPolicy(8), LocalExchange(), timer,
+                            schedule=RebalanceSchedule(23))
+    state = DynamicBatchState(sampler, rebalancer, timer)
+    per_epoch = []
+    for epoch in range(6):
+        sampler.set_epoch(epoch)
+        for _ in sampler:
+            batch = state.current_batch()
+            now[0] += 0.001 * (epoch + 1)  # a step of (epoch + 1) ms
+            state.finish_step(batch)
+        per_epoch.append(state.last_epoch)
+    assert [(record.epoch, record.step, record.ranks[0].steps) for record in rebalancer.history] == [
+        (2, 4, 15), (5, 4, 15)]
+    assert [totals.steps for totals in per_epoch] == [5] * 6
+    assert [totals.samples for totals in per_epoch] == [40] * 6
+    assert [round(totals.compute_seconds, 9) for totals in per_epoch] == [
+        round(0.005 * (epoch + 1), 9) for epoch in range(6)]
+
+
 def test_imbalanced_windows_keep_the_interval_short_where_the_budget_would_stretch_it():
     # 8 ms rebalances on 100 ms steps: the 2% budget asks for 4 steps. A window
     # whose slowest rank ran 80% above the mean (a disturbance starting) makes

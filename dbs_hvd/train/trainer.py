@@ -176,18 +176,18 @@ def _epoch_summary(
     seconds: float,
     policy: str,
 ) -> EpochRecord:
-    """Sum the epoch's rebalance windows (every rank holds all ranks' figures)."""
+    """The epoch's figures: every rank's measured totals (a collective) and the plans it ran.
+
+    The totals are each rank's own (``DynamicBatchState.last_epoch``), not
+    the rebalance windows': a window can run on from one epoch into the next.
+    """
     sampler = dbs.sampler
-    windows = dbs.rebalancer.records_of_epoch(epoch)
-    world = sampler.world_size
-    samples = np.zeros(world)
-    compute = np.zeros(world)
-    wait = np.zeros(world)
+    ranks = dbs.rebalancer.exchange.allgather(dbs.last_epoch)
+    samples = np.array([totals.samples for totals in ranks], dtype=float)
+    compute = np.array([totals.compute_seconds for totals in ranks])
+    wait = np.array([totals.wait_seconds for totals in ranks])
     plans = [list(start_plan.batch_sizes)]
-    for record in windows:
-        samples += [window.samples for window in record.ranks]
-        compute += [window.compute_seconds for window in record.ranks]
-        wait += [window.wait_seconds for window in record.ranks]
+    for record in dbs.rebalancer.records_of_epoch(epoch):
         if record.start_step < sampler.steps_per_epoch and list(record.plan_after) != plans[-1]:
             plans.append(list(record.plan_after))
     return EpochRecord(
@@ -952,7 +952,7 @@ def train(config: TrainConfig) -> list[EpochRecord]:
                         if rank == 0:
                             print(memory_failure_line(failure), flush=True)
                     failures_told[0] = len(run.guard.failures)
-                if not plain:
+                if not (plain or bar.disable):  # the plan on the progress bar, when it is shown
                     bar.set_postfix(batch=list(run.state.sampler.plan.batch_sizes), refresh=False)
                 if schedule is not None:
                     schedule.step()
