@@ -143,8 +143,10 @@ class DynamicBatchState:
 
         Rank numbers now name other workers, so the policy starts afresh (its
         per-rank history described the old ranks), stats travel through the new
-        world's exchange, and the step in flight and the partial timing window
-        of the interrupted world are dropped. The sampler is resized separately.
+        world's exchange, and the step in flight, the partial timing window
+        and this epoch's totals so far (``last_epoch``) of the interrupted world
+        are dropped: the new world trains again from its last commit. The
+        sampler is resized separately.
         """
         self.rebalancer.exchange = exchange
         self.rebalancer.policy = policy
@@ -156,6 +158,7 @@ class DynamicBatchState:
         self._synced_at = None
         self.timer.take_window()
         self.timer.mark_start()
+        self._epoch_began = dataclasses.replace(self.timer.totals)
 
     @property
     def accumulating(self) -> bool:

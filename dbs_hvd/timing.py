@@ -76,6 +76,25 @@ class WindowTotals:
         )
 
 
+@dataclass(frozen=True)
+class _Clocks:
+    """Readings, or spans, of the wall clock and the process and work CPU clocks."""
+
+    wall: float
+    cpu: float  # the process's CPU time (all threads)
+    work: float  # the training thread's CPU time (0 without a work clock)
+
+    def until(self, end: _Clocks) -> _Clocks:
+        """The span from these readings to ``end`` (CPU spans no less than 0)."""
+        return _Clocks(end.wall - self.wall, max(end.cpu - self.cpu, 0.0), max(end.work - self.work, 0.0))
+
+    def plus(self, other: _Clocks) -> _Clocks:
+        return _Clocks(self.wall + other.wall, self.cpu + other.cpu, self.work + other.work)
+
+
+_NO_TIME = _Clocks(0.0, 0.0, 0.0)
+
+
 class StepTimer:
     """Splits each step's wall time into compute and allreduce wait.
 
@@ -119,33 +138,33 @@ class StepTimer:
         self._wall_mark = clock() if cpu_share else 0.0
         self._cpu_in_waits = 0.0
         self._work_in_waits = 0.0
-        # CPU (process, work) and wall time between steps (evaluation, checkpoints,
-        # logging): not the training's, so left out of the floor like the waits.
-        self._between = [0.0, 0.0, 0.0]
-        # (wall, cpu, work) where the last step ended, while no step has started since.
-        self._gap_from: tuple[float, float, float] | None = None
+        # The time between steps (evaluation, checkpoints, logging): not the
+        # training's, so left out of the floor like the waits.
+        self._between = _NO_TIME
+        # The clocks where the last step ended, while no step has started since.
+        self._gap_from: _Clocks | None = None
         self._step_start: float | None = None
         # Times of the signals since the last step ended, oldest first, with the
-        # (cpu, work) clocks read at each under a quota.
+        # clocks read at each under a quota.
         self._taken: list[float] = []
         self._active: list[float] = []
-        self._marks: dict[float, tuple[float, float]] = {}
+        self._marks: dict[float, _Clocks] = {}
         self._wait_in_step = 0.0
         self.window = WindowTotals()
         self.totals = WindowTotals()  # every step closed, never reset
 
-    def _cpu_now(self) -> tuple[float, float]:
-        """The (process, work) CPU clocks now, under a quota; zeros without one."""
+    def _clocks_at(self, wall: float) -> _Clocks:
+        """The CPU clocks now, read under a quota (zeros without one), with ``wall``."""
         if not self._cpu_share:
-            return 0.0, 0.0
-        return self._cpu_clock(), (self._work_clock() if self._work_clock else 0.0)
+            return _Clocks(wall, 0.0, 0.0)
+        return _Clocks(wall, self._cpu_clock(), self._work_clock() if self._work_clock else 0.0)
 
     def _signal(self, times: list[float]) -> None:
         if len(times) < 2:  # a late-closed step's first and the next step's first
             now = self._clock()
             times.append(now)
             if self._cpu_share:
-                self._marks[now] = self._cpu_now()
+                self._marks[now] = self._clocks_at(now)
 
     def mark_start(self) -> None:
         """The next step's wall time starts no earlier than now.
@@ -160,17 +179,15 @@ class StepTimer:
         self._wait_in_step = 0.0
         if not self._cpu_share:
             return
-        cpu, work = self._cpu_now()
+        clocks = self._clocks_at(now)
         if self._gap_from is not None:
-            self._add_between(self._gap_from, (now, cpu, work))
-        self._gap_from = (now, cpu, work)
+            self._add_between(self._gap_from, clocks)
+        self._gap_from = clocks
 
-    def _add_between(self, begin: tuple[float, float, float], end: tuple[float, float, float]) -> None:
-        """Count (wall, cpu, work) from ``begin`` to ``end`` as time between steps."""
-        if end[0] > begin[0]:
-            self._between[0] += max(end[1] - begin[1], 0.0)
-            self._between[1] += max(end[2] - begin[2], 0.0)
-            self._between[2] += end[0] - begin[0]
+    def _add_between(self, begin: _Clocks, end: _Clocks) -> None:
+        """Count the span from ``begin`` to ``end`` as time between steps."""
+        if end.wall > begin.wall:
+            self._between = self._between.plus(begin.until(end))
 
     def taken(self) -> None:
         """A batch was taken for training now (the first since the last step counts)."""
@@ -235,7 +252,7 @@ class StepTimer:
             start = now
         if self._gap_from is not None and start in self._marks:
             # The time from the previous step's end to this one's start is not training.
-            self._add_between(self._gap_from, (start, *self._marks[start]))
+            self._add_between(self._gap_from, self._marks[start])
         wall = max(now - start, 0.0)
         wait = min(self._wait_in_step, wall)
         compute = wall - wait
@@ -249,7 +266,7 @@ class StepTimer:
         self._taken = [t for t in self._taken if t > now]
         self._active = [t for t in self._active if t > now]
         self._marks = {t: m for t, m in self._marks.items() if t > now}
-        self._gap_from = (now, *self._cpu_now()) if self._cpu_share else None
+        self._gap_from = self._clocks_at(now) if self._cpu_share else None
         self._wait_in_step = 0.0
 
     def take_window(self) -> WindowTotals:
@@ -265,21 +282,21 @@ class StepTimer:
         if self._cpu_share:
             now, wall = self._cpu_clock(), self._clock()
             work_now = self._work_clock() if self._work_clock is not None else 0.0
-            cpu_between, work_between, wall_between = self._between
-            used = now - self._cpu_mark - self._cpu_in_waits - cpu_between
+            between = self._between
+            used = now - self._cpu_mark - self._cpu_in_waits - between.cpu
             self._cpu_mark = now
-            elapsed, self._wall_mark = wall - self._wall_mark - wall_between, wall
+            elapsed, self._wall_mark = wall - self._wall_mark - between.wall, wall
             floor = max(used, 0.0) / self._cpu_share
             if self._work_clock is not None:
-                work = work_now - self._work_mark - self._work_in_waits - work_between
+                work = work_now - self._work_mark - self._work_in_waits - between.work
                 self._work_mark = work_now
                 work = max(work, 0.0)
                 overhead_rate = max(used - work, 0.0) / elapsed if elapsed > 0 else 0.0
                 floor = work / max(self._cpu_share - overhead_rate, 0.1 * self._cpu_share)
             self._cpu_in_waits = self._work_in_waits = 0.0
-            self._between = [0.0, 0.0, 0.0]
+            self._between = _NO_TIME
             if self._gap_from is not None:  # between steps: the rest of the gap is the next window's
-                self._gap_from = (wall, now, work_now)
+                self._gap_from = _Clocks(wall, now, work_now)
             if window.steps:
                 window.compute_seconds = max(window.compute_seconds, floor)
         return window

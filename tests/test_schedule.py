@@ -228,6 +228,21 @@ def test_epochs_shorter_than_half_the_interval_share_a_window_and_each_keeps_its
         round(0.005 * (epoch + 1), 9) for epoch in range(6)]
 
 
+def test_an_elastic_restart_drops_the_interrupted_worlds_steps_from_the_epoch_totals():
+    # The new world trains again from its last commit, so the epoch's figures
+    # cover only what it trained.
+    sampler = DynamicBatchSampler(5 * 8, 8, rank=0, world_size=1)
+    timer = StepTimer()
+    rebalancer = Rebalancer(sampler, StaticPolicy(8), LocalExchange(), timer)
+    state = DynamicBatchState(sampler, rebalancer, timer)
+    sampler.set_epoch(0)
+    for step, _ in enumerate(sampler):
+        state.finish_step(state.current_batch())
+        if step == 2:
+            state.restart(LocalExchange(), StaticPolicy(8))
+    assert state.last_epoch.steps == 2 and timer.totals.steps == 5
+
+
 def test_imbalanced_windows_keep_the_interval_short_where_the_budget_would_stretch_it():
     # 8 ms rebalances on 100 ms steps: the 2% budget asks for 4 steps. A window
     # whose slowest rank ran 80% above the mean (a disturbance starting) makes

@@ -60,7 +60,7 @@ class EpochRecord:
     accuracy: float
     seconds: float
     batch_sizes: list[int]  # the plan used for most of the epoch's steps
-    next_batch_sizes: list[int]  # the plan chosen at the epoch's end
+    next_batch_sizes: list[int]  # the plan the next epoch starts with
     compute_seconds: list[float]
     wait_seconds: list[float]
     samples: list[int]
