@@ -298,8 +298,7 @@ def _dbs_run(
     elif config.mode == "gradient":
         # model=: the b_i / B weight goes on the output's gradient (batch x classes)
         # instead of on every parameter's gradient: the same update (backward is
-        # linear in it), without a pass over every gradient per step: on the
-        # 400k-parameter MLP, cProfile counted those at about 0.1 ms of a 4-5 ms step.
+        # linear in it), without a pass over every parameter's gradient per step.
         zero = (
             ZeroSampleOptions(enabled=True, probe_every=config.probe_every) if config.zero_samples else None
         )
@@ -603,17 +602,15 @@ def freeze_setup_objects() -> None:
     """Leave the objects built before training out of Python's garbage-collection passes.
 
     A process with torch and Horovod loaded holds a few hundred thousand
-    objects, and a full collection walks all of them: 190-230 ms on this
-    machine, longer than a training step. When set-up allocates many objects
-    (loading the digits data set does), one comes due early in training: on
-    sleep-only devices (steps that take exactly the same time) a 10-epoch
-    run had one such pause per rank, and a pause on one rank reads as a
-    slower device, so the plan moved away from the balance and back; plain
-    Horovod just waits for it. Set-up's objects (modules, data, imported
-    libraries) live as long as training, so they are frozen once
-    (``gc.freeze``, after a collection so no garbage is frozen) and
-    collections during training walk only what training allocates (in the
-    same runs with the freeze, no full collection came due during training).
+    objects, and a full collection walks all of them, which can take longer
+    than a training step. When set-up allocates many objects (loading the
+    digits data set does), one comes due early in training, and a pause on
+    one rank reads as a slower device, so the plan moves away from the
+    balance and back; plain Horovod just waits for it. Set-up's objects
+    (modules, data, imported libraries) live as long as training, so they
+    are frozen once (``gc.freeze``, after a collection so no garbage is
+    frozen) and collections during training walk only what training
+    allocates.
     """
     gc.collect()
     gc.freeze()
