@@ -15,8 +15,10 @@ step. A synchronous step lasts as long as its slowest rank.
 
 Scenarios: ``steady`` (the spread alone), ``disturbance`` (the DBS paper's
 protocol: each epoch every undisturbed rank is slowed with probability p, by a
-random factor, for a random number of epochs) and ``step`` (a fraction of the
-ranks becomes k times slower mid-epoch and stays so).
+random factor, for a random number of epochs), ``step`` (a fraction of the
+ranks becomes k times slower mid-epoch and stays so) and ``noisy`` (a fraction
+of the ranks varies far more from step to step than the rest, as a rank with
+a noisy neighbour or a CPU quota does).
 
 Run ``python -m benchmarks.scale_sim [--quick] [--workers 64,256,1024,4096]
 [--seed 0] [--out DIR]``; it writes ``scale_sim.json`` and ``scale_sim.md``
@@ -40,7 +42,7 @@ from dbs_hvd.train.metrics import balance_efficiency
 from dbs_hvd.plan import Bounds, Plan, Policy, WindowStats, equalise_step_times
 from dbs_hvd.policies import make_policy
 
-SCENARIOS = ("steady", "disturbance", "step")
+SCENARIOS = ("steady", "disturbance", "step", "noisy")
 WARMUP_EPOCHS = 2  # epochs left out of the steady-state efficiency
 RECOVERY_TOLERANCE = 0.03  # a window within this of the pre-change efficiency has recovered
 
@@ -71,6 +73,9 @@ class Scenario:
     change_at: float = 0.55  # fraction of the epoch; off the window boundaries on purpose
     change_factor: float = 3.0
     change_fraction: float = 0.01  # at least one rank
+    # noisy ranks
+    noisy_fraction: float = 0.1  # at least one rank
+    noisy_sigma: float = 0.3  # their per-step noise, in place of the device model's
 
     def __post_init__(self) -> None:
         if self.name not in SCENARIOS:
@@ -109,6 +114,8 @@ def default_specs(steps_per_epoch: int, rebalance_every: int) -> list[PolicySpec
     ``oracle`` is a reference, not a contender: it is told each rank's true cost
     curve for the coming window, so its efficiency is the ceiling the noise
     model allows (with many noisy ranks, the slowest one still sets each step).
+    ``dbs means only`` is dbs without ``spread_aware``: it equalises the mean
+    steps and ignores how much each rank varies from step to step.
     """
     s, k = steps_per_epoch, rebalance_every
     return [
@@ -116,6 +123,7 @@ def default_specs(steps_per_epoch: int, rebalance_every: int) -> list[PolicySpec
         PolicySpec("paper K=S", "paper", s),
         PolicySpec(f"paper K={k}", "paper", k),
         PolicySpec(f"dbs K={k}", "dbs", k),
+        PolicySpec(f"dbs means only K={k}", "dbs-means", k),
         PolicySpec("dbs K=S", "dbs", s),
         PolicySpec("oracle", "oracle", k),
     ]
@@ -172,6 +180,7 @@ class Cluster:
         self.epoch_factors = np.ones((config.epochs, n))
         self.change_step: int | None = None
         self.changed_ranks = np.zeros(0, dtype=np.int64)
+        self.noise_sigma = np.full(n, config.device.noise)
         events = _rng(config.seed, n, scenario.name, "events")
         if scenario.name == "disturbance":
             self.epoch_factors = disturbance_schedule(n, config.epochs, scenario, events)
@@ -180,6 +189,9 @@ class Cluster:
             self.changed_ranks = np.sort(events.choice(n, size=count, replace=False))
             self.change_step = (scenario.change_epoch * steps
                                 + int(scenario.change_at * steps))
+        elif scenario.name == "noisy":
+            count = max(1, round(scenario.noisy_fraction * n))
+            self.noise_sigma[events.choice(n, size=count, replace=False)] = scenario.noisy_sigma
 
     def factors(self, epoch: int) -> np.ndarray:
         """Slowdown of every rank at every step of ``epoch``, shape (steps, workers)."""
@@ -196,7 +208,7 @@ class Cluster:
         """Multiplicative step-time noise for ``epoch``, shape (steps, workers)."""
         rng = _rng(self.config.seed, self.config.workers, self.scenario.name, "noise", epoch)
         shape = (self.config.steps_per_epoch, self.config.workers)
-        return np.exp(rng.normal(0.0, self.config.device.noise, shape))
+        return np.exp(rng.normal(0.0, 1.0, shape) * self.noise_sigma)
 
     def true_costs(self, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
         """Each rank's noiseless (a_i, c_i) at one step, slowdowns included (for the oracle)."""
@@ -225,9 +237,11 @@ class OracleReference(Policy):
 
 
 def build_policy(name: str, config: SimConfig) -> Policy:
-    """A registered dbs_hvd policy, or the simulator's oracle reference."""
+    """A registered dbs_hvd policy, ``dbs-means`` (dbs without spread_aware), or the oracle."""
     if name == "oracle":
         return OracleReference(config.global_batch, config.bounds)
+    if name == "dbs-means":
+        return make_policy("dbs", config.global_batch, config.bounds, spread_aware=False)
     return make_policy(name, config.global_batch, config.bounds)
 
 
@@ -270,11 +284,13 @@ def window_stats(batch: np.ndarray, step_times: np.ndarray) -> WindowStats:
     """What the ranks would report for a window: samples, compute seconds, steps.
 
     Compute seconds are each rank's own step times; the time it then waits for
-    the slowest rank is excluded, as timing.py excludes allreduce wait.
+    the slowest rank is excluded, as timing.py excludes allreduce wait. Their
+    squares give the spread from step to step, as timing.py's do.
     """
     steps = step_times.shape[0]
     return WindowStats(samples=batch * steps, compute_seconds=step_times.sum(axis=0),
-                       steps=np.full(len(batch), float(steps)))
+                       steps=np.full(len(batch), float(steps)),
+                       compute_squares=(step_times**2).sum(axis=0))
 
 
 def simulate(config: SimConfig, scenario: Scenario, spec: PolicySpec,
@@ -496,7 +512,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = DeviceModel(noise=args.noise)
     if args.quick:
         base = SimConfig(workers=0, epochs=5, steps_per_epoch=20, seed=args.seed, device=device)
-        scenarios = [Scenario("steady"), Scenario("disturbance"), Scenario("step", change_epoch=3)]
+        scenarios = [Scenario("steady"), Scenario("disturbance"), Scenario("step", change_epoch=3),
+                     Scenario("noisy")]
     else:
         base = SimConfig(workers=0, seed=args.seed, device=device)
         scenarios = [Scenario(name) for name in SCENARIOS]

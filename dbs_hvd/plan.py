@@ -262,6 +262,8 @@ class WindowStats:
         compute_seconds: each rank's compute time in the window.
         steps: steps each rank ran in the window.
         wait_seconds: each rank's time blocked in the allreduce, when known.
+        compute_squares: each rank's sum of its steps' compute seconds
+            squared, when known (``compute_spread``).
 
     Examples:
         >>> stats = WindowStats(samples=np.array([64.0, 64.0]),
@@ -275,6 +277,7 @@ class WindowStats:
     compute_seconds: np.ndarray
     steps: np.ndarray
     wait_seconds: np.ndarray | None = None  # time blocked in the allreduce, when known
+    compute_squares: np.ndarray | None = None  # sum of squared per-step compute, when known
 
     @classmethod
     def from_windows(cls, windows: Sequence[WindowTotals]) -> WindowStats:
@@ -297,6 +300,7 @@ class WindowStats:
             compute_seconds=np.array([w.compute_seconds for w in settled], dtype=float),
             steps=np.array([w.steps for w in settled], dtype=float),
             wait_seconds=np.array([w.wait_seconds for w in settled], dtype=float),
+            compute_squares=np.array([w.compute_squares for w in settled], dtype=float),
         )
 
     @classmethod
@@ -304,8 +308,9 @@ class WindowStats:
         """Build from one mapping per rank, as the rebalance log holds them (``ranks``).
 
         Keys are ``WindowTotals``'s fields: samples, compute_seconds and steps,
-        optionally wait_seconds (without it in every record, ``wait_seconds`` is
-        None) and the ``new_size_*`` totals; other keys are ignored.
+        optionally wait_seconds and compute_squares (without one in every
+        record, that field is None) and the ``new_size_*`` totals; other keys
+        are ignored.
 
         Raises:
             KeyError: for a record without samples, compute_seconds or steps.
@@ -318,8 +323,30 @@ class WindowStats:
         windows = [WindowTotals(**{k: v for k, v in r.items() if k in names}) for r in records]
         stats = cls.from_windows(windows)
         if any("wait_seconds" not in record for record in records):
-            return replace(stats, wait_seconds=None)
+            stats = replace(stats, wait_seconds=None)
+        if any("compute_squares" not in record for record in records):
+            stats = replace(stats, compute_squares=None)
         return stats
+
+    def compute_spread(self) -> np.ndarray | None:
+        """Each rank's standard deviation of compute seconds from step to step.
+
+        Steps are synchronous: each waits for the slowest rank *of that step*,
+        so a rank whose steps vary (a CPU quota's bursts, a noisy neighbour)
+        holds the others up more often than its mean says.
+
+        Returns:
+            Seconds, one entry per rank (``nan`` for a rank with fewer than two
+            steps), or ``None`` when the squares are not known.
+        """
+        if self.compute_squares is None:
+            return None
+        steps = np.maximum(self.steps, 1.0)
+        mean = self.compute_seconds / steps
+        variance = (
+            np.maximum(self.compute_squares / steps - mean * mean, 0.0) * steps / np.maximum(steps - 1, 1)
+        )
+        return np.where(self.steps >= 2, np.sqrt(variance), np.nan)
 
     def step_wall_seconds(self) -> float | None:
         """The measured synchronous step time: compute + wait per step, of the rank that began last.
@@ -379,6 +406,7 @@ def _settled(window: WindowTotals) -> WindowTotals:
         samples=window.samples - window.new_size_samples,
         compute_seconds=compute,
         wait_seconds=window.wait_seconds - window.new_size_wait_seconds,
+        compute_squares=max(window.compute_squares - window.new_size_compute_squares, 0.0),
     )
 
 

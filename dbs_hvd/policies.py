@@ -36,6 +36,13 @@ in plan.py.
   step times does not. The sizes are rounded for the same goal: each sample
   left after flooring goes where the predicted step after it is shortest
   (``equalise_step_times`` in plan.py).
+* **Steps that vary.** Each step waits for that step's slowest rank, so a
+  rank whose compute varies from step to step (a CPU quota's bursts, a noisy
+  neighbour) holds the others up more than its mean says. Each rank's spread
+  from step to step is measured too, and a varying rank's mean is held below
+  the others' (``slowest.slack``) where that shortens the *expected* slowest
+  step: by more the dearer its samples are against the others'. Ranks of
+  equal speed and spread stay equal.
 
 * **A warm-up.** The first steps of a process are slow in ways that say
   nothing about the device: lazy initialisation, allocator growth, kernel
@@ -86,6 +93,7 @@ from .plan import (
     apportion,
     equalise_step_times,
 )
+from .slowest import expected_slowest, slack
 
 
 class StaticPolicy(Policy):
@@ -200,6 +208,11 @@ class DbsPolicy(Policy):
             changed (default: 5, or ``max_change`` if that is larger).
         warmup_steps: the steps during which ``warmup_deadband`` applies.
         warmup_deadband: the predicted gain a change must beat during warm-up.
+        spread_aware: plan for the expected slowest step, from each rank's
+            spread of compute from step to step (``slowest.slack``); False
+            equalises the mean steps alone.
+        spread_steps: the steps, weighted by age, over which a rank's spread
+            must be measured before it counts (``spread``).
 
     Raises:
         PlanError: for parameters out of range (each message names the
@@ -220,6 +233,8 @@ class DbsPolicy(Policy):
     # The learnt state, set by _forget() and the methods that learn.
     _batch: np.ndarray
     _seconds: np.ndarray
+    _variance: np.ndarray
+    _steps: np.ndarray
     _noise: float | None
     _trial: tuple[Plan, float] | None
     _misfit: np.ndarray
@@ -241,6 +256,8 @@ class DbsPolicy(Policy):
         surprise_change: float | None = None,
         warmup_steps: int = 10,
         warmup_deadband: float = 0.15,
+        spread_aware: bool = True,
+        spread_steps: float = 8.0,
     ) -> None:
         super().__init__(global_batch, bounds)
         if not 0 < decay <= 1:
@@ -276,6 +293,7 @@ class DbsPolicy(Policy):
         self.min_deadband, self.max_deadband = min_deadband, max_deadband
         self.surprise_change = surprise_change
         self.warmup_steps, self.warmup_deadband = warmup_steps, warmup_deadband
+        self.spread_aware, self.spread_steps = spread_aware, spread_steps
         self._steps_seen = 0  # by this policy object: a resumed process warms up again
         self._moved_in_warmup = False
         self.last_model: tuple[np.ndarray, np.ndarray] | None = None
@@ -286,14 +304,37 @@ class DbsPolicy(Policy):
         ages = np.arange(len(self._batch))[::-1]
         return fit_step_costs(self._batch, self._seconds, self.decay**ages, self.min_spread)
 
+    def spread(self) -> np.ndarray:
+        """Each rank's step-to-step standard deviation of compute, over the windows held.
+
+        The windows' variances are averaged with the fit's age weights, each
+        window counting by its steps. A spread measured over fewer than
+        ``spread_steps`` such weighted steps is too uncertain to plan by
+        (over many ranks, the few that look most varying by chance would be
+        given slack they do not need), and so is one never measured (windows
+        of single steps, stats without squares): such a rank counts as steady.
+        """
+        if not len(self._variance):
+            return np.zeros(self._batch.shape[1] if self._batch.ndim == 2 else 0)
+        ages = np.arange(len(self._variance))[::-1]
+        measured = np.isfinite(self._variance)
+        weights = (self.decay**ages)[:, None] * measured * self._steps
+        total = weights.sum(0)
+        pooled = (weights * np.nan_to_num(self._variance)).sum(0) / np.where(total > 0, total, 1.0)
+        return np.where(total >= self.spread_steps, np.sqrt(pooled), 0.0)
+
     def observe(self, stats: WindowStats) -> tuple[np.ndarray, np.ndarray]:
         """Add the window to the history and return the fitted (overhead, per-sample) per rank."""
         batch = stats.samples / stats.steps
         seconds = stats.compute_seconds / stats.steps
+        spread = stats.compute_spread()
+        variance = np.full(stats.world_size, np.nan) if spread is None else spread**2
         self._misfit = np.zeros(stats.world_size)
         if self._batch.shape[1:] != (stats.world_size,):
             self._batch = np.empty((0, stats.world_size))
             self._seconds = np.empty((0, stats.world_size))
+            self._variance = np.empty((0, stats.world_size))
+            self._steps = np.empty((0, stats.world_size))
         if len(self._batch):
             # The model the last window left, unless the history was replaced since.
             overhead, per_sample = (
@@ -307,17 +348,54 @@ class DbsPolicy(Policy):
             # gives it, rebuild the fit (rescaling the old ones instead would
             # keep an outdated curve shape and hide the overhead for good).
             self._misfit = np.abs(seconds - predicted) / predicted
+            self._explain_by_overhead(batch, seconds)
             changed = self._changed
             if (~changed).any():
                 level = _median(self._misfit[~changed])
                 self._noise = level if self._noise is None else 0.5 * (self._noise + level)
             self._batch[:, changed] = batch[changed]
             self._seconds[:, changed] = seconds[changed]
+            # The window that showed a change of speed holds steps from before
+            # and after it: its spread says nothing of the device's steps now.
+            variance[changed] = np.nan
+            self._variance[:, changed] = np.nan
+            self._steps[:, changed] = stats.steps[changed]
         self._batch = np.vstack([self._batch, batch])[-self.history :]
         self._seconds = np.vstack([self._seconds, seconds])[-self.history :]
+        self._variance = np.vstack([self._variance, variance])[-self.history :]
+        self._steps = np.vstack([self._steps, stats.steps])[-self.history :]
         self.last_model = self._fit()
         self._model_is_current = True
         return self.last_model
+
+    def _explain_by_overhead(self, batch: np.ndarray, seconds: np.ndarray) -> None:
+        """Clear the surprise of ranks whose window a fixed per-step cost explains.
+
+        A model without an overhead (too little spread of batch sizes so far)
+        predicts that a rank given half the samples takes half the time; where
+        much of its step is fixed, the next window misses that prediction by
+        far, though nothing about the device changed. Read as a change, the
+        rank's history would be replaced by that one window, and the overhead
+        never fitted. So a surprised rank is refitted with the new window
+        added: where that fit finds an overhead (physical, on enough spread)
+        and predicts the window within ``surprise``, its misfit is the one to
+        the refitted model. A real change of speed does not fit a line with a
+        positive overhead and slope through the old windows and the new one.
+        """
+        surprised = np.flatnonzero(self._misfit > self.surprise)
+        if not len(surprised):
+            return
+        ages = np.arange(len(self._batch) + 1)[::-1]
+        overhead, per_sample = fit_step_costs(
+            np.vstack([self._batch[:, surprised], batch[surprised]]),
+            np.vstack([self._seconds[:, surprised], seconds[surprised]]),
+            self.decay**ages,
+            self.min_spread,
+        )
+        predicted = overhead + per_sample * batch[surprised]
+        misfit = np.abs(seconds[surprised] - predicted) / predicted
+        explained = (overhead > 0) & (misfit <= self.surprise)
+        self._misfit[surprised[explained]] = misfit[explained]
 
     @property
     def _changed(self) -> np.ndarray:
@@ -375,6 +453,8 @@ class DbsPolicy(Policy):
         # Rows of windows (oldest first), one column per rank: mean batch, seconds per step.
         self._batch = np.empty((0, 0))
         self._seconds = np.empty((0, 0))
+        self._variance = np.empty((0, 0))  # each window's per-step variance of compute
+        self._steps = np.empty((0, 0))  # each window's steps
         # Smoothed relative misfit of a window's step time to the model: the noise level.
         self._noise = None
         # The plan and measured step time before the last change, until judged.
@@ -404,15 +484,42 @@ class DbsPolicy(Policy):
         lower = np.maximum(np.floor(sizes / reach), self.bounds.min_batch)
         upper = np.minimum(np.ceil(sizes * reach), self.bounds.uppers(self.global_batch, len(sizes)))
         # Equal predicted step times: b_i = (t - overhead_i) / per_sample_i.
-        proposal = Plan(
+        equal = Plan(
             tuple(equalise_step_times(overhead, per_sample, self.global_batch, self.bounds, lower, upper))
         )
+        # Without spread_aware, every rank counts as steady: the step is the slowest mean.
+        spread = self.spread() if self.spread_aware else np.zeros(len(sizes))
 
         def predicted_step(plan: Plan) -> float:
-            return float(np.max(overhead + per_sample * np.asarray(plan.batch_sizes)))
+            return expected_slowest(overhead + per_sample * np.asarray(plan.batch_sizes), spread)
+
+        def gain(plan: Plan, than: Plan) -> float:
+            """The predicted relative shortening of the step from ``than`` to ``plan``."""
+            return predicted_step(than) / predicted_step(plan) - 1.0
 
         band = max(self.adoption_deadband(), self.warmup_deadband if self.warming_up else 0.0)
-        if predicted_step(proposal) * (1 + band) >= predicted_step(current):
+        # Each step waits for that step's slowest rank: where ranks' steps vary,
+        # slack on the varying ranks shortens the expected step. Like any
+        # change, it is taken only where it is predicted to gain more than the
+        # band: ranks that vary alike gain little from it, and would otherwise
+        # follow the noise of their spreads from window to window.
+        proposal = equal
+        if (spread > 0).any():
+            slacked = Plan(
+                tuple(
+                    equalise_step_times(
+                        overhead + slack(per_sample, spread),
+                        per_sample,
+                        self.global_batch,
+                        self.bounds,
+                        lower,
+                        upper,
+                    )
+                )
+            )
+            if gain(slacked, equal) > band:
+                proposal = slacked
+        if gain(proposal, current) <= band:
             return current
         wall = stats.step_wall_seconds()
         # An answer to a device change is not checked: the window that showed
@@ -464,15 +571,28 @@ class DbsPolicy(Policy):
             "misfit": [float(m) for m in self._misfit],
             "overhead_seconds": [float(a) for a in overhead],
             "per_sample_seconds": [float(c) for c in per_sample],
+            "spread_seconds": [float(s) for s in self.spread()],
         }
 
     def state_dict(self) -> dict[str, Any]:
         """The windows held (mean batch and seconds per step, per rank), for a checkpoint."""
-        return {"batch": self._batch.tolist(), "seconds": self._seconds.tolist()}
+        return {
+            "batch": self._batch.tolist(),
+            "seconds": self._seconds.tolist(),
+            # nan (unmeasured) written as None: JSON has no nan
+            "variance": [[None if np.isnan(v) else float(v) for v in row] for row in self._variance],
+            "steps": self._steps.tolist(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._batch = np.array(state["batch"], dtype=float)
         self._seconds = np.array(state["seconds"], dtype=float)
+        # A state saved without variances holds none: every rank counts as steady.
+        variance = state.get("variance", np.full(self._batch.shape, np.nan).tolist())
+        self._variance = np.array(variance, dtype=float).reshape(self._batch.shape)
+        self._steps = np.array(state.get("steps", np.ones(self._batch.shape).tolist()), dtype=float).reshape(
+            self._batch.shape
+        )
         self._model_is_current = False
 
 

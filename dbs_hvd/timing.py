@@ -57,17 +57,23 @@ class WindowTotals:
     new_size_samples: float = 0
     new_size_compute_seconds: float = 0.0
     new_size_wait_seconds: float = 0.0
+    # The sum of each step's compute seconds squared: how much the steps vary
+    # (plan.WindowStats.compute_spread), not only their mean.
+    compute_squares: float = 0.0
+    new_size_compute_squares: float = 0.0
 
     def add(self, batch_size: float, compute: float, wait: float, new_size: bool = False) -> None:
         self.steps += 1
         self.samples += batch_size
         self.compute_seconds += compute
         self.wait_seconds += wait
+        self.compute_squares += compute * compute
         if new_size:
             self.new_size_steps += 1
             self.new_size_samples += batch_size
             self.new_size_compute_seconds += compute
             self.new_size_wait_seconds += wait
+            self.new_size_compute_squares += compute * compute
 
     def since(self, earlier: WindowTotals) -> WindowTotals:
         """The totals added after ``earlier``, a copy of these totals taken before."""
@@ -277,6 +283,8 @@ class StepTimer:
         takes once the quota binds. CPU used inside ``waiting`` blocks is left
         out (a rank the others wait for does not wait itself), and so is CPU
         used between steps (evaluation, checkpoints: not the training's work).
+        Raised to that floor, every step of the window counts as stretched
+        alike, so the steps' squared compute scales with it.
         """
         window, self.window = self.window, WindowTotals()
         if self._cpu_share:
@@ -297,6 +305,11 @@ class StepTimer:
             self._between = _NO_TIME
             if self._gap_from is not None:  # between steps: the rest of the gap is the next window's
                 self._gap_from = _Clocks(wall, now, work_now)
-            if window.steps:
-                window.compute_seconds = max(window.compute_seconds, floor)
+            if window.steps and floor > window.compute_seconds > 0:
+                # The floor stretches every step alike: the steps' spread scales with it.
+                scale = floor / window.compute_seconds
+                window.compute_seconds = floor
+                window.compute_squares *= scale * scale
+            elif window.steps and floor > window.compute_seconds:
+                window.compute_seconds = floor
         return window

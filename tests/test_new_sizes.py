@@ -52,6 +52,10 @@ def test_the_timer_counts_a_new_size_step_apart_and_in_the_totals():
     assert window.compute_seconds == pytest.approx(0.7)
     assert (window.new_size_steps, window.new_size_samples) == (1, 10)
     assert window.new_size_compute_seconds == pytest.approx(0.5)
+    assert window.compute_squares == pytest.approx(0.25 + 0.01 + 0.01)
+    assert window.new_size_compute_squares == pytest.approx(0.25)
+    # The settled steps' spread: the two 0.1 s steps, which do not vary.
+    assert WindowStats.from_windows([window]).compute_spread()[0] == pytest.approx(0.0, abs=1e-7)
 
 
 def test_stats_leave_out_new_size_steps_where_other_steps_remain():
@@ -68,6 +72,8 @@ def test_stats_leave_out_new_size_steps_where_other_steps_remain():
     # The slowed rank's speed is that of its settled steps: 100 samples/s, not 43.
     np.testing.assert_allclose(stats.speeds(), [100, 25, 100])
     np.testing.assert_allclose(stats.wait_seconds, [0.3, 0.0, 0.1])
+    # Records without squares (a log written before they were kept) give no spread.
+    assert stats.compute_spread() is None
     # The typed windows the ranks exchange give the same figures as the log's records.
     typed = WindowStats.from_windows([WindowTotals(**r) for r in (slowed, only_new, plain)])
     for name in ("steps", "samples", "compute_seconds", "wait_seconds"):

@@ -262,3 +262,18 @@ def test_equal_step_times_plan_is_the_min_max_optimum_within_the_bounds(case):
     best = _greedy_min_max(np.ones(n), total - n, overhead, per_sample, np.full(n, total))
     assert _longest_step(sizes, overhead, per_sample) == pytest.approx(
         _longest_step(best, overhead, per_sample), rel=1e-12)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(1e-3, 1.0), min_size=2, max_size=30))
+def test_the_compute_spread_is_the_standard_deviation_of_the_steps(steps):
+    from dbs_hvd.timing import WindowTotals
+
+    window = WindowTotals()
+    for seconds in steps:
+        window.add(8, seconds, 0.0)
+    spread = WindowStats.from_windows([window, WindowTotals(steps=1, samples=8, compute_seconds=0.1,
+                                                            compute_squares=0.01)]).compute_spread()
+    # sum of squares minus n * mean^2 cancels: the error is relative to the mean, not the spread
+    assert spread[0] == pytest.approx(np.std(steps, ddof=1), abs=1e-6 * max(steps))
+    assert math.isnan(spread[1])  # one step: no spread

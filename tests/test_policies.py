@@ -387,3 +387,86 @@ def test_diagnostics_say_what_the_decision_rested_on():
     assert grid_seen["batch_multiple"] == 8
     # Per sample, not per unit of 8 samples.
     assert grid_seen["per_sample_seconds"][0] == pytest.approx(1e-3, rel=0.2)
+
+
+# --------------------------------------------------------------------------- fixed costs and spread
+
+
+def test_a_window_a_fixed_cost_explains_is_no_change_of_speed():
+    """Rank 1 has a large overhead and is given a third of its samples: against a model
+    through the origin its step is far longer than predicted, but a line through its old
+    windows and the new one has a positive overhead and fits it. Its history is kept and
+    the overhead is fitted at once, not after windows rebuilt the spread."""
+    overhead, per_sample = np.array([0.0, 0.03]), np.array([1e-3, 2e-3])
+    policy = DbsPolicy(64, warmup_steps=0)
+    plan = Plan((32, 32))
+    policy.next_plan(window(plan, overhead, per_sample), plan)  # through the origin: one size
+    moved = Plan((54, 10))
+    policy.next_plan(window(moved, overhead, per_sample), moved)
+    diagnostics = policy.diagnostics()
+    assert diagnostics["misfit"][1] <= policy.surprise
+    assert diagnostics["overhead_seconds"][1] == pytest.approx(0.03, rel=1e-6)
+    assert policy.state_dict()["batch"][0][1] == 32  # the old window is still held
+
+
+def test_a_real_change_of_speed_still_replaces_the_history():
+    overhead, per_sample = np.array([0.0, 0.03]), np.array([1e-3, 2e-3])
+    policy = DbsPolicy(64, warmup_steps=0)
+    plan = Plan((40, 24))
+    for _ in range(3):
+        policy.next_plan(window(plan, overhead, per_sample), plan)
+    policy.next_plan(window(plan, overhead, per_sample * np.array([1.0, 3.0])), plan)
+    assert policy.diagnostics()["misfit"][1] > policy.surprise
+    assert {row[1] for row in policy.state_dict()["batch"]} == {24}
+
+
+def varying_window(plan, per_sample, spread, steps=10):
+    """Ranks with step time c*b whose steps vary by ``spread`` (seconds) around it."""
+    b = np.asarray(plan.batch_sizes, float)
+    t = per_sample * b
+    squares = steps * (t**2 + np.asarray(spread) ** 2 * (steps - 1) / steps)
+    return WindowStats(b * steps, t * steps, np.full(len(b), float(steps)), compute_squares=squares)
+
+
+def settle(policy, plan, per_sample, spread, windows=12):
+    for _ in range(windows):
+        plan = policy.next_plan(varying_window(plan, per_sample, spread), plan)
+    return plan
+
+
+def test_a_rank_that_varies_is_given_slack_where_its_samples_are_dear():
+    per_sample, spread = np.array([0.4e-3, 2.5e-3]), np.array([0.0, 6e-3])
+    aware = settle(DbsPolicy(64), Plan((32, 32)), per_sample, spread)
+    means = settle(DbsPolicy(64, spread_aware=False), Plan((32, 32)), per_sample, spread)
+    assert aware.batch_sizes[1] < means.batch_sizes[1]
+    mean_step = per_sample * np.asarray(aware.batch_sizes)
+    equal_step = per_sample * np.asarray(means.batch_sizes)
+    from dbs_hvd.slowest import expected_slowest
+    assert expected_slowest(mean_step, spread) < expected_slowest(equal_step, spread)
+
+
+def test_ranks_of_equal_speed_stay_equal_however_one_varies():
+    per_sample, spread = np.array([1e-3, 1e-3]), np.array([0.0, 10e-3])
+    assert settle(DbsPolicy(64), Plan((32, 32)), per_sample, spread) == Plan((32, 32))
+
+
+def test_a_spread_measured_over_few_steps_does_not_count():
+    per_sample, spread = np.array([0.4e-3, 2.5e-3]), np.array([0.0, 6e-3])
+    policy = DbsPolicy(64, spread_steps=1000)
+    plan = Plan((32, 32))
+    for _ in range(12):
+        plan = policy.next_plan(varying_window(plan, per_sample, spread, steps=2), plan)
+    assert np.all(policy.spread() == 0)
+    assert plan == settle(DbsPolicy(64, spread_aware=False), Plan((32, 32)), per_sample, spread)
+
+
+def test_the_spread_is_kept_in_the_state_dict_and_old_states_load():
+    per_sample, spread = np.array([0.4e-3, 2.5e-3]), np.array([0.0, 6e-3])
+    policy = DbsPolicy(64)
+    settle(policy, Plan((32, 32)), per_sample, spread, windows=4)
+    copy = DbsPolicy(64)
+    copy.load_state_dict(policy.state_dict())
+    np.testing.assert_allclose(copy.spread(), policy.spread())
+    old = {key: value for key, value in policy.state_dict().items() if key in ("batch", "seconds")}
+    copy.load_state_dict(old)
+    assert np.all(copy.spread() == 0)

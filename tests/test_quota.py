@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from dbs_hvd.plan import WindowStats
 from dbs_hvd.quota import CpuQuota, min_window_seconds, own_quota
 from dbs_hvd.timing import StepTimer
 
@@ -262,3 +264,19 @@ def test_cpu_used_after_a_rebalance_and_before_the_next_step_is_not_part_of_the_
     _advance(clocks, cpu, work, 0.3, 0.06)  # ...then an evaluation of 0.3 s and 60 ms of CPU
     _steps(timer, clocks, cpu, work, 2)
     assert timer.take_window().compute_seconds == pytest.approx(0.006 / 0.25)
+
+
+def test_raised_to_the_floor_the_steps_spread_scales_with_it():
+    clocks = FakeClocks()
+    cpu = [0.0]
+    timer = StepTimer(clock=lambda: clocks.now, cpu_share=0.25, cpu_clock=lambda: cpu[0])
+    timer.mark_start()
+    for wall in (0.004, 0.006, 0.004, 0.006):  # steps at full speed, 3 ms CPU each
+        clocks.now += wall
+        cpu[0] += 0.003
+        timer.end_step(4)
+    window = timer.take_window()
+    scale = (0.012 / 0.25) / 0.020
+    stats = WindowStats.from_windows([window])
+    assert stats.compute_seconds[0] == pytest.approx(0.048)
+    assert stats.compute_spread()[0] == pytest.approx(scale * np.std([4, 6, 4, 6], ddof=1) * 1e-3)
