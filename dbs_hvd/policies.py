@@ -379,8 +379,10 @@ class DbsPolicy(Policy):
         never fitted. So a surprised rank is refitted with the new window
         added: where that fit finds an overhead (physical, on enough spread)
         and predicts the window within ``surprise``, its misfit is the one to
-        the refitted model. A real change of speed does not fit a line with a
-        positive overhead and slope through the old windows and the new one.
+        the refitted model. A change of speed seldom fits such a line: a rank
+        that slowed at the same batch size, or took longer with fewer samples,
+        gives no positive slope, and one that sped up with more samples none
+        either.
         """
         surprised = np.flatnonzero(self._misfit > self.surprise)
         if not len(surprised):
@@ -490,8 +492,14 @@ class DbsPolicy(Policy):
         # Without spread_aware, every rank counts as steady: the step is the slowest mean.
         spread = self.spread() if self.spread_aware else np.zeros(len(sizes))
 
+        predicted: dict[Plan, float] = {}  # each plan's expected step, integrated once
+
         def predicted_step(plan: Plan) -> float:
-            return expected_slowest(overhead + per_sample * np.asarray(plan.batch_sizes), spread)
+            if plan not in predicted:
+                predicted[plan] = expected_slowest(
+                    overhead + per_sample * np.asarray(plan.batch_sizes), spread
+                )
+            return predicted[plan]
 
         def gain(plan: Plan, than: Plan) -> float:
             """The predicted relative shortening of the step from ``than`` to ``plan``."""

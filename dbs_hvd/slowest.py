@@ -28,7 +28,7 @@ TAIL = 6.0
 #: The most varying ranks integrated: those likeliest to be the slowest. Beyond
 #: a few thousand ranks the rest change the expectation little, and integrating
 #: them all would cost rank 0 a noticeable part of a rebalance.
-MOST_RANKS = 4096
+MOST_RANKS = 1024
 
 
 def normal_cdf(z: np.ndarray) -> np.ndarray:
