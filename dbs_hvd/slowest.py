@@ -26,7 +26,7 @@ GRID_POINTS = 257
 #: Standard deviations beyond which a rank's step is taken as certain not to fall.
 TAIL = 6.0
 #: The most varying ranks integrated: those likeliest to be the slowest. Beyond
-#: a few thousand ranks the rest change the expectation little, and integrating
+#: a thousand ranks the rest change the expectation little, and integrating
 #: them all would cost rank 0 a noticeable part of a rebalance.
 MOST_RANKS = 1024
 
