@@ -300,9 +300,14 @@ class DbsPolicy(Policy):
         self.hold_after_revert = 4  # windows without changes after a reverted one
         self._forget()
 
+    def _age_weights(self, windows: int) -> np.ndarray:
+        """The weight of each of ``windows`` windows, oldest first: ``decay`` per window of age."""
+        return self.decay ** np.arange(windows)[::-1]
+
     def _fit(self) -> tuple[np.ndarray, np.ndarray]:
-        ages = np.arange(len(self._batch))[::-1]
-        return fit_step_costs(self._batch, self._seconds, self.decay**ages, self.min_spread)
+        return fit_step_costs(
+            self._batch, self._seconds, self._age_weights(len(self._batch)), self.min_spread
+        )
 
     def spread(self) -> np.ndarray:
         """Each rank's step-to-step standard deviation of compute, over the windows held.
@@ -316,9 +321,8 @@ class DbsPolicy(Policy):
         """
         if not len(self._variance):
             return np.zeros(self._batch.shape[1] if self._batch.ndim == 2 else 0)
-        ages = np.arange(len(self._variance))[::-1]
         measured = np.isfinite(self._variance)
-        weights = (self.decay**ages)[:, None] * measured * self._steps
+        weights = self._age_weights(len(self._variance))[:, None] * measured * self._steps
         total = weights.sum(0)
         pooled = (weights * np.nan_to_num(self._variance)).sum(0) / np.where(total > 0, total, 1.0)
         return np.where(total >= self.spread_steps, np.sqrt(pooled), 0.0)
@@ -387,11 +391,10 @@ class DbsPolicy(Policy):
         surprised = np.flatnonzero(self._misfit > self.surprise)
         if not len(surprised):
             return
-        ages = np.arange(len(self._batch) + 1)[::-1]
         overhead, per_sample = fit_step_costs(
             np.vstack([self._batch[:, surprised], batch[surprised]]),
             np.vstack([self._seconds[:, surprised], seconds[surprised]]),
-            self.decay**ages,
+            self._age_weights(len(self._batch) + 1),
             self.min_spread,
         )
         predicted = overhead + per_sample * batch[surprised]

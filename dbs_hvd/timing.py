@@ -305,11 +305,8 @@ class StepTimer:
             self._between = _NO_TIME
             if self._gap_from is not None:  # between steps: the rest of the gap is the next window's
                 self._gap_from = _Clocks(wall, now, work_now)
-            if window.steps and floor > window.compute_seconds > 0:
-                # The floor stretches every step alike: the steps' spread scales with it.
-                scale = floor / window.compute_seconds
-                window.compute_seconds = floor
-                window.compute_squares *= scale * scale
-            elif window.steps and floor > window.compute_seconds:
+            if window.steps and floor > window.compute_seconds:
+                if window.compute_seconds > 0:  # every step stretched alike: the spread scales too
+                    window.compute_squares *= (floor / window.compute_seconds) ** 2
                 window.compute_seconds = floor
         return window
