@@ -56,8 +56,9 @@ def expected_slowest(mean: np.ndarray, spread: np.ndarray) -> float:
 
     Returns:
         ``E[max_i T_i]`` in the units of ``mean``; ``max(mean)`` when no rank
-        varies. Of more than ``MOST_RANKS`` varying ranks, those with the
-        highest mean plus spread count.
+        varies. A rank whose spread is too narrow for the integration grid
+        counts as steady, and of more than ``MOST_RANKS`` varying ranks, those
+        with the highest mean plus spread count.
 
     Examples:
         >>> round(expected_slowest(np.array([1.0, 1.0]), np.array([0.0, 0.3])), 3)
@@ -67,21 +68,28 @@ def expected_slowest(mean: np.ndarray, spread: np.ndarray) -> float:
     """
     mean = np.asarray(mean, dtype=float)
     spread = np.asarray(spread, dtype=float)
-    # A spread below a billionth of the step is no variation, and would overflow the grid.
-    varies = spread > 1e-9 * np.max(np.abs(mean))
-    steady = float(mean[~varies].max()) if (~varies).any() else -np.inf
-    if not varies.any():
-        return steady
+    varies = spread > 0
+    while True:
+        steady = float(mean[~varies].max()) if (~varies).any() else -np.inf
+        if not varies.any():
+            return steady
+        # Below ``low`` some varying rank is surely slower, or the steady maximum
+        # holds the step: E[max] = low + the integral of P(max > t) above it.
+        low = max(steady, float(np.max(mean[varies] - TAIL * spread[varies])))
+        high = float(np.max(mean[varies] + TAIL * spread[varies]))
+        if high <= low:
+            return low
+        # A rank whose spread is under two of the grid's steps would be a jump
+        # the grid cannot resolve; it counts as steady (E[max] changes by less
+        # than its spread), and the grid is laid again over the others.
+        narrow = varies & (spread < 2.0 * (high - low) / (GRID_POINTS - 1))
+        if not narrow.any():
+            break
+        varies &= ~narrow
     m, s = mean[varies], spread[varies]
     if len(m) > MOST_RANKS:
         likeliest = np.argpartition(-(m + s), MOST_RANKS)[:MOST_RANKS]
         m, s = m[likeliest], s[likeliest]
-    # Below ``low`` some varying rank is surely slower, or the steady maximum
-    # holds the step: E[max] = low + the integral of P(max > t) above it.
-    low = max(steady, float(np.max(m - TAIL * s)))
-    high = float(np.max(m + TAIL * s))
-    if high <= low:
-        return low
     t = np.linspace(low, high, GRID_POINTS)
     above = 1.0 - np.prod(normal_cdf((t[:, None] - m) / s), axis=1)
     step = (high - low) / (GRID_POINTS - 1)
