@@ -26,7 +26,10 @@ in plan.py.
   ``max_change`` (3) per rebalance. A wrong estimate (one noisy window, a fit from
   too little data) can cost a little speed, never a swing from 1 sample to
   the whole batch and back. A rank whose speed visibly changed (see below)
-  is measured afresh and may move up to ``surprise_change`` (5) fold.
+  is measured afresh and may move up to ``surprise_change`` (5) fold, and so
+  may every rank at the first move from the starting plan: no estimate
+  came before the first window's, and a region that allows less leaves a
+  4x slower rank short of its share for several windows.
 * **Fixed per-step costs, when they can be measured.** A step of ``b``
   samples is modelled as ``a_i + c_i * b``. The overhead ``a_i`` can only be
   told apart from the per-sample cost ``c_i`` when the rank's recent batch
@@ -205,7 +208,8 @@ class DbsPolicy(Policy):
             ``deadband`` if that is smaller).
         max_deadband: the ceiling of the adoption band (default: ``deadband``).
         surprise_change: the trust region of a rank whose speed visibly
-            changed (default: 5, or ``max_change`` if that is larger).
+            changed, and of every rank on the first window of a history
+            (default: 5, or ``max_change`` if that is larger).
         warmup_steps: the steps during which ``warmup_deadband`` applies.
         warmup_deadband: the predicted gain a change must beat during warm-up.
         spread_aware: plan for the expected slowest step, from each rank's
@@ -473,6 +477,7 @@ class DbsPolicy(Policy):
         self._steps_seen += int(stats.steps.max())
         if was_warming and not self.warming_up and not self._moved_in_warmup:
             self._forget()
+        first = not len(self._batch)  # no window before this one to check it by
         overhead, per_sample = self.observe(stats)
         revert = self._change_did_not_pay(stats, current)
         if revert is not None:
@@ -484,8 +489,9 @@ class DbsPolicy(Policy):
         sizes = np.asarray(current.batch_sizes, dtype=float)
         # The trust region guards against a bad estimate; a rank whose speed
         # visibly changed (its window missed the model by more than ``surprise``)
-        # is measured afresh, and may move further in one go.
-        reach = np.where(self._changed, self.surprise_change, self.max_change)
+        # is measured afresh, and may move further in one go; so may every
+        # rank on the first window of a history, the first estimate there is.
+        reach = np.where(self._changed | first, self.surprise_change, self.max_change)
         lower = np.maximum(np.floor(sizes / reach), self.bounds.min_batch)
         upper = np.minimum(np.ceil(sizes * reach), self.bounds.uppers(self.global_batch, len(sizes)))
         # Equal predicted step times: b_i = (t - overhead_i) / per_sample_i.

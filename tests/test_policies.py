@@ -77,14 +77,33 @@ def test_reacts_to_a_step_change_within_two_rebalances():
     assert after[-1].batch_sizes[1] <= 36, [p.batch_sizes for p in after]  # optimum is 32
 
 
+def within(before, after, factor):
+    return all(b0 / factor - 1 <= b1 <= b0 * factor + 1
+               for b0, b1 in zip(before.batch_sizes, after.batch_sizes))
+
+
 def test_trust_region_limits_each_change():
     overhead, per_sample = np.zeros(2), np.array([1e-3, 1e-1])  # 100x slower rank
-    policy = DbsPolicy(128, max_change=2.0)
+    policy = DbsPolicy(128, max_change=2.0, surprise_change=2.0)
     plans = run(policy, Plan.equal(128, 2), overhead, per_sample, windows=4)
     for before, after in zip(plans, plans[1:]):
-        for b0, b1 in zip(before.batch_sizes, after.batch_sizes):
-            assert b0 / 2 - 1 <= b1 <= b0 * 2 + 1
+        assert within(before, after, 2), (before, after)
     assert plans[-1].batch_sizes[1] < 10  # it still gets there
+
+
+def test_the_first_move_may_reach_as_far_as_a_surprise_and_later_ones_not():
+    overhead, per_sample = np.zeros(2), np.array([1e-3, 1e-1])  # 100x slower rank
+    policy = DbsPolicy(128, max_change=2.0, surprise_change=4.0, warmup_steps=0)
+    plans = run(policy, Plan.equal(128, 2), overhead, per_sample, windows=4)
+    assert plans[1].batch_sizes[1] == 64 // 4, plans[1]  # past 2x, within 4x
+    for before, after in zip(plans[1:], plans[2:]):
+        assert within(before, after, 2), (before, after)
+    # The first window after a warm-up that never moved starts a history too.
+    policy = DbsPolicy(128, max_change=2.0, surprise_change=4.0, warmup_steps=7)
+    equal = window(Plan.equal(128, 2), overhead, np.array([1e-3, 1e-3]))
+    assert policy.next_plan(equal, Plan.equal(128, 2)) == Plan.equal(128, 2)
+    moved = policy.next_plan(window(Plan.equal(128, 2), overhead, per_sample), Plan.equal(128, 2))
+    assert moved.batch_sizes[1] == 64 // 4, moved
 
 
 @settings(max_examples=150, deadline=None)
