@@ -290,6 +290,12 @@ class DbsPolicy(Policy):
                 "(e.g. 10: the first 10 steps move the plan only for a 15% gain; "
                 "0: no warm-up)"
             )
+        if not spread_steps >= 0:
+            raise PlanError(
+                f"spread_steps (--spread-steps) must be a number of steps >= 0, got "
+                f"{spread_steps} (e.g. 8: a rank's spread counts once measured over 8 "
+                "age-weighted steps)"
+            )
         if warmup_deadband < deadband:
             raise PlanError(f"warmup_deadband ({warmup_deadband}) must be at least the deadband ({deadband})")
         self.decay, self.deadband, self.surprise = decay, deadband, surprise

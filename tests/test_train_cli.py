@@ -1,5 +1,6 @@
 """dbs-train end to end under mpirun (plans converge, accuracy, bad input fails alike on all
 ranks), and its checks of bad input in one process (cli.train_config, trainer.validate)."""
+import dataclasses
 import subprocess
 import sys
 
@@ -251,6 +252,9 @@ BAD_INPUT = [
     (["--max-deadband", "0.02"],
      "max_deadband (--max-deadband) is the ceiling of a band that starts at the deadband "
      "0.03: give at least 0.03, got 0.02"),
+    (["--spread-steps", "-1"],
+     "spread_steps (--spread-steps) must be a number of steps >= 0, got -1.0 (e.g. 8: a "
+     "rank's spread counts once measured over 8 age-weighted steps)"),
     (["--slowdown-clock", "cpu", "--threads", "2"],
      "--slowdown-clock cpu needs --device cpu and --threads 1: only then is the calling "
      "thread's CPU time the step's work; use --slowdown-clock wall"),
@@ -326,6 +330,16 @@ def test_max_batch_takes_one_cap_or_one_per_rank(capsys):
         train_config(["--max-batch", "40,0"])
     assert ("argument --max-batch: --max-batch takes one positive cap for every rank (e.g. 64) "
             "or one per rank, comma-separated (e.g. 40,80,80), got '40,0'") in capsys.readouterr().err
+
+
+def test_plan_for_and_spread_steps_reach_the_dbs_policy():
+    from dbs_hvd.train.trainer import make_run_policy
+
+    policy = make_run_policy(train_config(["--plan-for", "mean", "--spread-steps", "3"]))
+    assert (policy.spread_aware, policy.spread_steps) == (False, 3.0)
+    assert make_run_policy(train_config([])).spread_aware
+    with pytest.raises(ValueError, match="--plan-for must be slowest or mean, got 'max'"):
+        validate(dataclasses.replace(train_config([]), plan_for="max"), world_size=2)
 
 
 def test_good_settings_pass_validation():

@@ -46,6 +46,8 @@ RESUMABLE_CHANGES = frozenset(
         *CONFIG_KEYS.values(),
         "warmup_steps",
         "max_deadband",
+        "plan_for",
+        "spread_steps",
     }
 )
 

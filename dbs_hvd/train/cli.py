@@ -249,6 +249,22 @@ def train_parser() -> argparse.ArgumentParser:
         "nor less than 0.01",
     )
     advanced.add_argument(
+        "--plan-for",
+        choices=["slowest", "mean"],
+        default=defaults.plan_for,
+        help="--policy dbs: plan for the expected slowest step, giving a rank whose "
+        "compute varies from step to step less than its mean share (slowest), or "
+        "equalise the ranks' mean steps alone (mean)",
+    )
+    advanced.add_argument(
+        "--spread-steps",
+        type=float,
+        default=defaults.spread_steps,
+        metavar="N",
+        help="--policy dbs --plan-for slowest: count a rank's step-to-step spread "
+        "once it is measured over N steps, weighted by age (default: the policy's 8)",
+    )
+    advanced.add_argument(
         "--discount-new-sizes",
         choices=["auto", "on", "off"],
         default=defaults.discount_new_sizes,

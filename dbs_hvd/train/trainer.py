@@ -61,6 +61,8 @@ class TrainConfig:
     rebalance_min_seconds: float = RebalanceOptions.min_seconds  # and at least this apart
     warmup_steps: int = 10  # dbs: the first steps move the plan only for a large gain
     max_deadband: float | None = None  # dbs: the widest noise-following band (policies.py)
+    plan_for: str = "slowest"  # dbs: the expected slowest step; "mean": the mean steps alone
+    spread_steps: float | None = None  # dbs: the steps a rank's spread is measured over first
     discount_new_sizes: str = "auto"  # "on"/"off"; auto: on for --device cuda (optim.py)
     min_batch: int = 1
     max_batch: int | str | None = None  # one cap for all ranks, or "C1,C2,...": one per rank
@@ -381,7 +383,7 @@ def scales_cpu_time(config: TrainConfig) -> bool:
 
 
 def make_run_policy(config: TrainConfig, world_size: int | None = None) -> Policy:
-    """The run's --policy, with --warmup-steps and --max-deadband for dbs, which has them.
+    """The run's --policy, with dbs's own flags (--warmup-steps, --max-deadband, --plan-for, --spread-steps).
 
     ``world_size`` is needed for per-rank --max-batch caps (``run_bounds``).
     """
@@ -390,6 +392,9 @@ def make_run_policy(config: TrainConfig, world_size: int | None = None) -> Polic
         options["warmup_steps"] = config.warmup_steps
         if config.max_deadband is not None:
             options["max_deadband"] = config.max_deadband
+        options["spread_aware"] = config.plan_for == "slowest"
+        if config.spread_steps is not None:
+            options["spread_steps"] = config.spread_steps
     return make_policy(
         config.policy,
         config.global_batch,
@@ -808,6 +813,8 @@ def check_flags(config: TrainConfig) -> None:
         )
     if config.resume and not config.checkpoint_dir:
         raise ValueError("--resume needs --checkpoint-dir (the folder of the run to continue)")
+    if config.plan_for not in ("slowest", "mean"):
+        raise ValueError(f"--plan-for must be slowest or mean, got {config.plan_for!r}")
     if config.oom_recovery not in ("auto", "on", "off"):
         raise ValueError(f"--oom-recovery must be auto, on or off, got {config.oom_recovery!r}")
     if config.oom_recovery == "on" and (config.policy == "horovod" or config.mode != "gradient"):
