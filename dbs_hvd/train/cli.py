@@ -13,7 +13,7 @@ from ..plan import PlanError
 from ..policies import POLICIES
 from .checkpoint import CheckpointError
 from .metrics import EpochRecord
-from .trainer import TrainConfig, flag_names, parse_max_batch, train
+from .trainer import PLAN_FOR, TrainConfig, flag_names, parse_max_batch, train
 
 # The errors every rank meets alike: dbs-train reports them in one line, no traceback.
 USER_ERRORS = (DbsError, PlanError, CheckpointError, ValueError, FileNotFoundError)
@@ -250,7 +250,7 @@ def train_parser() -> argparse.ArgumentParser:
     )
     advanced.add_argument(
         "--plan-for",
-        choices=["slowest", "mean"],
+        choices=PLAN_FOR,
         default=defaults.plan_for,
         help="--policy dbs: plan for the expected slowest step, giving a rank whose "
         "compute varies from step to step less than its mean share (slowest), or "

@@ -35,6 +35,9 @@ from .devices import gpu_for_local_rank, resolve_device
 from .emulate import DeviceEmulator, make_emulator
 from .metrics import EpochRecord, JsonLinesLog, balance_efficiency
 
+#: --plan-for's choices: dbs plans for the expected slowest step, or equalises the mean steps.
+PLAN_FOR = ("slowest", "mean")
+
 
 @dataclass
 class TrainConfig:
@@ -61,7 +64,7 @@ class TrainConfig:
     rebalance_min_seconds: float = RebalanceOptions.min_seconds  # and at least this apart
     warmup_steps: int = 10  # dbs: the first steps move the plan only for a large gain
     max_deadband: float | None = None  # dbs: the widest noise-following band (policies.py)
-    plan_for: str = "slowest"  # dbs: the expected slowest step; "mean": the mean steps alone
+    plan_for: str = "slowest"  # dbs, one of PLAN_FOR: the expected slowest step, or the mean steps alone
     spread_steps: float | None = None  # dbs: the steps a rank's spread is measured over first
     discount_new_sizes: str = "auto"  # "on"/"off"; auto: on for --device cuda (optim.py)
     min_batch: int = 1
@@ -813,8 +816,8 @@ def check_flags(config: TrainConfig) -> None:
         )
     if config.resume and not config.checkpoint_dir:
         raise ValueError("--resume needs --checkpoint-dir (the folder of the run to continue)")
-    if config.plan_for not in ("slowest", "mean"):
-        raise ValueError(f"--plan-for must be slowest or mean, got {config.plan_for!r}")
+    if config.plan_for not in PLAN_FOR:
+        raise ValueError(f"--plan-for must be {' or '.join(PLAN_FOR)}, got {config.plan_for!r}")
     if config.oom_recovery not in ("auto", "on", "off"):
         raise ValueError(f"--oom-recovery must be auto, on or off, got {config.oom_recovery!r}")
     if config.oom_recovery == "on" and (config.policy == "horovod" or config.mode != "gradient"):
