@@ -19,6 +19,8 @@ shorten it.
 
 from __future__ import annotations
 
+from statistics import NormalDist
+
 import numpy as np
 
 #: Points of the grid the expected maximum is integrated on.
@@ -29,6 +31,9 @@ TAIL = 6.0
 #: a thousand ranks the rest change the expectation little, and integrating
 #: them all would cost rank 0 a noticeable part of a rebalance.
 MOST_RANKS = 1024
+
+_STANDARD_NORMAL = NormalDist()
+_TAIL_PROBABILITY = _STANDARD_NORMAL.cdf(-TAIL)
 
 
 def normal_cdf(z: np.ndarray) -> np.ndarray:
@@ -97,19 +102,21 @@ def expected_slowest(mean: np.ndarray, spread: np.ndarray) -> float:
 
 
 def normal_quantile(p: np.ndarray) -> np.ndarray:
-    """The inverse of ``normal_cdf``, elementwise, for ``p`` in (0, 1) (by bisection).
+    """The standard normal quantile (the inverse of ``normal_cdf``), elementwise.
+
+    Each element comes from the standard library's ``NormalDist.inv_cdf``, a
+    closed form accurate to double precision: planning runs on rank 0 while
+    every rank waits, and a closed form costs a small fraction of solving
+    ``normal_cdf(z) = p`` numerically. Probabilities beyond ``TAIL`` standard
+    deviations (0 and 1 included) give ``-TAIL`` and ``TAIL``.
 
     Examples:
         >>> [round(float(v), 3) for v in normal_quantile(np.array([0.025, 0.975]))]
         [-1.96, 1.96]
     """
-    p = np.asarray(p, dtype=float)
-    low, high = np.full(p.shape, -TAIL), np.full(p.shape, TAIL)
-    for _ in range(48):
-        middle = 0.5 * (low + high)
-        below = normal_cdf(middle) < p
-        low, high = np.where(below, middle, low), np.where(below, high, middle)
-    return 0.5 * (low + high)
+    p = np.clip(np.asarray(p, dtype=float), _TAIL_PROBABILITY, 1.0 - _TAIL_PROBABILITY)
+    inverse = _STANDARD_NORMAL.inv_cdf
+    return np.fromiter((inverse(x) for x in p.ravel().tolist()), float, count=p.size).reshape(p.shape)
 
 
 def slack(per_sample: np.ndarray, spread: np.ndarray) -> np.ndarray:

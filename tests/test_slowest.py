@@ -23,6 +23,13 @@ def test_normal_quantile_inverts_the_cdf(p):
     assert normal_cdf(normal_quantile(np.array([p])))[0] == pytest.approx(p, abs=1e-6)
 
 
+def test_normal_quantile_keeps_the_shape_and_stops_at_the_tail():
+    p = np.array([[0.0, 1e-300], [0.5, 1.0]])
+    z = normal_quantile(p)
+    assert z.shape == (2, 2)
+    np.testing.assert_allclose(z, [[-slowest.TAIL, -slowest.TAIL], [0.0, slowest.TAIL]], atol=1e-9)
+
+
 @given(means)
 def test_steady_ranks_take_the_slowest_mean(values):
     mean = np.array(values)
