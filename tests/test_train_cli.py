@@ -342,6 +342,14 @@ def test_plan_for_and_spread_steps_reach_the_dbs_policy():
         validate(dataclasses.replace(train_config([]), plan_for="max"), world_size=2)
 
 
+@pytest.mark.parametrize("field, flag", [("oom_recovery", "--oom-recovery"),
+                                         ("discount_new_sizes", "--discount-new-sizes")])
+def test_auto_on_off_settings_are_checked_by_name(field, flag):
+    # A TrainConfig built in Python (not by the parser) is checked as well.
+    with pytest.raises(ValueError, match=f"{flag} must be auto, on or off, got 'yes'"):
+        validate(dataclasses.replace(train_config([]), **{field: "yes"}), world_size=2)
+
+
 def test_good_settings_pass_validation():
     validate(train_config(["--epochs", "1"]), world_size=2)
     validate(train_config(["--policy", "horovod", "--global-batch", "64"]), world_size=4,

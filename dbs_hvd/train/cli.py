@@ -13,7 +13,7 @@ from ..plan import PlanError
 from ..policies import POLICIES
 from .checkpoint import CheckpointError
 from .metrics import EpochRecord
-from .trainer import PLAN_FOR, TrainConfig, flag_names, parse_max_batch, train
+from .trainer import AUTO_ON_OFF, PLAN_FOR, TrainConfig, flag_names, parse_max_batch, train
 
 # The errors every rank meets alike: dbs-train reports them in one line, no traceback.
 USER_ERRORS = (DbsError, PlanError, CheckpointError, ValueError, FileNotFoundError)
@@ -266,7 +266,7 @@ def train_parser() -> argparse.ArgumentParser:
     )
     advanced.add_argument(
         "--discount-new-sizes",
-        choices=["auto", "on", "off"],
+        choices=AUTO_ON_OFF,
         default=defaults.discount_new_sizes,
         help="leave each rank's first step at a batch size out of its measured "
         "speed (auto: on with --device cuda, where that step builds "
@@ -333,7 +333,7 @@ def train_parser() -> argparse.ArgumentParser:
     )
     reliability.add_argument(
         "--oom-recovery",
-        choices=["auto", "on", "off"],
+        choices=AUTO_ON_OFF,
         default=defaults.oom_recovery,
         help="where a rank runs out of memory in a step, every rank abandons the step, the "
         "rank's --max-batch cap drops below the batch it failed at and the step's global "

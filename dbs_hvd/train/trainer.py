@@ -37,6 +37,8 @@ from .metrics import EpochRecord, JsonLinesLog, balance_efficiency
 
 #: --plan-for's choices: dbs plans for the expected slowest step, or equalises the mean steps.
 PLAN_FOR = ("slowest", "mean")
+#: The choices of --oom-recovery and --discount-new-sizes (auto: on with --device cuda).
+AUTO_ON_OFF = ("auto", "on", "off")
 
 
 @dataclass
@@ -818,8 +820,12 @@ def check_flags(config: TrainConfig) -> None:
         raise ValueError("--resume needs --checkpoint-dir (the folder of the run to continue)")
     if config.plan_for not in PLAN_FOR:
         raise ValueError(f"--plan-for must be {' or '.join(PLAN_FOR)}, got {config.plan_for!r}")
-    if config.oom_recovery not in ("auto", "on", "off"):
-        raise ValueError(f"--oom-recovery must be auto, on or off, got {config.oom_recovery!r}")
+    for flag, value in (
+        ("--oom-recovery", config.oom_recovery),
+        ("--discount-new-sizes", config.discount_new_sizes),
+    ):
+        if value not in AUTO_ON_OFF:
+            raise ValueError(f"{flag} must be auto, on or off, got {value!r}")
     if config.oom_recovery == "on" and (config.policy == "horovod" or config.mode != "gradient"):
         raise ValueError(
             "--oom-recovery on needs a DBS policy and --mode gradient: it lowers a rank's "
