@@ -818,14 +818,14 @@ def check_flags(config: TrainConfig) -> None:
         )
     if config.resume and not config.checkpoint_dir:
         raise ValueError("--resume needs --checkpoint-dir (the folder of the run to continue)")
-    if config.plan_for not in PLAN_FOR:
-        raise ValueError(f"--plan-for must be {' or '.join(PLAN_FOR)}, got {config.plan_for!r}")
-    for flag, value in (
-        ("--oom-recovery", config.oom_recovery),
-        ("--discount-new-sizes", config.discount_new_sizes),
+    for flag, value, choices in (
+        ("--plan-for", config.plan_for, PLAN_FOR),
+        ("--oom-recovery", config.oom_recovery, AUTO_ON_OFF),
+        ("--discount-new-sizes", config.discount_new_sizes, AUTO_ON_OFF),
     ):
-        if value not in AUTO_ON_OFF:
-            raise ValueError(f"{flag} must be auto, on or off, got {value!r}")
+        if value not in choices:
+            named = f"{', '.join(choices[:-1])} or {choices[-1]}"
+            raise ValueError(f"{flag} must be {named}, got {value!r}")
     if config.oom_recovery == "on" and (config.policy == "horovod" or config.mode != "gradient"):
         raise ValueError(
             "--oom-recovery on needs a DBS policy and --mode gradient: it lowers a rank's "
