@@ -129,7 +129,7 @@ def min_window_seconds(quota: CpuQuota | None) -> float:
 
 #: Horovod's background cycle under a quota of S cores with a period of P: every
 #: CYCLE_MS_PER_SHARE / S milliseconds, at most P / CYCLES_PER_PERIOD, within [1, MAX_CYCLE_MS].
-CYCLE_MS_PER_SHARE = 2.5
+CYCLE_MS_PER_SHARE = 0.5
 CYCLES_PER_PERIOD = 2
 MAX_CYCLE_MS = 20.0
 
@@ -140,12 +140,13 @@ def horovod_cycle_ms(quota: CpuQuota | None) -> float | None:
     Horovod's background thread runs a negotiation with every other rank once per
     cycle (``HOROVOD_CYCLE_TIME``, 1 ms by default), and each one costs CPU time,
     more while it waits for a late rank. Under a quota that cost comes out of the
-    rank's share, and at a fraction of a core it can take most of it, leaving
-    little for training. Longer cycles cost fewer negotiations per second and add
-    at most one cycle of latency to each allreduce, so a throttled rank cycles
-    more slowly the smaller its share. Within a short quota period that latency
-    is the larger cost (the rank is never frozen for long), so the cycle is also
-    at most half the period.
+    rank's share, and at a fraction of a core it can take a visible part of it.
+    Longer cycles cost fewer negotiations per second, but every negotiation
+    waits for the slowest-cycling rank, so each allreduce starts on that rank's
+    grid of cycles: the cycle adds up to one cycle of latency to every step of
+    every rank. A throttled rank therefore cycles a little more slowly the
+    smaller its share, a few milliseconds at a quarter core, and at most half
+    the quota period.
 
     Args:
         quota: this rank's quota (:func:`own_quota`), or None.

@@ -170,13 +170,14 @@ def test_the_cycle_slows_with_the_share_and_respects_the_users_setting(tmp_path,
 
     assert q.horovod_cycle_ms(None) is None
     assert q.horovod_cycle_ms(CpuQuota(2.0, 0.1, tmp_path, 1)) is None
-    assert q.horovod_cycle_ms(CpuQuota(0.25, 0.1, tmp_path, 1)) == pytest.approx(10.0)
-    assert q.horovod_cycle_ms(CpuQuota(0.5, 0.1, tmp_path, 1)) == pytest.approx(5.0)
-    assert q.horovod_cycle_ms(CpuQuota(0.05, 0.1, tmp_path, 1)) == q.MAX_CYCLE_MS
+    assert q.horovod_cycle_ms(CpuQuota(0.25, 0.1, tmp_path, 1)) == pytest.approx(2.0)
+    assert q.horovod_cycle_ms(CpuQuota(0.1, 0.1, tmp_path, 1)) == pytest.approx(5.0)
+    assert q.horovod_cycle_ms(CpuQuota(0.5, 0.1, tmp_path, 1)) == pytest.approx(1.0)
+    assert q.horovod_cycle_ms(CpuQuota(0.01, 1.0, tmp_path, 1)) == q.MAX_CYCLE_MS
     monkeypatch.setattr(q, "own_quota", lambda: CpuQuota(0.25, 0.1, tmp_path, 1))
     env = {}
-    assert q.configure_horovod_cycle(env) == pytest.approx(10.0)
-    assert env == {"HOROVOD_CYCLE_TIME": "10"}
+    assert q.configure_horovod_cycle(env) == pytest.approx(2.0)
+    assert env == {"HOROVOD_CYCLE_TIME": "2"}
     env = {"HOROVOD_CYCLE_TIME": "3"}
     assert q.configure_horovod_cycle(env) is None and env["HOROVOD_CYCLE_TIME"] == "3"
 
@@ -184,9 +185,9 @@ def test_the_cycle_slows_with_the_share_and_respects_the_users_setting(tmp_path,
 def test_within_a_short_period_the_cycle_is_at_most_half_of_it(tmp_path):
     from dbs_hvd import quota as q
 
-    assert q.horovod_cycle_ms(CpuQuota(0.25, 0.01, tmp_path, 1)) == pytest.approx(5.0)
-    assert q.horovod_cycle_ms(CpuQuota(0.5, 0.01, tmp_path, 1)) == pytest.approx(5.0)
-    assert q.horovod_cycle_ms(CpuQuota(0.25, 0.001, tmp_path, 1)) == pytest.approx(1.0)
+    assert q.horovod_cycle_ms(CpuQuota(0.05, 0.01, tmp_path, 1)) == pytest.approx(5.0)
+    assert q.horovod_cycle_ms(CpuQuota(0.02, 0.01, tmp_path, 1)) == pytest.approx(5.0)
+    assert q.horovod_cycle_ms(CpuQuota(0.05, 0.001, tmp_path, 1)) == pytest.approx(1.0)
 
 
 def test_the_quiet_waits_sleeps_grow_with_a_smaller_share(tmp_path):
@@ -214,7 +215,7 @@ def test_under_mpirun_only_the_throttled_rank_cycles_more_slowly_and_sleeps_in_m
     cycles = {rank: [line.split() for line in lines if "CYCLE" in line] for rank, lines in job.rank_output.items()}
     # The harness preloads dbs_hvd's sched_yield as the launchers do: only the
     # throttled rank turns its sleep on (dbs_hvd.quiet_yield).
-    assert cycles == {0: [["CYCLE", "0", "None", "0.0"]], 1: [["CYCLE", "1", "10", "5e-05"]]}
+    assert cycles == {0: [["CYCLE", "0", "None", "0.0"]], 1: [["CYCLE", "1", "2", "5e-05"]]}
 
 
 def _quota_timer():
