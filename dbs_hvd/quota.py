@@ -128,9 +128,11 @@ def min_window_seconds(quota: CpuQuota | None) -> float:
 
 
 #: Horovod's background cycle under a quota of S cores with a period of P: every
-#: CYCLE_MS_PER_SHARE / S milliseconds, at most P / CYCLES_PER_PERIOD, within [1, MAX_CYCLE_MS].
+#: CYCLE_MS_PER_SHARE / S milliseconds, at most P / CYCLES_PER_PERIOD, within
+#: [MIN_CYCLE_MS, MAX_CYCLE_MS].
 CYCLE_MS_PER_SHARE = 0.5
 CYCLES_PER_PERIOD = 2
+MIN_CYCLE_MS = 2.0
 MAX_CYCLE_MS = 20.0
 
 
@@ -145,8 +147,9 @@ def horovod_cycle_ms(quota: CpuQuota | None) -> float | None:
     waits for the slowest-cycling rank, so each allreduce starts on that rank's
     grid of cycles: the cycle adds up to one cycle of latency to every step of
     every rank. A throttled rank therefore cycles a little more slowly the
-    smaller its share, a few milliseconds at a quarter core, and at most half
-    the quota period.
+    smaller its share, a few milliseconds at a quarter core, at most half the
+    quota period, and never faster than ``MIN_CYCLE_MS``: at a fraction of a
+    core, Horovod's 1 ms cycle costs more of the share than it saves.
 
     Args:
         quota: this rank's quota (:func:`own_quota`), or None.
@@ -157,7 +160,7 @@ def horovod_cycle_ms(quota: CpuQuota | None) -> float | None:
     if quota is None or quota.share >= 1:
         return None
     cycle = min(CYCLE_MS_PER_SHARE / quota.share, 1000.0 * quota.period / CYCLES_PER_PERIOD)
-    return min(max(cycle, 1.0), MAX_CYCLE_MS)
+    return min(max(cycle, MIN_CYCLE_MS), MAX_CYCLE_MS)
 
 
 def configure_horovod_cycle(environ: MutableMapping[str, str] | None = None) -> float | None:

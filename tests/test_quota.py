@@ -172,7 +172,8 @@ def test_the_cycle_slows_with_the_share_and_respects_the_users_setting(tmp_path,
     assert q.horovod_cycle_ms(CpuQuota(2.0, 0.1, tmp_path, 1)) is None
     assert q.horovod_cycle_ms(CpuQuota(0.25, 0.1, tmp_path, 1)) == pytest.approx(2.0)
     assert q.horovod_cycle_ms(CpuQuota(0.1, 0.1, tmp_path, 1)) == pytest.approx(5.0)
-    assert q.horovod_cycle_ms(CpuQuota(0.5, 0.1, tmp_path, 1)) == pytest.approx(1.0)
+    assert q.horovod_cycle_ms(CpuQuota(0.5, 0.1, tmp_path, 1)) == q.MIN_CYCLE_MS
+    assert q.horovod_cycle_ms(CpuQuota(0.9, 0.1, tmp_path, 1)) == q.MIN_CYCLE_MS
     assert q.horovod_cycle_ms(CpuQuota(0.01, 1.0, tmp_path, 1)) == q.MAX_CYCLE_MS
     monkeypatch.setattr(q, "own_quota", lambda: CpuQuota(0.25, 0.1, tmp_path, 1))
     env = {}
@@ -187,7 +188,7 @@ def test_within_a_short_period_the_cycle_is_at_most_half_of_it(tmp_path):
 
     assert q.horovod_cycle_ms(CpuQuota(0.05, 0.01, tmp_path, 1)) == pytest.approx(5.0)
     assert q.horovod_cycle_ms(CpuQuota(0.02, 0.01, tmp_path, 1)) == pytest.approx(5.0)
-    assert q.horovod_cycle_ms(CpuQuota(0.05, 0.001, tmp_path, 1)) == pytest.approx(1.0)
+    assert q.horovod_cycle_ms(CpuQuota(0.05, 0.001, tmp_path, 1)) == q.MIN_CYCLE_MS
 
 
 def test_the_quiet_waits_sleeps_grow_with_a_smaller_share(tmp_path):
