@@ -133,7 +133,11 @@ def scenarios(quick: bool) -> list[ExternalScenario]:
     shared = ExternalScenario("external [1,0.5,0.25] 3 ranks, the throttled two share a core", 3,
                               ["--share", "1,0.5,0.25", "--core", "0,1,1", "--period-ms", "100"],
                               [1, 0.5, 0.25], three + [SPIN, *GLOO], global_batch=63)
-    shared.policies += [fixed(shared.nominal_plan()), fixed(shifted(shared.nominal_plan(), 3))]
+    # The sweep: the split by nominal shares, samples moved from the slowest rank to
+    # the fastest, and a plan that takes from the middle rank too.
+    nominal = shared.nominal_plan()
+    shared.policies += [fixed(nominal), fixed(shifted(nominal, 3)), fixed(shifted(nominal, 6)),
+                        fixed([48, 12, 3])]
     out.append(shared)
     # Runs long enough, and repeated often enough, to tell 2% apart: plain
     # Horovod's own run-to-run spread on 2 epochs is about that.
