@@ -20,6 +20,7 @@ def test_nominal_plan_sums_to_the_global_batch_and_follows_the_shares(shares, ba
 def test_shifted_moves_samples_to_the_first_rank_and_keeps_one():
     assert external.shifted([51, 13], 4) == [55, 9]
     assert external.shifted([62, 2], 4) == [63, 1]
+    assert external.shifted([42, 18, 3], 6, source=1) == [48, 12, 3]
 
 
 def test_every_scenario_compares_plain_horovod_paper_and_dbs_or_is_a_control():

@@ -183,7 +183,7 @@ def test_the_cycle_slows_with_the_share_and_respects_the_users_setting(tmp_path,
     assert q.configure_horovod_cycle(env) is None and env["HOROVOD_CYCLE_TIME"] == "3"
 
 
-def test_within_a_short_period_the_cycle_is_at_most_half_of_it(tmp_path):
+def test_within_a_short_period_the_cycle_is_at_most_half_of_it_but_not_below_the_floor(tmp_path):
     from dbs_hvd import quota as q
 
     assert q.horovod_cycle_ms(CpuQuota(0.05, 0.01, tmp_path, 1)) == pytest.approx(5.0)
