@@ -142,7 +142,7 @@ def scenarios(quick: bool) -> list[ExternalScenario]:
     # Runs long enough, and repeated often enough, to tell 2% apart: plain
     # Horovod's own run-to-run spread on 2 epochs is about that.
     out.append(ExternalScenario("external equal [1,1] 2 ranks", 2, ["--share", "1,1", "--core", "0,1"],
-                                [1, 1], ["horovod", "dbs", "horovod again"], epochs=4, repeats=5))
+                                [1, 1], ["horovod", "dbs", "horovod again"], epochs=4, repeats=10))
     out.append(ExternalScenario("external rank 0 evaluates every 30 steps, [1,1] 2 ranks pinned", 2,
                                 ["--core", "0,1"], [1, 1], ["horovod", "dbs", "fixed 32,32"],
                                 workload=[*WORKLOAD, "--eval-every", "30"]))

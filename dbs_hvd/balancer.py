@@ -102,7 +102,7 @@ class Rebalancer:
             sizes = self.policy.next_plan(stats, current).batch_sizes
             if self.record_policy:
                 diagnostics = self.policy.diagnostics()
-            return sizes, start, self._next_interval(gathered, stats)
+            return sizes, start, self._next_interval(gathered, stats, sizes != current.batch_sizes)
 
         sizes, start, self.interval = decide_on_root(self.exchange, decide)
         self.sampler.set_plan(Plan(sizes), start)
@@ -131,7 +131,7 @@ class Rebalancer:
             self.interval = self.schedule.interval
         self._last_cost = None
 
-    def _next_interval(self, gathered: list[RankWindow], stats: WindowStats) -> int | None:
+    def _next_interval(self, gathered: list[RankWindow], stats: WindowStats, moved: bool) -> int | None:
         """Rank 0: the schedule's next interval from the ranks' rebalance costs and step time.
 
         The rank that reached the previous rebalance last waited for nobody, so
@@ -144,5 +144,5 @@ class Rebalancer:
         if not (stats.steps > 0).all():
             return self.schedule.update(cost, None)
         return self.schedule.update(
-            cost, stats.step_wall_seconds(), int(stats.steps.max()), stats.imbalance()
+            cost, stats.step_wall_seconds(), int(stats.steps.max()), stats.imbalance(), moved
         )

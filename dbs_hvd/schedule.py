@@ -31,6 +31,17 @@ budget alone decides. Without this bound, a budget that stretches the
 interval to several steps leaves a disturbance that begins an epoch
 unanswered for that many slow steps.
 
+Once the plan has settled, the floor in seconds stretches too: after each
+rebalance that kept the plan, with no imbalanced window within
+``change_memory``, the floor doubles, up to ``settled_stretch`` times
+``min_seconds``; a plan change or an imbalanced window brings it back at
+once. Where ranks are equal or balanced, every rebalance costs its
+collectives and wins nothing, and a short window is noisy enough on its own
+to move the plan by a sample or two; a longer one costs less and averages
+more. Where speeds change, the change bound keeps the floor at
+``min_seconds``, so the first change after a settled stretch is the one
+answered later, by at most the stretched floor.
+
 The measurements behind these defaults are in docs/design.md ("The rebalance
 schedule" and "Measurements behind the defaults").
 
@@ -117,6 +128,9 @@ class RebalanceSchedule:
             variation of ranks that share cores, so that variation does not
             count as a change.
         change_memory: the seconds of training over which changes are counted.
+        settled_stretch: the largest factor by which the floor in seconds
+            stretches while the plan stays settled (module docstring); 1
+            keeps it at ``min_seconds``.
 
     Raises:
         ValueError: for a non-positive ``min_steps`` or ``cost_window``, a
@@ -137,6 +151,7 @@ class RebalanceSchedule:
     min_seconds: float = 0.0
     loss_threshold: float = 0.25
     change_memory: float = 20.0
+    settled_stretch: float = 4.0
 
     def __post_init__(self) -> None:
         if self.min_steps < 1:
@@ -145,6 +160,11 @@ class RebalanceSchedule:
             raise ValueError(
                 f"rebalance_budget must be a fraction in (0, 1), got {self.budget} "
                 "(e.g. 0.02: rebalancing may take 2% of the training time)"
+            )
+        if not (math.isfinite(self.settled_stretch) and self.settled_stretch >= 1):
+            raise ValueError(
+                f"settled_stretch must be a factor >= 1, got {self.settled_stretch} "
+                "(e.g. 4: a settled plan is checked at most every 4 x min_seconds; 1: never stretched)"
             )
         if self.cost_window < 1:
             raise ValueError(f"cost_window must be a positive number of rebalances, got {self.cost_window}")
@@ -162,6 +182,7 @@ class RebalanceSchedule:
         self._costs: collections.deque[float] = collections.deque(maxlen=self.cost_window)
         self._elapsed = 0.0  # seconds of training seen through update()
         self._changes: collections.deque[tuple[float, float]] = collections.deque()  # (end, loss)
+        self.stretch = 1.0  # the floor in seconds over min_seconds: > 1 while the plan is settled
 
     @property
     def cost(self) -> float | None:
@@ -174,6 +195,7 @@ class RebalanceSchedule:
         step_seconds: float | None,
         window_steps: int = 0,
         imbalance: float | None = None,
+        moved: bool = True,
     ) -> int:
         """Record the last rebalance's cost and the window's step time; return the next interval.
 
@@ -188,6 +210,8 @@ class RebalanceSchedule:
                 over which changes are counted.
             imbalance: the window's slowest compute per step over the ranks'
                 mean, minus 1; it feeds the change rate.
+            moved: whether the rebalance changed the plan; the floor in
+                seconds stretches only after rebalances that did not.
 
         Returns:
             The steps until the next rebalance, at least ``min_steps``.
@@ -199,7 +223,11 @@ class RebalanceSchedule:
         if step_seconds is None or not step_seconds > 0 or not math.isfinite(step_seconds):
             return self.interval
         self._record_window(step_seconds * max(window_steps, 0), imbalance)
-        floor = max(self.min_steps, math.ceil(self.min_seconds / step_seconds))
+        if moved or self._changes:
+            self.stretch = 1.0
+        else:
+            self.stretch = min(2.0 * self.stretch, self.settled_stretch)
+        floor = max(self.min_steps, math.ceil(self.stretch * self.min_seconds / step_seconds))
         cost = self.cost
         if self.budget is None or cost is None:
             self.interval = floor

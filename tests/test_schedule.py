@@ -87,6 +87,7 @@ def test_the_longer_of_floor_and_budget_wins():
     ({"min_steps": 5, "budget": 0.0}, "rebalance_budget must be a fraction"),
     ({"min_steps": 5, "budget": 1.5}, "rebalance_budget must be a fraction"),
     ({"min_steps": 2, "cost_window": 0}, "cost_window must be a positive"),
+    ({"min_steps": 2, "settled_stretch": 0.5}, "settled_stretch must be a factor >= 1"),
 ])
 def test_bad_settings_say_what_to_give(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -287,6 +288,65 @@ def test_changes_only_shorten_the_budget_interval_never_below_k_or_the_floor(
         assert interval <= budget_only.update(cost, step, window_steps=steps, imbalance=None)
         assert interval >= k
         assert interval * step >= min_seconds * (1 - 1e-9)
+
+
+def test_a_settled_plan_stretches_the_floor_in_seconds_up_to_its_limit():
+    # 16 ms steps, a 1.5 ms rebalance, floor 0.15 s: 10 steps while the plan moves; each
+    # rebalance that keeps it doubles the floor, up to 4 x 0.15 s = 38 steps.
+    schedule = RebalanceSchedule(2, budget=0.02, min_seconds=0.15)
+    assert schedule.update(0.0015, 0.016, window_steps=10, imbalance=0.0, moved=True) == 10
+    kept = [schedule.update(0.0015, 0.016, window_steps=10, imbalance=0.0, moved=False)
+            for _ in range(4)]
+    assert kept == [19, 38, 38, 38]
+    # A plan change brings the floor back at once.
+    assert schedule.update(0.0015, 0.016, window_steps=38, imbalance=0.0, moved=True) == 10
+
+
+def test_an_imbalanced_window_keeps_the_floor_unstretched_while_remembered():
+    schedule = RebalanceSchedule(2, budget=0.02, min_seconds=0.15, change_memory=5.0)
+    schedule.update(0.0015, 0.016, window_steps=10, imbalance=0.8, moved=False)
+    for _ in range(31):  # 4.96 s after the change ended: still remembered
+        assert schedule.update(0.0015, 0.016, window_steps=10, imbalance=0.0, moved=False) == 10
+    assert schedule.update(0.0015, 0.016, window_steps=10, imbalance=0.0, moved=False) == 19
+
+
+def test_a_stretch_of_one_or_no_floor_in_seconds_keeps_the_interval():
+    unstretched = RebalanceSchedule(2, budget=0.02, min_seconds=0.15, settled_stretch=1.0)
+    no_floor = RebalanceSchedule(2, budget=0.02)
+    for _ in range(5):
+        assert unstretched.update(0.0015, 0.016, window_steps=10, imbalance=0.0, moved=False) == 10
+        assert no_floor.update(0.0015, 0.016, window_steps=10, imbalance=0.0, moved=False) == 5
+
+
+@given(k=st.integers(1, 20), min_seconds=st.floats(0, 1), stretch=st.floats(1, 8),
+       windows=st.lists(st.tuples(st.floats(1e-4, 1), st.booleans(), st.floats(0, 1)),
+                        min_size=1, max_size=30))
+def test_the_stretched_floor_stays_between_the_floor_and_its_limit(k, min_seconds, stretch, windows):
+    schedule = RebalanceSchedule(k, min_seconds=min_seconds, settled_stretch=stretch)
+    for step, moved, imbalance in windows:
+        interval = schedule.update(None, step, window_steps=k, imbalance=imbalance, moved=moved)
+        assert interval >= k and interval * step >= min_seconds * (1 - 1e-9)
+        assert interval <= max(k, math.ceil(stretch * min_seconds / step))
+        if moved:
+            assert interval == max(k, math.ceil(min_seconds / step))
+
+
+def test_rebalancer_tells_the_schedule_whether_the_plan_moved():
+    # A static policy never moves the plan: with a floor of 0.15 s on 16 ms steps the
+    # interval grows from 2 steps to 19, then 38, and stays there.
+    sampler = DynamicBatchSampler(10_000, 10, rank=0, world_size=1)
+    now = [0.0]
+    timer = StepTimer(clock=lambda: now[0])
+    timer.mark_start()
+    rebalancer = Rebalancer(sampler, StaticPolicy(10), LocalExchange(), timer,
+                            schedule=RebalanceSchedule(2, min_seconds=0.15))
+    intervals = [rebalancer.interval]
+    for window in range(4):
+        for _ in range(intervals[-1]):
+            now[0] += 0.016
+            timer.end_step(10)
+        intervals.append(rebalancer.rebalance(window).extra["interval"])
+    assert intervals == [2, 19, 38, 38, 38]
 
 
 def test_window_imbalance_is_the_slowest_compute_per_step_over_the_mean():
