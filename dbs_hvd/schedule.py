@@ -38,9 +38,9 @@ rebalance that kept the plan, with no imbalanced window within
 once. Where ranks are equal or balanced, every rebalance costs its
 collectives and wins nothing, and a short window is noisy enough on its own
 to move the plan by a sample or two; a longer one costs less and averages
-more. Where speeds change, the change bound keeps the floor at
-``min_seconds``, so the first change after a settled stretch is the one
-answered later, by at most the stretched floor.
+more. While an imbalanced window is remembered the floor stays at
+``min_seconds``, so of a run of speed changes only the first, after a
+settled stretch, is answered later, by at most the stretched floor.
 
 The measurements behind these defaults are in docs/design.md ("The rebalance
 schedule" and "Measurements behind the defaults").
